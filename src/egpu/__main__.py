@@ -1,0 +1,3 @@
+from egpu.cli import main
+
+main()

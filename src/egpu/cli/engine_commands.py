@@ -1,0 +1,7 @@
+"""Placeholder until the commands land."""
+
+import click
+
+
+def register(group: click.Group) -> None:
+    """Add this module's commands to the root group."""

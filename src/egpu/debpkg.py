@@ -1,0 +1,225 @@
+"""Fetch Debian packages without touching the host's package state.
+
+egpu provisions its engine and its built-in guest from Debian's archive. It keeps a private apt
+root (its own sources, lists and an empty dpkg status, so the whole dependency closure is
+resolved), lets apt resolve and verify the index signatures, and downloads the .deb files itself
+so it can resume, verify each against the SHA256 from the signed index, and show progress.
+The mirror comes from the host's own apt sources (so a local mirror or proxy is honoured), or
+from ``EGPU_DEBIAN_MIRROR``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+
+from egpu.errors import EngineError
+from egpu.progress import Progress, SilentProgress
+
+MIRROR_ENV = "EGPU_DEBIAN_MIRROR"
+KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+HOST_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
+CHUNK = 1 << 20
+# apt prints one line per package: 'URI' FILENAME SIZE SHA256:HEX
+_PRINT_URI = re.compile(r"^'(?P<uri>[^']+)' (?P<name>\S+) (?P<size>\d+) (?P<hash>\S+)$")
+
+
+@dataclass(frozen=True)
+class DebFile:
+    """One package file as the signed index describes it."""
+
+    uri: str
+    filename: str
+    size: int
+    sha256: str
+
+
+def host_mirror(sources: Iterable[str]) -> str | None:
+    """Return the first Debian archive URI named in apt source texts (one-line or deb822)."""
+    for text in sources:
+        for line in text.splitlines():
+            line = line.strip()
+            if line.startswith("#"):
+                continue
+            m = re.match(r"^URIs:\s*(\S+)", line)
+            if m is None:
+                m = re.match(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+\S+", line)
+            if m and m.group(1).rstrip("/").endswith("/debian"):
+                return m.group(1).rstrip("/")
+    return None
+
+
+def find_mirror() -> str:
+    """The Debian mirror to use: ``EGPU_DEBIAN_MIRROR`` or the host's own apt configuration."""
+    if env := os.environ.get(MIRROR_ENV):
+        return env.rstrip("/")
+    texts: list[str] = []
+    for src in HOST_SOURCES:
+        files = sorted(src.glob("*.list")) + sorted(src.glob("*.sources")) if src.is_dir() else [src]
+        for f in files:
+            try:
+                texts.append(f.read_text())
+            except OSError:
+                continue
+    mirror = host_mirror(texts)
+    if mirror is None:
+        raise EngineError(
+            "no Debian mirror found in the host's apt sources",
+            hint=f"set {MIRROR_ENV}=http://<mirror>/debian",
+        )
+    return mirror
+
+
+def parse_print_uris(text: str) -> list[DebFile]:
+    """Parse ``apt-get --print-uris`` output into package files (SHA256 entries only)."""
+    out: list[DebFile] = []
+    for line in text.splitlines():
+        m = _PRINT_URI.match(line.strip())
+        if not m:
+            continue
+        algo, _, digest = m.group("hash").partition(":")
+        if algo.upper() != "SHA256":
+            raise EngineError(f"apt gave no SHA256 for {m.group('name')}; upgrade apt")
+        out.append(DebFile(m.group("uri"), m.group("name"), int(m.group("size")), digest.lower()))
+    return out
+
+
+class DebianArchive:
+    """A private apt root over some Debian suites, for resolving and downloading packages."""
+
+    def __init__(self, root: Path, suites: Sequence[str], arches: Sequence[str]) -> None:
+        self.root = root
+        self.suites = tuple(suites)
+        self.arches = tuple(arches)
+
+    def _apt_options(self) -> list[str]:
+        opts = [
+            f"Dir={self.root}",
+            f"Dir::State::status={self.root / 'var/lib/dpkg/status'}",
+            "Debug::NoLocking=1",
+            "APT::Sandbox::User=root",
+            "Acquire::Languages=none",
+            "APT::Install-Recommends=0",
+            f"APT::Architecture={self.arches[0]}",
+        ]
+        opts += [f"APT::Architectures::={a}" for a in self.arches]
+        return [x for o in opts for x in ("-o", o)]
+
+    def _apt(self, tool: str, *args: str) -> str:
+        if shutil.which(tool) is None:
+            raise EngineError(f"{tool} not found", hint="egpu provisions from Debian packages; run it on Debian or Ubuntu")
+        proc = subprocess.run(
+            [tool, *self._apt_options(), *args],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "LC_ALL": "C"},
+        )
+        if proc.returncode != 0:
+            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+            raise EngineError(f"{tool} {args[0]} failed: {last}")
+        return proc.stdout
+
+    def update(self, mirror: str) -> None:
+        """Write the private sources and fetch the signed indexes."""
+        if not KEYRING.exists():
+            raise EngineError(
+                f"Debian archive keyring missing ({KEYRING})",
+                hint="apt-get install debian-archive-keyring",
+            )
+        for d in ("etc/apt/sources.list.d", "etc/apt/preferences.d", "etc/apt/apt.conf.d",
+                  "var/lib/apt/lists/partial", "var/cache/apt/archives/partial", "var/lib/dpkg"):
+            (self.root / d).mkdir(parents=True, exist_ok=True)
+        (self.root / "var/lib/dpkg/status").touch()
+        lines = [f"deb [signed-by={KEYRING}] {mirror} {suite} main" for suite in self.suites]
+        (self.root / "etc/apt/sources.list").write_text("\n".join(lines) + "\n")
+        self._apt("apt-get", "update", "-qq")
+
+    def resolve(self, packages: Sequence[str], *, target: str | None = None) -> list[DebFile]:
+        """The files for ``packages`` and their whole dependency closure (nothing is installed)."""
+        args = ["install", "-qq", "-y", "--print-uris"]
+        if target:
+            args += ["-t", target]
+        return parse_print_uris(self._apt("apt-get", *args, *packages))
+
+    def resolve_only(self, packages: Sequence[str]) -> list[DebFile]:
+        """The files for exactly ``packages``, without dependencies."""
+        return parse_print_uris(self._apt("apt-get", "download", "--print-uris", "-qq", *packages))
+
+    def depends(self, package: str) -> list[str]:
+        """Direct ``Depends`` of a package (used to see through metapackages)."""
+        out = self._apt("apt-cache", "depends", "--no-recommends", "--no-suggests", package)
+        return [ln.split(":", 1)[1].strip() for ln in out.splitlines()
+                if ln.strip().startswith("Depends:")]
+
+
+def download(files: Sequence[DebFile], dest: Path, progress: Progress | None = None) -> list[Path]:
+    """Download package files into ``dest``, resuming partial ones, verifying each SHA256.
+
+    A file is renamed into place only once verified, so an interrupted run leaves at most a
+    ``.part`` file that the next run continues.
+    """
+    progress = progress or SilentProgress()
+    dest.mkdir(parents=True, exist_ok=True)
+    paths = [dest / f.filename for f in files]
+    todo = [(f, p) for f, p in zip(files, paths, strict=True) if not p.exists()]
+    if not todo:
+        return paths
+    progress.start("downloading packages", sum(f.size for f, _ in todo))
+    try:
+        with httpx.Client(timeout=60, follow_redirects=True) as client:
+            for f, path in todo:
+                _fetch_one(client, f, path, progress)
+    finally:
+        progress.finish()
+    return paths
+
+
+def _fetch_one(client: httpx.Client, f: DebFile, path: Path, progress: Progress) -> None:
+    part = path.with_name(path.name + ".part")
+    have = part.stat().st_size if part.exists() else 0
+    if have > f.size:
+        part.unlink()
+        have = 0
+    h = hashlib.sha256()
+    if have:
+        with part.open("rb") as fh:
+            for block in iter(lambda: fh.read(CHUNK), b""):
+                h.update(block)
+        progress.advance(have)
+    if have < f.size:
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        try:
+            with client.stream("GET", f.uri, headers=headers) as resp:
+                if resp.status_code == 200 and have:
+                    # the server ignored the range: start over
+                    h, have = hashlib.sha256(), 0
+                    part.unlink()
+                elif resp.status_code not in (200, 206):
+                    raise EngineError(f"download of {f.filename} failed: HTTP {resp.status_code}")
+                with part.open("ab") as out:
+                    for block in resp.iter_bytes(CHUNK):
+                        out.write(block)
+                        h.update(block)
+                        progress.advance(len(block))
+        except httpx.HTTPError as e:
+            raise EngineError(f"download of {f.filename} failed: {e}", hint="run the command again to resume") from e
+    if h.hexdigest() != f.sha256:
+        part.unlink(missing_ok=True)
+        raise EngineError(f"{f.filename}: checksum mismatch", hint="run the command again")
+    os.replace(part, path)
+
+
+def extract(deb: Path, dest: Path) -> None:
+    """Unpack a .deb's data into ``dest`` (dpkg-deb, no maintainer scripts)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run(["dpkg-deb", "-x", str(deb), str(dest)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise EngineError(f"cannot unpack {deb.name}: {proc.stderr.strip()}")

@@ -1,0 +1,1 @@
+"""dma layer (see DESIGN.md)."""

@@ -1,0 +1,1 @@
+"""images layer (see DESIGN.md)."""

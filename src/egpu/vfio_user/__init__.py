@@ -1,0 +1,1 @@
+"""vfio_user layer (see DESIGN.md)."""
