@@ -15,6 +15,7 @@ import os
 import re
 import shutil
 import subprocess
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,9 @@ MIRROR_ENV = "EGPU_DEBIAN_MIRROR"
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 HOST_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
 CHUNK = 1 << 20
-# apt prints one line per package: 'URI' FILENAME SIZE SHA256:HEX
-_PRINT_URI = re.compile(r"^'(?P<uri>[^']+)' (?P<name>\S+) (?P<size>\d+) (?P<hash>\S+)$")
+# apt prints one line per package: 'URI' FILENAME SIZE [HASH] (the hash is absent for some
+# suites, so it is taken from the signed index instead)
+_PRINT_URI = re.compile(r"^'(?P<uri>[^']+)' (?P<name>\S+) (?P<size>\d+)(?: \S*)?$")
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,10 @@ def find_mirror() -> str:
         return env.rstrip("/")
     texts: list[str] = []
     for src in HOST_SOURCES:
-        files = sorted(src.glob("*.list")) + sorted(src.glob("*.sources")) if src.is_dir() else [src]
+        if src.is_dir():
+            files = sorted(src.glob("*.list")) + sorted(src.glob("*.sources"))
+        else:
+            files = [src]
         for f in files:
             try:
                 texts.append(f.read_text())
@@ -78,17 +83,36 @@ def find_mirror() -> str:
     return mirror
 
 
-def parse_print_uris(text: str) -> list[DebFile]:
-    """Parse ``apt-get --print-uris`` output into package files (SHA256 entries only)."""
-    out: list[DebFile] = []
+def parse_print_uris(text: str) -> list[tuple[str, str, int]]:
+    """Parse ``apt-get --print-uris`` output into (uri, file name, size)."""
+    out: list[tuple[str, str, int]] = []
     for line in text.splitlines():
-        m = _PRINT_URI.match(line.strip())
-        if not m:
+        line = line.strip()
+        if not line.startswith("'"):
             continue
-        algo, _, digest = m.group("hash").partition(":")
-        if algo.upper() != "SHA256":
-            raise EngineError(f"apt gave no SHA256 for {m.group('name')}; upgrade apt")
-        out.append(DebFile(m.group("uri"), m.group("name"), int(m.group("size")), digest.lower()))
+        m = _PRINT_URI.match(line)
+        if m is None:
+            raise EngineError(f"unexpected apt output: {line[:120]}")
+        # name the local file after the pool file (apt's own name escapes the epoch colon)
+        name = urllib.parse.unquote(m.group("uri").rsplit("/", 1)[-1])
+        out.append((m.group("uri"), name, int(m.group("size"))))
+    return out
+
+
+def parse_sha256s(records: str) -> dict[str, str]:
+    """Map each package file name to its SHA256 from ``apt-cache show`` records.
+
+    Older apt prints only MD5 with --print-uris; the signed index has SHA256 for every file.
+    """
+    out: dict[str, str] = {}
+    for record in records.split("\n\n"):
+        fields = dict(
+            (k.strip(), v.strip())
+            for k, sep, v in (ln.partition(":") for ln in record.splitlines() if ln[:1] != " ")
+            if sep
+        )
+        if "Filename" in fields and "SHA256" in fields:
+            out[fields["Filename"].rsplit("/", 1)[-1]] = fields["SHA256"].lower()
     return out
 
 
@@ -108,6 +132,8 @@ class DebianArchive:
             "APT::Sandbox::User=root",
             "Acquire::Languages=none",
             "APT::Install-Recommends=0",
+            # an empty dpkg status would otherwise pull every Essential package into the closure
+            "pkgCacheGen::Essential=none",
             f"APT::Architecture={self.arches[0]}",
         ]
         opts += [f"APT::Architectures::={a}" for a in self.arches]
@@ -115,7 +141,10 @@ class DebianArchive:
 
     def _apt(self, tool: str, *args: str) -> str:
         if shutil.which(tool) is None:
-            raise EngineError(f"{tool} not found", hint="egpu provisions from Debian packages; run it on Debian or Ubuntu")
+            raise EngineError(
+                f"{tool} not found",
+                hint="egpu provisions from Debian packages; run it on Debian or Ubuntu",
+            )
         proc = subprocess.run(
             [tool, *self._apt_options(), *args],
             capture_output=True,
@@ -147,11 +176,27 @@ class DebianArchive:
         args = ["install", "-qq", "-y", "--print-uris"]
         if target:
             args += ["-t", target]
-        return parse_print_uris(self._apt("apt-get", *args, *packages))
+        return self._with_hashes(parse_print_uris(self._apt("apt-get", *args, *packages)))
 
     def resolve_only(self, packages: Sequence[str]) -> list[DebFile]:
         """The files for exactly ``packages``, without dependencies."""
-        return parse_print_uris(self._apt("apt-get", "download", "--print-uris", "-qq", *packages))
+        uris = parse_print_uris(self._apt("apt-get", "download", "--print-uris", "-qq", *packages))
+        return self._with_hashes(uris)
+
+    def _with_hashes(self, uris: list[tuple[str, str, int]]) -> list[DebFile]:
+        if not uris:
+            return []
+        # file names are NAME_VERSION_ARCH.deb; ask for NAME:ARCH records
+        names = sorted({f"{n.split('_')[0]}:{n.rsplit('_', 1)[-1].removesuffix('.deb')}"
+                        for _, n, _ in uris})
+        sums = parse_sha256s(self._apt("apt-cache", "show", *names))
+        out: list[DebFile] = []
+        for uri, name, size in uris:
+            digest = sums.get(name)
+            if digest is None:
+                raise EngineError(f"no SHA256 for {name} in the signed index")
+            out.append(DebFile(uri, name, size, digest))
+        return out
 
     def depends(self, package: str) -> list[str]:
         """Direct ``Depends`` of a package (used to see through metapackages)."""
@@ -210,7 +255,9 @@ def _fetch_one(client: httpx.Client, f: DebFile, path: Path, progress: Progress)
                         h.update(block)
                         progress.advance(len(block))
         except httpx.HTTPError as e:
-            raise EngineError(f"download of {f.filename} failed: {e}", hint="run the command again to resume") from e
+            raise EngineError(
+                f"download of {f.filename} failed: {e}", hint="run the command again to resume"
+            ) from e
     if h.hexdigest() != f.sha256:
         part.unlink(missing_ok=True)
         raise EngineError(f"{f.filename}: checksum mismatch", hint="run the command again")

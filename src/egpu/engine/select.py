@@ -1,0 +1,20 @@
+"""Resolve the engine, provisioning the private one when allowed and nothing else fits."""
+
+from __future__ import annotations
+
+from egpu.engine.provision import provision
+from egpu.engine.qemu import EngineInfo, find_engine_info, probe
+from egpu.errors import EngineError
+from egpu.progress import Progress
+
+
+def ensure_engine_info(
+    qemu: str | None = None, *, allow_provision: bool = True, progress: Progress | None = None
+) -> EngineInfo:
+    """Like find_engine_info, but provisions the private engine when no other engine fits."""
+    try:
+        return find_engine_info(qemu)
+    except EngineError:
+        if qemu or not allow_provision:
+            raise
+    return probe(provision(progress))
