@@ -1,7 +1,243 @@
-"""Placeholder until the commands land."""
+"""VM lifecycle commands: run, status, list, logs, stop."""
+
+from __future__ import annotations
+
+import shlex
+import sys
+import threading
 
 import click
+
+from egpu.cli import output
+from egpu.engine.argv import parse_memory
+from egpu.engine.qemu import EngineInfo, check_arch, find_engine_info, placeholder_info
+from egpu.engine.select import ensure_engine_info
+from egpu.errors import EgpuError, EngineError, UsageError, VMError
+from egpu.guest import protocol as guest_protocol
+from egpu.guest.assets import GuestAssets, ensure_guest
+from egpu.vm import lifecycle, store
+from egpu.vm.status import VmStatus, inspect
+
+DEFAULT_NAME = "default"
+SELFTEST_NAME = "selftest"
+DEFAULT_CPUS = 2
+DEFAULT_MEMORY = "512M"
+SELFTEST_TIMEOUT_S = 300.0
+
+
+def _status_of(name: str) -> VmStatus:
+    return inspect(store.VmDir(name).require(), lifecycle.ready_marker())
+
+
+def _status_row(s: VmStatus) -> list[object]:
+    ready = "yes" if s.guest_ready else "no"
+    return [s.name, s.state, s.pid, ready, s.arch, s.cpus, f"{s.memory_mib}M", s.engine]
+
+
+STATUS_COLUMNS = ("NAME", "STATE", "PID", "READY", "ARCH", "CPUS", "MEMORY", "ENGINE")
+
+
+def _engine_for(qemu: str | None, *, dry_run: bool, progress: output.BarProgress) -> EngineInfo:
+    if dry_run:
+        # a dry run starts nothing and downloads nothing, so it works without any engine
+        try:
+            return find_engine_info(qemu)
+        except EngineError:
+            if qemu:
+                raise
+            return placeholder_info()
+    return ensure_engine_info(qemu, progress=progress)
+
+
+def _guest_for(arch: str, *, dry_run: bool, progress: output.BarProgress) -> GuestAssets:
+    return lifecycle.planned_guest(arch) if dry_run else ensure_guest(arch, progress)
+
+
+@click.command(context_settings={"ignore_unknown_options": False})
+@click.option("--name", default=None, help=f"VM name [default: {DEFAULT_NAME}]")
+@click.option("--arch", default="aarch64", show_default=True, help="guest architecture")
+@click.option("--cpus", default=DEFAULT_CPUS, show_default=True, type=int)
+@click.option("--memory", default=DEFAULT_MEMORY, show_default=True, help="e.g. 512M, 4G")
+@click.option("--disk", "disks", multiple=True, metavar="PATH[:ro]", help="extra disk (virtio)")
+@click.option("--ssh-port", type=int, default=None, help="forward 127.0.0.1:PORT to guest :22")
+@click.option("--headless", is_flag=True, help="no display window")
+@click.option("--detach", "-d", is_flag=True, help="return once QEMU is up")
+@click.option("--dry-run", is_flag=True, help="print the QEMU command; start nothing")
+@click.option("--json", "as_json", is_flag=True, help="JSON output (--dry-run, --self-test)")
+@click.option("--self-test", "selftest", is_flag=True,
+              help="boot, let the guest check itself, power off, report")
+@click.option("--qemu", default=None, metavar="PATH", help="use this qemu-system binary")
+@click.option("--accel", type=click.Choice(["tcg", "kvm", "hvf"]), default=None,
+              help="accelerator [default: best available]")
+@click.option("--quiet", "-q", is_flag=True, help="no progress output")
+@click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[-- EXTRA QEMU ARGS]")
+def run(
+    name: str | None, arch: str, cpus: int, memory: str, disks: tuple[str, ...],
+    ssh_port: int | None, headless: bool, detach: bool, dry_run: bool, as_json: bool,
+    selftest: bool, qemu: str | None, accel: str | None, quiet: bool, extra: tuple[str, ...],
+) -> None:
+    """Boot a VM (the built-in guest unless an image is given)."""
+    check_arch(arch)
+    if cpus < 1:
+        raise UsageError("--cpus must be at least 1")
+    memory_mib = parse_memory(memory)
+    if as_json and not (dry_run or selftest):
+        raise UsageError("--json goes with --dry-run or --self-test")
+    if detach and selftest:
+        raise UsageError("--self-test waits for the guest; it cannot --detach")
+    vm_name = store.check_name(name or (SELFTEST_NAME if selftest else DEFAULT_NAME))
+    progress = output.BarProgress(quiet=quiet or as_json)
+    info = _engine_for(qemu, dry_run=dry_run, progress=progress)
+    guest = _guest_for(arch, dry_run=dry_run, progress=progress)
+    request = lifecycle.RunRequest(
+        name=vm_name, arch=arch, cpus=cpus, memory_mib=memory_mib, disks=disks,
+        ssh_port=ssh_port, accel=accel, selftest=selftest, extra=extra,
+    )
+    plan = lifecycle.plan_run(request, info, guest, check_host=not dry_run)
+    if dry_run:
+        if as_json:
+            output.emit_json({"argv": plan.argv})
+        else:
+            output.out.print(shlex.join(plan.argv), markup=False)
+        return
+    status = lifecycle.start(plan)
+    if selftest:
+        _finish_selftest(vm_name, as_json)
+    elif detach:
+        output.notice(f"VM {vm_name!r} running (pid {status.pid}); "
+                      f"console: egpu logs {vm_name} -f; stop: egpu stop {vm_name}")
+    else:
+        _attach(vm_name)
+
+
+def _finish_selftest(name: str, as_json: bool) -> None:
+    try:
+        status = lifecycle.wait_exit(name, timeout=SELFTEST_TIMEOUT_S)
+    except EgpuError:
+        lifecycle.stop(name, force=True)
+        raise
+    text = store.VmDir(name).serial_log.read_bytes().decode(errors="replace")
+    result = guest_protocol.parse_selftest(text)
+    if result is None:
+        why = "; ".join(status.problems) or "the guest printed no self-test result"
+        result = guest_protocol.SelfTestResult(ok=False, error=why)
+    if as_json:
+        output.emit_json(result.as_dict())
+    else:
+        for check in result.checks:
+            mark = "[green]ok[/green]  " if check.ok else "[red]FAIL[/red]"
+            output.out.print(f"{mark} {check.name}: {check.detail}")
+        if result.error:
+            output.out.print(f"[red]error[/red] {result.error}")
+        output.out.print("self-test " + ("passed" if result.ok else "FAILED"))
+    if not result.ok:
+        sys.exit(1)
+
+
+def _attach(name: str) -> None:
+    """Show the console until the VM ends; Ctrl-C shuts it down cleanly."""
+    vm = store.VmDir(name)
+    output.notice(f"VM {name!r} started; Ctrl-C stops it")
+
+    def ended() -> bool:
+        return inspect(vm, lifecycle.ready_marker()).state in ("stopped", "crashed")
+
+    if sys.stdin.isatty():
+        threading.Thread(target=_forward_stdin, args=(vm,), daemon=True).start()
+    try:
+        for chunk in lifecycle.follow_log(vm.serial_log, follow=True, until=ended):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        output.notice(f"\nstopping {name!r} ...")
+        status = lifecycle.stop(name)
+        output.notice(f"VM {name!r} {status.state}")
+        return
+    status = inspect(vm, lifecycle.ready_marker())
+    if status.state == "crashed":
+        raise VMError(f"VM {name!r} crashed: {'; '.join(status.problems) or 'unknown reason'}")
+
+
+def _forward_stdin(vm: store.VmDir) -> None:
+    for line in sys.stdin.buffer:
+        try:
+            lifecycle.send_console(vm, line)
+        except OSError:
+            return
+
+
+@click.command()
+@click.argument("name", required=False)
+@click.option("--json", "as_json", is_flag=True)
+def status(name: str | None, as_json: bool) -> None:
+    """Show the state of one VM, or of all."""
+    statuses = [_status_of(name)] if name else [_status_of(n) for n in store.list_names()]
+    if as_json:
+        output.emit_json(statuses[0].to_json() if name else [s.to_json() for s in statuses])
+        return
+    if name:
+        s = statuses[0]
+        for key, value in s.to_json().items():
+            if value not in (None, [], {}):
+                output.out.print(f"{key:12} {value}", markup=False)
+        return
+    output.table(STATUS_COLUMNS, [_status_row(s) for s in statuses])
+
+
+@click.command(name="list")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--quiet", "-q", is_flag=True, help="names only")
+def list_vms(as_json: bool, quiet: bool) -> None:
+    """List VMs."""
+    statuses = [_status_of(n) for n in store.list_names()]
+    if as_json:
+        output.emit_json([s.to_json() for s in statuses])
+    elif quiet:
+        for s in statuses:
+            output.out.print(s.name, markup=False)
+    else:
+        output.table(STATUS_COLUMNS, [_status_row(s) for s in statuses])
+
+
+@click.command()
+@click.argument("name")
+@click.option("--follow", "-f", is_flag=True, help="keep printing what the guest prints")
+def logs(name: str, follow: bool) -> None:
+    """Print a VM's serial console log."""
+    vm = store.VmDir(name).require()
+    if not vm.serial_log.exists():
+        return
+
+    def ended() -> bool:
+        return inspect(vm, lifecycle.ready_marker()).state in ("stopped", "crashed")
+
+    try:
+        for chunk in lifecycle.follow_log(vm.serial_log, follow=follow, until=ended):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.flush()
+    except KeyboardInterrupt:
+        pass
+
+
+@click.command()
+@click.argument("name")
+@click.option("--timeout", default=lifecycle.DEFAULT_STOP_TIMEOUT_S, show_default=True,
+              type=float, help="seconds to wait for the guest to power off")
+@click.option("--force", is_flag=True, help="skip the clean powerdown")
+def stop(name: str, timeout: float, force: bool) -> None:
+    """Stop a VM: powerdown over QMP, then SIGTERM, then SIGKILL."""
+    if timeout < 0:
+        raise UsageError("--timeout must not be negative")
+    before = _status_of(name)
+    if before.state not in ("running", "starting"):
+        output.notice(f"VM {name!r} is already {before.state}")
+        return
+    after = lifecycle.stop(name, timeout=timeout, force=force)
+    output.notice(f"VM {name!r} {after.state}")
 
 
 def register(group: click.Group) -> None:
     """Add this module's commands to the root group."""
+    for command in (run, status, list_vms, logs, stop):
+        group.add_command(command)
+

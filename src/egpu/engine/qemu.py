@@ -65,7 +65,7 @@ class Engine:
     source: Source
     bindir: Path
     root: Path | None = None  # private Debian root, run through its own loader
-    datadir: Path | None = None  # firmware and ROMs (-L)
+    datadirs: tuple[Path, ...] = ()  # firmware and ROM search path (-L, in order)
 
     def program(self, name: str) -> list[str]:
         """The argv prefix that runs one of the engine's programs."""
@@ -79,8 +79,8 @@ class Engine:
     def qemu(self, arch: str) -> list[str]:
         """The argv prefix for ``qemu-system-<arch>``, data dir included."""
         argv = self.program(f"qemu-system-{check_arch(arch)}")
-        if self.datadir is not None:
-            argv += ["-L", str(self.datadir)]
+        for d in self.datadirs:
+            argv += ["-L", str(d)]
         return argv
 
     def qemu_img(self) -> list[str]:
@@ -214,7 +214,21 @@ def private_engine() -> Engine | None:
     root = engine_root()
     if not (root / MARKER).exists():
         return None
-    return Engine("private", root / "usr/bin", root=root, datadir=root / "usr/share/qemu")
+    # Debian's QEMU is built with this firmware path; -L replaces it, so name every part
+    datadirs = tuple(root / d for d in ("usr/share/qemu", "usr/share/seabios", "usr/lib/ipxe/qemu"))
+    return Engine("private", root / "usr/bin", root=root, datadirs=datadirs)
+
+
+def placeholder_info() -> EngineInfo:
+    """A stand-in for when no engine exists: QEMU on PATH by name, TCG, our devices assumed.
+
+    Lets ``run --dry-run`` show the command on any host without installing anything.
+    """
+    engine = Engine("path", Path("/usr/bin"))
+    return EngineInfo(
+        engine, MIN_VERSION, ARCHES,
+        {a: ("tcg",) for a in ARCHES}, {a: PASSTHROUGH_DEVICES for a in ARCHES},
+    )
 
 
 def find_engine(qemu: str | None = None) -> Engine:

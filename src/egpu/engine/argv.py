@@ -1,0 +1,168 @@
+"""Build the QEMU command for a VM: a pure function from a VmSpec to argv.
+
+Device pieces for real passthrough (engine ``apple`` / ``vfio``) and the virtual eGPU come in as
+ready-made argument lists (``VmSpec.devices``); this module composes the machine around them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from egpu.errors import UsageError
+
+MIB = 1 << 20
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_UNIT_MIB = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
+MIN_MEMORY_MIB = 64
+MAX_MEMORY_MIB = 1 << 22  # 4 TiB
+MAX_CPUS = 512
+
+Accel = Literal["tcg", "kvm", "hvf"]
+MemoryBackend = Literal["plain", "memfd-shared", "prealloc"]
+
+
+def parse_memory(text: str) -> int:
+    """Parse a memory size (``512M``, ``2G``, ``1.5GiB``, bare numbers are MiB) into MiB."""
+    m = _SIZE_RE.match(text)
+    if not m:
+        raise UsageError(f"bad memory size {text!r}; use e.g. 512M or 4G")
+    mib = float(m.group(1)) * _UNIT_MIB[m.group(2).upper()]
+    if mib != int(mib):
+        raise UsageError(f"memory size {text!r} is not a whole number of MiB")
+    if not MIN_MEMORY_MIB <= mib <= MAX_MEMORY_MIB:
+        raise UsageError(f"memory size {text!r} out of range ({MIN_MEMORY_MIB}M to 4T)")
+    return int(mib)
+
+
+@dataclass(frozen=True)
+class Disk:
+    """An extra block device given with ``--disk PATH[:ro]``."""
+
+    path: Path
+    fmt: str
+    readonly: bool = False
+
+
+def parse_disk_option(text: str) -> tuple[Path, bool]:
+    """Split ``PATH[:ro]`` into a path and a read-only flag."""
+    if text.endswith(":ro"):
+        return Path(text[:-3]), True
+    if text.endswith(":rw"):
+        return Path(text[:-3]), False
+    if not text:
+        raise UsageError("--disk needs a path")
+    return Path(text), False
+
+
+@dataclass(frozen=True)
+class Firmware:
+    """UEFI through two pflash drives: the engine's code (read-only) and a per-VM vars copy."""
+
+    code: Path
+    vars: Path
+
+
+@dataclass(frozen=True)
+class VmSpec:
+    """Everything that decides a VM's QEMU command line."""
+
+    name: str
+    arch: str
+    cpus: int
+    memory_mib: int
+    accel: Accel
+    qmp_socket: Path
+    console_socket: Path
+    serial_log: Path
+    kernel: Path | None = None
+    initrd: Path | None = None
+    append: str | None = None
+    firmware: Firmware | None = None
+    boot_disk: Disk | None = None
+    disks: tuple[Disk, ...] = ()
+    ssh_port: int | None = None
+    memory_backend: MemoryBackend = "plain"
+    cpu_model: str | None = None  # default: max under tcg, host otherwise
+    accel_options: tuple[str, ...] = ()  # e.g. ("tso=on",) for hvf
+    machine_options: tuple[str, ...] = ()
+    devices: tuple[tuple[str, ...], ...] = field(default_factory=tuple)
+    extra: tuple[str, ...] = ()
+
+
+def machine_type(arch: str) -> str:
+    return "virt" if arch == "aarch64" else "q35"
+
+
+def build_argv(qemu: Sequence[str], spec: VmSpec) -> list[str]:
+    """The full QEMU command: ``qemu`` (the engine's prefix) followed by the VM's options."""
+    argv = list(qemu)
+    argv += ["-name", f"{spec.name},process=egpu-{spec.name}"]
+    accel = spec.accel + "".join(f",{o}" for o in spec.accel_options)
+    if spec.accel == "tcg" and not spec.accel_options:
+        accel += ",thread=multi"
+    argv += ["-accel", accel]
+    argv += ["-cpu", spec.cpu_model or ("max" if spec.accel == "tcg" else "host")]
+    argv += ["-smp", f"{spec.cpus},sockets=1,cores={spec.cpus},threads=1"]
+
+    machine = [machine_type(spec.arch)]
+    if spec.arch == "aarch64":
+        machine.append("highmem=on")
+    machine += spec.machine_options
+    mem = f"{spec.memory_mib}M"
+    if spec.memory_backend != "plain":
+        # fd-backed shared RAM lets a vfio-user server map guest memory (DMA_MAP carries fds)
+        if spec.memory_backend == "memfd-shared":
+            backend = f"memory-backend-memfd,id=ram0,size={mem},share=on"
+        else:
+            backend = f"memory-backend-ram,id=ram0,size={mem},prealloc=on,share=off"
+        argv += ["-object", backend]
+        machine.append("memory-backend=ram0")
+    argv += ["-machine", ",".join(machine), "-m", mem]
+
+    if spec.firmware is not None:
+        argv += [
+            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={spec.firmware.code}",
+            "-drive", f"if=pflash,format=raw,unit=1,file={spec.firmware.vars}",
+        ]
+    if spec.kernel is not None:
+        argv += ["-kernel", str(spec.kernel)]
+        if spec.initrd is not None:
+            argv += ["-initrd", str(spec.initrd)]
+        if spec.append:
+            argv += ["-append", spec.append]
+
+    disks = ((spec.boot_disk,) if spec.boot_disk else ()) + spec.disks
+    for i, disk in enumerate(disks):
+        drive = f"file={disk.path},format={disk.fmt},if=none,id=disk{i}"
+        drive += ",readonly=on" if disk.readonly else ",discard=unmap,detect-zeroes=unmap"
+        device = f"virtio-blk-pci,drive=disk{i}"
+        if i == 0 and spec.boot_disk is not None:
+            device += ",bootindex=0"
+        argv += ["-drive", drive, "-device", device]
+
+    netdev = "user,id=net0"
+    if spec.ssh_port is not None:
+        # loopback only: a guest's sshd is never exposed beyond this host
+        netdev += f",hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22"
+    argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0,romfile="]
+    argv += ["-device", "virtio-rng-pci"]
+
+    for dev in spec.devices:
+        argv += list(dev)
+
+    argv += [
+        "-chardev",
+        f"socket,id=console,path={spec.console_socket},server=on,wait=off,"
+        f"logfile={spec.serial_log},logappend=on",
+        "-serial", "chardev:console",
+        "-qmp", f"unix:{spec.qmp_socket},server=on,wait=off",
+        "-display", "none",
+        "-nodefaults",
+        "-no-user-config",
+    ]
+    argv += list(spec.extra)
+    return argv

@@ -1,0 +1,330 @@
+"""Start, stop and wait for VMs: the I/O edge around the pure argv builder and state logic."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from egpu.engine.argv import Disk, VmSpec, build_argv, parse_disk_option
+from egpu.engine.qemu import EngineInfo, check_arch
+from egpu.errors import ConflictError, UsageError, VMError
+from egpu.guest import assets
+from egpu.guest import protocol as guest_protocol
+from egpu.guest.assets import GuestAssets
+from egpu.paths import dirs
+from egpu.vm import qmp, store
+from egpu.vm.status import VmStatus, inspect, last_line, process_alive
+
+START_TIMEOUT_S = 30.0
+STOP_SIGTERM_WAIT_S = 5.0
+SUPERVISOR_EXIT_WAIT_S = 5.0
+DEFAULT_STOP_TIMEOUT_S = 30.0
+QEMU_IMG_TIMEOUT_S = 30
+POLL_S = 0.05
+MAX_PORT = 65535
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What the user asked ``egpu run`` for, already parsed but not yet checked against the host."""
+
+    name: str
+    arch: str
+    cpus: int
+    memory_mib: int
+    disks: tuple[str, ...] = ()
+    ssh_port: int | None = None
+    accel: str | None = None
+    selftest: bool = False
+    extra: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A checked request turned into the exact command and the config to record."""
+
+    vm: store.VmDir
+    spec: VmSpec
+    config: store.VmConfig
+    argv: list[str] = field(default_factory=list)
+
+
+def ready_marker() -> bytes:
+    return guest_protocol.READY_MARKER.encode()
+
+
+def check_port_free(port: int) -> None:
+    """Refuse a host port that something already listens on (we bind 127.0.0.1 only)."""
+    if not 1 <= port <= MAX_PORT:
+        raise UsageError(f"--ssh-port {port} is not a TCP port number")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise ConflictError(
+                f"port {port} on 127.0.0.1 is already in use", hint="pick another --ssh-port"
+            ) from None
+
+
+def probe_disk(qemu_img: Sequence[str], env: dict[str, str], text: str) -> Disk:
+    """Check a ``--disk`` with qemu-img and learn its format (never writes to it)."""
+    path, readonly = parse_disk_option(text)
+    if not path.exists():
+        raise UsageError(f"--disk {path}: no such file")
+    try:
+        proc = subprocess.run(
+            [*qemu_img, "info", "--output=json", "-U", str(path)],
+            capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S,
+            env={**os.environ, **env},
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise VMError(f"cannot run qemu-img: {e}") from e
+    if proc.returncode != 0:
+        why = (proc.stderr.strip().splitlines() or ["unreadable"])[-1]
+        raise UsageError(f"--disk {path}: qemu-img cannot probe it: {why}")
+    try:
+        fmt = json.loads(proc.stdout)["format"]
+    except (ValueError, KeyError, TypeError):
+        raise UsageError(f"--disk {path}: qemu-img gave no format") from None
+    return Disk(path=path.absolute(), fmt=str(fmt), readonly=readonly)
+
+
+def assumed_disk(text: str) -> Disk:
+    """A ``--disk`` checked only for existence; its format guessed from its name."""
+    path, readonly = parse_disk_option(text)
+    if not path.exists():
+        raise UsageError(f"--disk {path}: no such file")
+    fmt = "qcow2" if path.suffix == ".qcow2" else "raw"
+    return Disk(path=path.absolute(), fmt=fmt, readonly=readonly)
+
+
+def choose_accel(info: EngineInfo, arch: str, wanted: str | None) -> str:
+    """The accelerator: the one asked for if this host offers it, else the best offered."""
+    offered = info.accelerators.get(arch, ())
+    if wanted:
+        if wanted not in offered:
+            raise UsageError(
+                f"accelerator {wanted!r} is not available for {arch} here "
+                f"(available: {', '.join(offered) or 'none'})"
+            )
+        return wanted
+    for accel in ("hvf", "kvm", "tcg"):
+        if accel in offered:
+            return accel
+    raise VMError(f"the engine offers no accelerator for {arch}")
+
+
+def planned_guest(arch: str) -> GuestAssets:
+    """Where the built-in guest's files are or will be, without building it (for dry runs)."""
+    base = dirs().guest / arch
+    return GuestAssets(arch, base / assets.KERNEL_FILE, base / assets.INITRAMFS_FILE,
+                       guest_protocol.console_for(arch), "", ())
+
+
+def plan_run(
+    request: RunRequest, info: EngineInfo, guest: GuestAssets, *, check_host: bool = True
+) -> RunPlan:
+    """Check a request against the host and build its command; creates nothing.
+
+    Without ``check_host`` (dry runs, possibly with no engine) disks are only checked to exist.
+    """
+    arch = check_arch(request.arch)
+    if arch not in info.arches:
+        raise VMError(f"the engine has no qemu-system-{arch}")
+    if request.cpus < 1:
+        raise UsageError("--cpus must be at least 1")
+    vm = store.VmDir(request.name)
+    vm.check_socket_paths()
+    if check_host:
+        disks = tuple(probe_disk(info.engine.qemu_img(), info.engine.env(), d)
+                      for d in request.disks)
+    else:
+        disks = tuple(assumed_disk(d) for d in request.disks)
+    if request.ssh_port is not None:
+        check_port_free(request.ssh_port)
+    accel = choose_accel(info, arch, request.accel)
+    append = guest_protocol.kernel_cmdline(
+        guest, selftest=request.selftest, cpus=request.cpus, memory_mib=request.memory_mib,
+    )
+    spec = VmSpec(
+        name=request.name, arch=arch, cpus=request.cpus, memory_mib=request.memory_mib,
+        accel=accel,  # type: ignore[arg-type]
+        qmp_socket=vm.qmp_socket, console_socket=vm.console_socket, serial_log=vm.serial_log,
+        kernel=guest.kernel, initrd=guest.initramfs, append=append,
+        disks=disks, ssh_port=request.ssh_port, extra=request.extra,
+    )
+    argv = build_argv(info.engine.qemu(arch), spec)
+    config = store.VmConfig(
+        name=request.name, arch=arch, cpus=request.cpus, memory_mib=request.memory_mib,
+        accel=accel, engine=f"none ({info.engine.source} QEMU {info.version_text})",
+        qemu_version=info.version_text, argv=argv, env=info.engine.env(),
+        ssh_port=request.ssh_port, selftest=request.selftest,
+    )
+    return RunPlan(vm=vm, spec=spec, config=config, argv=argv)
+
+
+def start(plan: RunPlan) -> VmStatus:
+    """Start a planned VM detached and return once QEMU's monitor is up.
+
+    A VM of that name that is running is refused; a stopped or crashed one is cleaned up and
+    started again. If the start fails, what this call created is removed.
+    """
+    vm = plan.vm
+    created = not vm.exists()
+    if not created:
+        current = inspect(vm, ready_marker())
+        if current.state in ("running", "starting"):
+            raise ConflictError(f"VM {vm.name!r} is already {current.state}",
+                                hint=f"stop it first: egpu stop {vm.name}")
+        vm.clear_runtime()
+    try:
+        vm.create()
+        vm.write_config(plan.config)
+        vm.serial_log.write_bytes(b"")
+        vm.file(store.QEMU_LOG).write_bytes(b"")
+        _spawn_supervisor(vm)
+        return wait_started(vm)
+    except BaseException:
+        _kill_run(vm)
+        if created:
+            vm.remove()
+        raise
+
+
+def _spawn_supervisor(vm: store.VmDir) -> None:
+    with open(vm.file(store.SUPERVISOR_LOG), "ab") as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "egpu.vm.supervisor", str(vm.path)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            start_new_session=True,  # outlives the CLI, and Ctrl-C in the CLI does not reach it
+            close_fds=True,
+        )
+    # recorded here too, so a status taken before the supervisor runs reads "starting"
+    vm.file(store.SUPERVISOR_PID).write_text(f"{proc.pid}\n")
+
+
+def wait_started(vm: store.VmDir, timeout: float = START_TIMEOUT_S) -> VmStatus:
+    """Wait until QEMU's monitor answers; VMError with QEMU's own words if it died first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = inspect(vm, ready_marker())
+        if status.state == "running":
+            return status
+        if status.state in ("stopped", "crashed"):
+            raise VMError(f"VM {vm.name!r} failed to start: {_failure_text(vm, status)}")
+        time.sleep(POLL_S)
+    raise VMError(f"VM {vm.name!r}: QEMU did not come up within {timeout:.0f}s")
+
+
+def _failure_text(vm: store.VmDir, status: VmStatus) -> str:
+    return last_line(vm.file(store.QEMU_LOG)) or "; ".join(status.problems) or "unknown error"
+
+
+def _signal_pid(pid: int | None, sig: int) -> None:
+    if pid is None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, sig)
+
+
+def _wait_gone(pid: int | None, mention: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while process_alive(pid, mention):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(POLL_S)
+    return True
+
+
+def _kill_run(vm: store.VmDir) -> None:
+    """Best-effort teardown of a half-started run."""
+    qemu_pid = vm.read_pid(store.QEMU_PID)
+    sup_pid = vm.read_pid(store.SUPERVISOR_PID)
+    if process_alive(qemu_pid, str(vm.qmp_socket)):
+        _signal_pid(qemu_pid, signal.SIGKILL)
+    if process_alive(sup_pid, str(vm.path)):
+        _signal_pid(sup_pid, signal.SIGTERM)
+        _wait_gone(sup_pid, str(vm.path), SUPERVISOR_EXIT_WAIT_S)
+
+
+def stop(name: str, *, timeout: float = DEFAULT_STOP_TIMEOUT_S, force: bool = False) -> VmStatus:
+    """Stop a VM: powerdown over QMP, then SIGTERM, then SIGKILL (``force`` skips the first)."""
+    vm = store.VmDir(name).require()
+    status = inspect(vm, ready_marker())
+    if status.state not in ("running", "starting"):
+        return status
+    vm.file(store.STOP_REQUEST).write_text(f"{time.time()}\n")
+    qemu_pid = vm.read_pid(store.QEMU_PID)
+    mention = str(vm.qmp_socket)
+    gone = False
+    if not force and vm.qmp_socket.exists():
+        try:
+            qmp.execute(vm.qmp_socket, "system_powerdown")
+            gone = _wait_gone(qemu_pid, mention, timeout)
+        except VMError:
+            gone = False
+    if not gone:
+        _signal_pid(qemu_pid, signal.SIGTERM)
+        gone = _wait_gone(qemu_pid, mention, STOP_SIGTERM_WAIT_S)
+    if not gone:
+        _signal_pid(qemu_pid, signal.SIGKILL)
+        _wait_gone(qemu_pid, mention, STOP_SIGTERM_WAIT_S)
+    sup_pid = vm.read_pid(store.SUPERVISOR_PID)
+    if not _wait_gone(sup_pid, str(vm.path), SUPERVISOR_EXIT_WAIT_S):
+        _signal_pid(sup_pid, signal.SIGKILL)
+    if vm.read_json(store.EXIT_RECORD) is None:
+        # the supervisor was gone too: record the stop ourselves so it does not read as a crash
+        store.write_json(vm.file(store.EXIT_RECORD), {
+            "returncode": None, "signal": None, "ended": time.time(), "stop_requested": True,
+            "server_failure": None, "error": None,
+        })
+    return inspect(vm, ready_marker())
+
+
+def wait_exit(name: str, timeout: float | None = None) -> VmStatus:
+    """Block until the VM's QEMU has ended and its supervisor recorded how."""
+    vm = store.VmDir(name).require()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        status = inspect(vm, ready_marker())
+        if status.state in ("stopped", "crashed"):
+            return status
+        if deadline is not None and time.monotonic() > deadline:
+            raise VMError(f"VM {name!r} still running after {timeout:.0f}s")
+        time.sleep(POLL_S * 4)
+
+
+def follow_log(
+    path: Path, *, follow: bool, until: Callable[[], bool] | None = None
+) -> Iterator[bytes]:
+    """Yield a log's content, then (when ``follow``) what is appended, until ``until()`` is true."""
+    stop_when = until
+    with path.open("rb") as f:
+        while True:
+            chunk = f.read(65536)
+            if chunk:
+                yield chunk
+                continue
+            if not follow or (stop_when is not None and stop_when()):
+                # one last read: output written just before the end
+                rest = f.read()
+                if rest:
+                    yield rest
+                return
+            time.sleep(POLL_S)
+
+
+def send_console(vm: store.VmDir, data: bytes) -> None:
+    """Type into the VM's serial console."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(vm.console_socket))
+        s.sendall(data)

@@ -1,0 +1,47 @@
+"""Short synchronous QMP exchanges over a VM's socket, using QEMU's own qemu.qmp library."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp import QMPClient, QMPError
+
+from egpu.errors import VMError
+
+DEFAULT_TIMEOUT_S = 5.0
+
+# qemu.qmp logs every connection failure at ERROR; egpu reports failures itself.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+
+async def _execute(socket: Path, command: str, args: dict[str, Any] | None, timeout: float) -> Any:
+    client = QMPClient("egpu")
+    try:
+        await asyncio.wait_for(client.connect(str(socket)), timeout)
+        return await asyncio.wait_for(client.execute(command, args), timeout)
+    finally:
+        await client.disconnect()
+
+
+def execute(
+    socket: Path, command: str, args: dict[str, Any] | None = None,
+    timeout: float = DEFAULT_TIMEOUT_S,
+) -> Any:
+    """Run one QMP command and return its result; VMError when QEMU cannot be reached."""
+    try:
+        return asyncio.run(_execute(socket, command, args, timeout))
+    except (TimeoutError, QMPError, OSError, EOFError) as e:
+        raise VMError(f"QMP {command} on {socket} failed: {e or type(e).__name__}") from e
+
+
+def query_status(socket: Path, timeout: float = DEFAULT_TIMEOUT_S) -> str | None:
+    """The VM's run state (``running``, ``paused``, ...), or None when QMP does not answer."""
+    try:
+        result = execute(socket, "query-status", timeout=timeout)
+    except VMError:
+        return None
+    status = result.get("status") if isinstance(result, dict) else None
+    return status if isinstance(status, str) else None

@@ -1,0 +1,152 @@
+"""Derive a VM's state from its directory, its processes and QMP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import psutil
+
+from egpu.vm import qmp, store
+
+State = Literal["starting", "running", "stopped", "crashed"]
+READY_SCAN_LIMIT = 4 << 20  # bytes of console log scanned for the ready marker
+STATUS_QMP_TIMEOUT_S = 1.0
+
+
+def process_alive(pid: int | None, must_mention: str) -> bool:
+    """True when ``pid`` runs and its command line mentions ``must_mention`` (no pid reuse)."""
+    if pid is None:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return False
+        return any(must_mention in arg for arg in proc.cmdline())
+    except (psutil.Error, OSError):
+        return False
+
+
+def log_contains(path: Path, needle: bytes, limit: int = READY_SCAN_LIMIT) -> bool:
+    """Whether the first ``limit`` bytes of a log contain ``needle``."""
+    try:
+        with path.open("rb") as f:
+            return needle in f.read(limit)
+    except OSError:
+        return False
+
+
+@dataclass
+class VmStatus:
+    """What ``egpu status`` reports about one VM."""
+
+    name: str
+    state: State
+    pid: int | None
+    guest_ready: bool
+    arch: str
+    engine: str
+    qmp_socket: str
+    serial_log: str
+    cpus: int
+    memory_mib: int
+    ssh_port: int | None
+    exit: dict[str, Any] | None = None
+    servers: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    run_state: str | None = None  # QMP query-status: running, paused, shutdown, ...
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "state": self.state,
+            "pid": self.pid,
+            "guest_ready": self.guest_ready,
+            "arch": self.arch,
+            "engine": self.engine,
+            "qmp_socket": self.qmp_socket,
+            "serial_log": self.serial_log,
+            "cpus": self.cpus,
+            "memory_mib": self.memory_mib,
+            "ssh_port": self.ssh_port,
+            "exit": self.exit,
+            "servers": self.servers,
+            "problems": self.problems,
+            "run_state": self.run_state,
+        }
+
+
+def derive_state(
+    *, exit_record: dict[str, Any] | None, qemu_alive: bool, supervisor_alive: bool,
+    pid_recorded: bool, qmp_up: bool,
+) -> State:
+    """The state from the facts gathered about a VM (pure; see inspect)."""
+    if qemu_alive:
+        return "running" if qmp_up else "starting"
+    if exit_record is not None:
+        clean = exit_record.get("returncode") == 0 or exit_record.get("stop_requested")
+        if clean and not exit_record.get("server_failure") and not exit_record.get("error"):
+            return "stopped"
+        return "crashed"
+    if supervisor_alive:
+        return "starting"
+    return "crashed" if pid_recorded else "stopped"
+
+
+def inspect(vm: store.VmDir, ready_marker: bytes) -> VmStatus:
+    """Status of an existing VM (NotFoundError when it never existed)."""
+    config = vm.read_config()
+    qemu_pid = vm.read_pid(store.QEMU_PID)
+    sup_pid = vm.read_pid(store.SUPERVISOR_PID)
+    qemu_alive = process_alive(qemu_pid, str(vm.qmp_socket))
+    sup_alive = process_alive(sup_pid, str(vm.path))
+    # QEMU creates its QMP socket once its monitor is up; the run state comes from QMP itself
+    # (None when the monitor is busy with another client, which still means QEMU is up)
+    qmp_up = qemu_alive and vm.qmp_socket.exists()
+    run_state = qmp.query_status(vm.qmp_socket, STATUS_QMP_TIMEOUT_S) if qmp_up else None
+    exit_record = None if qemu_alive else vm.read_json(store.EXIT_RECORD)
+    state = derive_state(
+        exit_record=exit_record, qemu_alive=qemu_alive, supervisor_alive=sup_alive,
+        pid_recorded=qemu_pid is not None or sup_pid is not None, qmp_up=qmp_up,
+    )
+    problems: list[str] = []
+    if exit_record and exit_record.get("server_failure"):
+        problems.append(str(exit_record["server_failure"]))
+    if exit_record and exit_record.get("error"):
+        problems.append(str(exit_record["error"]))
+    if state == "crashed" and not problems:
+        problems.append(_crash_reason(vm, exit_record))
+    servers = vm.read_json_list(store.SERVERS_RECORD)
+    return VmStatus(
+        name=vm.name, state=state, pid=qemu_pid if qemu_alive else None,
+        guest_ready=state in ("running", "starting") and log_contains(vm.serial_log, ready_marker),
+        arch=config.arch, engine=config.engine, qmp_socket=str(vm.qmp_socket),
+        serial_log=str(vm.serial_log), cpus=config.cpus, memory_mib=config.memory_mib,
+        ssh_port=config.ssh_port, exit=exit_record, servers=servers, problems=problems,
+        run_state=run_state,
+    )
+
+
+def _crash_reason(vm: store.VmDir, exit_record: dict[str, Any] | None) -> str:
+    if exit_record is None:
+        return "QEMU is gone and left no exit record"
+    sig = exit_record.get("signal")
+    if sig:
+        return f"QEMU was killed by signal {sig}"
+    tail = last_line(vm.file(store.QEMU_LOG))
+    reason = f"QEMU exited with status {exit_record.get('returncode')}"
+    return f"{reason}: {tail}" if tail else reason
+
+
+def last_line(path: Path, limit: int = 4096) -> str:
+    """The last non-empty line of a (possibly large) log."""
+    try:
+        with path.open("rb") as f:
+            f.seek(0, 2)
+            size = f.tell()
+            f.seek(max(0, size - limit))
+            lines = f.read().decode(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1].strip() if lines else ""

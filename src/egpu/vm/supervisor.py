@@ -1,0 +1,147 @@
+"""The per-VM supervisor: a detached process that owns one run of a VM.
+
+It starts the VM's device servers, then QEMU, records their pids in the VM directory, watches
+them, and writes an exit record when QEMU ends, so ``status`` can tell a clean stop from a crash
+after the CLI that started the VM is gone. A device server that dies while QEMU runs is
+recorded and the VM is stopped (QEMU is never left talking to a dead device).
+
+Run as ``python -m egpu.vm.supervisor VM_DIR``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from egpu.vm import qmp, store
+
+POLL_S = 0.1
+SERVER_SOCKET_WAIT_S = 15.0
+SERVER_STOP_S = 3.0
+POWERDOWN_GRACE_S = 10.0
+
+
+class Supervisor:
+    """Owns the processes of one run."""
+
+    def __init__(self, vmdir: store.VmDir) -> None:
+        self.vm = vmdir
+        self.config = vmdir.read_config()
+        self.qemu: subprocess.Popen[bytes] | None = None
+        self.servers: list[tuple[dict[str, Any], subprocess.Popen[bytes]]] = []
+        self.server_failure: str | None = None
+        self.terminating = False
+
+    def _on_term(self, signum: int, frame: FrameType | None) -> None:
+        self.terminating = True
+        if self.qemu is not None and self.qemu.poll() is None:
+            self.qemu.send_signal(signal.SIGTERM)
+
+    def _record_servers(self) -> None:
+        store.write_json(self.vm.file(store.SERVERS_RECORD), [
+            {"name": s["name"], "socket": s["socket"], "pid": p.pid,
+             "returncode": p.poll(), "log": s.get("log")}
+            for s, p in self.servers
+        ])
+
+    def start_servers(self) -> None:
+        env = {**os.environ, **self.config.env}
+        for spec in self.config.servers:
+            log = open(spec["log"], "ab") if spec.get("log") else subprocess.DEVNULL  # noqa: SIM115
+            proc = subprocess.Popen(spec["argv"], stdin=subprocess.DEVNULL, stdout=log,
+                                    stderr=subprocess.STDOUT, env=env)
+            self.servers.append((spec, proc))
+        self._record_servers()
+        deadline = time.monotonic() + SERVER_SOCKET_WAIT_S
+        for spec, proc in self.servers:
+            while not Path(spec["socket"]).exists():
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"device server {spec['name']} did not start")
+                time.sleep(0.02)
+
+    def stop_servers(self) -> None:
+        for _, proc in self.servers:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.monotonic() + SERVER_STOP_S
+        for _, proc in self.servers:
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.servers:
+            self._record_servers()
+
+    def dead_server(self) -> str | None:
+        for spec, proc in self.servers:
+            if proc.poll() is not None:
+                return f"device server {spec['name']} exited with status {proc.returncode}"
+        return None
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_term)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        self.vm.file(store.SUPERVISOR_PID).write_text(f"{os.getpid()}\n")
+        started = time.time()
+        try:
+            self.start_servers()
+        except (OSError, RuntimeError) as e:
+            self.stop_servers()
+            self._write_exit(None, started, error=str(e))
+            return 1
+        with open(self.vm.file(store.QEMU_LOG), "ab") as log:
+            self.qemu = subprocess.Popen(
+                self.config.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                env={**os.environ, **self.config.env},
+            )
+        self.vm.file(store.QEMU_PID).write_text(f"{self.qemu.pid}\n")
+        powerdown_sent: float | None = None
+        while self.qemu.poll() is None:
+            time.sleep(POLL_S)
+            if self.server_failure is None and (failure := self.dead_server()):
+                self.server_failure = failure
+                self._record_servers()
+                self._powerdown()
+                powerdown_sent = time.monotonic()
+            if powerdown_sent is not None and time.monotonic() - powerdown_sent > POWERDOWN_GRACE_S:
+                self.qemu.terminate()
+                powerdown_sent = None
+        self.stop_servers()
+        self._write_exit(self.qemu.returncode, started)
+        return 0
+
+    def _powerdown(self) -> None:
+        with contextlib.suppress(Exception):
+            qmp.execute(self.vm.qmp_socket, "system_powerdown", timeout=2.0)
+
+    def _write_exit(self, returncode: int | None, started: float, error: str | None = None) -> None:
+        record: dict[str, Any] = {
+            "returncode": returncode,
+            "signal": -returncode if returncode is not None and returncode < 0 else None,
+            "started": started,
+            "ended": time.time(),
+            "stop_requested": self.vm.file(store.STOP_REQUEST).exists() or self.terminating,
+            "server_failure": self.server_failure,
+            "error": error,
+        }
+        store.write_json(self.vm.file(store.EXIT_RECORD), record)
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python -m egpu.vm.supervisor VM_DIR", file=sys.stderr)
+        return 2
+    path = Path(argv[0])
+    return Supervisor(store.VmDir(path.name, root=path.parent)).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
