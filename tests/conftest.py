@@ -1,0 +1,94 @@
+"""Shared fixtures: an isolated EGPU_HOME per test, one shared cache, and a CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import platformdirs
+import pytest
+
+from egpu.paths import CACHE_ENV, HOME_ENV
+
+# Engine and guest assets are provisioned once by ./run-tests (egpu setup) into the user cache.
+SHARED_CACHE = Path(os.environ.get(CACHE_ENV) or platformdirs.user_cache_dir("egpu"))
+
+
+@dataclass
+class Cli:
+    """Runs ``python -m egpu`` in a subprocess with the test's environment."""
+
+    env: dict[str, str]
+    home: Path
+
+    def __call__(self, *args: str, timeout: float = 120, check: bool = False,
+                 input: str | None = None) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "egpu", *args], env=self.env, capture_output=True,
+            text=True, timeout=timeout, input=input,
+        )
+        if check and proc.returncode != 0:
+            raise AssertionError(f"egpu {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
+        return proc
+
+    def json(self, *args: str, timeout: float = 120) -> Any:
+        return json.loads(self(*args, "--json", timeout=timeout, check=True).stdout)
+
+    def popen(self, *args: str, **kw: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([sys.executable, "-m", "egpu", *args], env=self.env, **kw)
+
+    def status(self, name: str) -> dict[str, Any]:
+        data = self.json("status", name)
+        assert isinstance(data, dict)
+        return data
+
+    def wait_for(self, name: str, pred: Any, timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        last: dict[str, Any] = {}
+        while time.monotonic() < deadline:
+            last = self.status(name)
+            if pred(last):
+                return last
+            time.sleep(0.3)
+        raise AssertionError(f"timed out waiting on VM {name}: last status {last}")
+
+
+@pytest.fixture
+def egpu_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """A private, short EGPU_HOME (UNIX socket paths must stay short) with the shared cache."""
+    home = Path(tempfile.mkdtemp(prefix="egpu-t", dir="/tmp"))
+    monkeypatch.setenv(HOME_ENV, str(home))
+    monkeypatch.setenv(CACHE_ENV, str(SHARED_CACHE))
+    yield home
+    _stop_leftovers(home)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def _stop_leftovers(home: Path) -> None:
+    """Kill whatever a failed test left running under its home."""
+    for pidfile in home.glob("data/vms/*/*.pid"):
+        try:
+            pid = int(pidfile.read_text())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            continue
+        if str(home).encode() in cmdline:
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def cli(egpu_home: Path) -> Cli:
+    env = {**os.environ, HOME_ENV: str(egpu_home), CACHE_ENV: str(SHARED_CACHE)}
+    return Cli(env=env, home=egpu_home)
