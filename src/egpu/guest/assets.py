@@ -1,0 +1,256 @@
+"""Assemble and cache the built-in guest: a Debian kernel and a busybox initramfs.
+
+Cache layout (``dirs().guest``)::
+
+    apt/                     private apt root (trixie, arm64 + amd64) used only while building
+    .lock                    held while building
+    <arch>/vmlinuz           the Debian kernel image
+    <arch>/initramfs.gz      busybox-static, the init, the checks, the modules in load order
+    <arch>/manifest.json     build key, kernel version, module load order, source packages
+
+A build happens in ``.<arch>.build-*`` and is renamed into place only when complete; the build
+key covers everything shipped from this package (init, checks, module list), so changing any
+of them rebuilds, and a cache hit needs no network.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from filelock import FileLock
+
+from egpu import debpkg
+from egpu.errors import EgpuError, GuestError
+from egpu.guest import cpio, kmod
+from egpu.guest.protocol import ARCHES, console_for
+from egpu.paths import dirs
+from egpu.progress import Progress, SilentProgress
+
+DEBIAN_ARCH = {"aarch64": "arm64", "x86_64": "amd64"}
+SUITES = ("trixie",)
+BUSYBOX_PACKAGE = "busybox-static"
+# Modules the guest loads at boot, for this and later work; their dependency closure comes
+# along. Entries built into a kernel are skipped (on Debian 6.12: virtio_console on both,
+# the ACPI button on arm64).
+GUEST_MODULES = (
+    "virtio_blk", "virtio_net", "virtio_rng", "virtio_console",
+    "nvme",                      # the virtual eGPU's DMA function
+    "bochs",                     # the virtual eGPU's display function (DRM, TTM, fbdev)
+    "evdev",                     # /dev/input/event* for the power-button reader
+    "gpio_keys",                 # aarch64 virt: the power key is a GPIO line of the PL061
+    "button",                    # x86_64: the ACPI power button
+    "ext4",                      # a root filesystem for later full-image boots
+    "vfio_pci",                  # passthrough inside the guest (nested tests)
+)
+# Bump when the initramfs layout changes in a way the key below cannot see.
+BUILD_FORMAT = 1
+MANIFEST = "manifest.json"
+KERNEL_FILE = "vmlinuz"
+INITRAMFS_FILE = "initramfs.gz"
+INIT_SCRIPT = "init.sh"
+CHECKS_DIR = "checks"
+# where things go inside the initramfs
+GUEST_MODULE_DIR = "lib/modules"
+GUEST_MODULE_LIST = "etc/egpu/modules"
+GUEST_CHECKS_DIR = "checks"
+# Linux device numbers (Documentation/admin-guide/devices.txt)
+DEV_CONSOLE = (5, 1)
+DEV_NULL = (1, 3)
+_IMAGE_PACKAGE = re.compile(r"^linux-image-\d[\w.+~-]*$")
+
+
+@dataclass(frozen=True)
+class GuestAssets:
+    """A built guest: kernel and initramfs paths, console device, what went into it."""
+
+    arch: str
+    kernel: Path
+    initramfs: Path
+    console: str
+    kernel_version: str
+    modules: tuple[str, ...]
+
+
+def _guest_files() -> dict[str, bytes]:
+    """The files shipped from this package into the initramfs, by their path there."""
+    root = resources.files("egpu.guest")
+    out = {"init": root.joinpath(INIT_SCRIPT).read_bytes()}
+    for item in sorted(root.joinpath(CHECKS_DIR).iterdir(), key=lambda p: p.name):
+        if item.name.endswith(".sh"):
+            out[f"{GUEST_CHECKS_DIR}/{item.name}"] = item.read_bytes()
+    return out
+
+
+def build_key(arch: str) -> str:
+    """A digest of everything that decides the build apart from the Debian packages."""
+    h = hashlib.sha256(f"{BUILD_FORMAT}\0{arch}\0{','.join(GUEST_MODULES)}".encode())
+    for name, data in _guest_files().items():
+        h.update(f"\0{name}\0{len(data)}\0".encode() + data)
+    return h.hexdigest()
+
+
+def _load_cached(arch: str, key: str) -> GuestAssets | None:
+    d = dirs().guest / arch
+    try:
+        m = json.loads((d / MANIFEST).read_text())
+        if m.get("key") != key:
+            return None
+        assets = GuestAssets(arch, d / KERNEL_FILE, d / INITRAMFS_FILE, console_for(arch),
+                             str(m["kernel_version"]), tuple(str(x) for x in m["modules"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return assets if assets.kernel.is_file() and assets.initramfs.is_file() else None
+
+
+def ensure_guest(arch: str, progress: Progress | None = None) -> GuestAssets:
+    """The built-in guest for ``arch``, built from Debian packages on first use, then cached."""
+    if arch not in ARCHES:
+        raise GuestError(f"unknown guest architecture {arch!r} (use {' or '.join(ARCHES)})")
+    key = build_key(arch)
+    if (cached := _load_cached(arch, key)) is not None:
+        return cached
+    base = dirs().guest
+    try:
+        base.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(base / ".lock")):
+            # another process may have built it while we waited
+            if (cached := _load_cached(arch, key)) is not None:
+                return cached
+            _build(arch, key, progress or SilentProgress())
+    except EgpuError as e:
+        raise GuestError(f"cannot build the {arch} guest: {e.message}", hint=e.hint) from e
+    except (OSError, ValueError, lzma.LZMAError) as e:
+        raise GuestError(f"cannot build the {arch} guest: {e}") from e
+    assets = _load_cached(arch, key)
+    if assets is None:
+        raise GuestError(f"the {arch} guest build left no usable assets in {base / arch}")
+    return assets
+
+
+def _kernel_image_package(archive: debpkg.DebianArchive, debarch: str) -> str:
+    """See through ``linux-image-<arch>`` to the versioned image package it depends on."""
+    for dep in archive.depends(f"linux-image-{debarch}:{debarch}"):
+        name = dep.split(":", 1)[0].strip("<> ")
+        if _IMAGE_PACKAGE.match(name):
+            return name
+    raise GuestError(f"linux-image-{debarch} names no kernel image package")
+
+
+def _build(arch: str, key: str, progress: Progress) -> None:
+    base = dirs().guest
+    debarch = DEBIAN_ARCH[arch]
+    others = [a for a in DEBIAN_ARCH.values() if a != debarch]
+    archive = debpkg.DebianArchive(base / "apt", SUITES, [debarch, *others])
+    progress.note(f"assembling the {arch} guest from Debian {'/'.join(SUITES)} packages")
+    archive.update(debpkg.find_mirror())
+    image = _kernel_image_package(archive, debarch)
+    files = archive.resolve_only([f"{image}:{debarch}", f"{BUSYBOX_PACKAGE}:{debarch}"])
+    debs = debpkg.download(files, dirs().debs, progress)
+    # we hold the lock: build directories left by an interrupted run are garbage
+    for stale in base.glob(f".{arch}.build-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{arch}.build-", dir=base))
+    try:
+        tree = work / "tree"
+        for deb in debs:
+            debpkg.extract(deb, tree)
+        out = work / "out"
+        out.mkdir()
+        manifest = _assemble(arch, tree, out)
+        manifest.update(key=key, packages=[f.filename for f in files])
+        (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _replace_dir(out, base / arch)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _replace_dir(new: Path, final: Path) -> None:
+    """Move a finished build into place; a reader sees the old or the new one, never a mix."""
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+        os.rename(new, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(new, final)
+
+
+class _ModuleTree(Mapping[str, kmod.ModInfo]):
+    """Modules of an extracted kernel package, decompressed and parsed only when asked for."""
+
+    def __init__(self, root: Path) -> None:
+        self.paths = {kmod.module_name_from_path(p.name): p
+                      for p in root.rglob("*.ko*") if p.name.endswith(kmod.MODULE_SUFFIXES)}
+        self._data: dict[str, bytes] = {}
+        self._info: dict[str, kmod.ModInfo] = {}
+
+    def data(self, name: str) -> bytes:
+        if name not in self._data:
+            path = self.paths[name]
+            raw = path.read_bytes()
+            self._data[name] = lzma.decompress(raw) if path.name.endswith(".xz") else raw
+        return self._data[name]
+
+    def __getitem__(self, name: str) -> kmod.ModInfo:
+        if name not in self._info:
+            if name not in self.paths:
+                raise KeyError(name)
+            self._info[name] = kmod.parse_modinfo(self.data(name), name)
+        return self._info[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.paths)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _assemble(arch: str, tree: Path, out: Path) -> dict[str, object]:
+    """Write vmlinuz and initramfs.gz into ``out`` from an extracted package tree."""
+    kernels = sorted((tree / "boot").glob("vmlinuz-*"))
+    if len(kernels) != 1:
+        raise GuestError(f"expected one kernel in the image package, found {len(kernels)}")
+    version = kernels[0].name.removeprefix("vmlinuz-")
+    moddir = tree / "usr/lib/modules" / version
+    builtin = frozenset(
+        kmod.module_name_from_path(ln.strip())
+        for ln in (moddir / "modules.builtin").read_text().splitlines() if ln.strip())
+    modules = _ModuleTree(moddir / "kernel")
+    try:
+        order = kmod.load_order(GUEST_MODULES, modules, builtin)
+    except ValueError as e:
+        raise GuestError(str(e)) from e
+    busybox = tree / "usr/bin/busybox"
+    if not busybox.is_file():
+        raise GuestError(f"{BUSYBOX_PACKAGE} has no usr/bin/busybox")
+
+    entries: list[cpio.Entry] = [cpio.directory(d) for d in (
+        "bin", "sbin", "usr", "usr/bin", "usr/sbin", "dev", "proc", "sys", "tmp", "run",
+        "root", "etc", "etc/egpu", "lib", GUEST_MODULE_DIR, GUEST_CHECKS_DIR)]
+    entries += [
+        cpio.char_device("dev/console", *DEV_CONSOLE),
+        cpio.char_device("dev/null", *DEV_NULL, perm=0o666),
+        cpio.regular("bin/busybox", busybox.read_bytes(), perm=0o755),
+        cpio.symlink("bin/sh", "busybox"),
+    ]
+    for name, data in _guest_files().items():
+        entries.append(cpio.regular(name, data, perm=0o755))
+    for name in order:
+        entries.append(cpio.regular(f"{GUEST_MODULE_DIR}/{name}.ko", modules.data(name)))
+    entries.append(cpio.regular(GUEST_MODULE_LIST, "".join(f"{n}\n" for n in order).encode()))
+    entries.append(cpio.regular("etc/egpu/kernel-version", f"{version}\n".encode()))
+
+    shutil.copyfile(kernels[0], out / KERNEL_FILE)
+    (out / INITRAMFS_FILE).write_bytes(cpio.gzip_archive(entries))
+    return {"arch": arch, "kernel_version": version, "modules": order}

@@ -1,0 +1,128 @@
+#!/bin/sh
+# /init of egpu's built-in guest (busybox). Protocol with the host: egpu/guest/protocol.py.
+#
+# 1. mount the kernel filesystems, load the modules listed in /etc/egpu/modules (already in
+#    dependency order, decompressed on the host), bring up networking if there is any;
+# 2. export each kernel command-line setting egpu.<key>=<value> as EGPU_<KEY>;
+# 3. print the ready marker;
+# 4. with egpu.selftest=1: run every /checks/*.sh in order, print one EGPU-SELFTEST line, power off;
+#    otherwise: hand PID 1 to busybox init (a respawning shell on the console, acpid turning the
+#    power button -- ACPI on x86_64, the virt machine's GPIO key on aarch64 -- into a clean
+#    poweroff).
+#
+# A check script prints lines "CHECK <name> <ok|fail> <detail>" and may print anything else
+# (that goes to the console only). A script that prints no CHECK line counts as a failed check
+# named after the file (without its NN- order prefix).
+
+READY_MARKER=EGPU-GUEST-READY
+SELFTEST_MARKER=EGPU-SELFTEST
+CHECK_TIMEOUT=60   # seconds per check script; a hung check must not hang the VM
+
+/bin/busybox --install -s
+export PATH=/sbin:/bin:/usr/sbin:/usr/bin HOME=/root TERM=linux
+
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null
+mkdir -p /dev/pts /dev/shm
+mount -t devpts devpts /dev/pts
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs /tmp
+hostname egpu-guest
+
+# egpu.foo_bar=1 -> EGPU_FOO_BAR=1 (names restricted to [a-z0-9_] so nothing odd is evaluated)
+set -f
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in
+        egpu.*=*)
+            key=${arg%%=*}; key=${key#egpu.}
+            case "$key" in *[!a-z0-9_]*|'') continue ;; esac
+            export "EGPU_$(echo "$key" | tr a-z A-Z)=${arg#*=}"
+            ;;
+    esac
+done
+set +f
+
+while read -r mod; do
+    insmod "/lib/modules/$mod.ko" || echo "egpu-init: cannot load module $mod"
+done < /etc/egpu/modules
+
+ip link set lo up
+cat > /run/udhcpc.sh <<'EOF'
+#!/bin/sh
+# udhcpc hook: configure the address, default route and resolver it was given
+case "$1" in
+    bound|renew)
+        ip addr flush dev "$interface"
+        ip addr add "$ip/${mask:-24}" dev "$interface"
+        [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
+        : > /etc/resolv.conf
+        for d in $dns; do echo "nameserver $d" >> /etc/resolv.conf; done
+        ;;
+esac
+EOF
+chmod 755 /run/udhcpc.sh
+for dev in /sys/class/net/*; do
+    iface=${dev##*/}
+    [ "$iface" = lo ] && continue
+    ip link set "$iface" up
+    udhcpc -b -q -i "$iface" -s /run/udhcpc.sh >/dev/null 2>&1
+done
+
+# on a line of its own even if something left the cursor mid-line
+printf '\n%s\n' "$READY_MARKER"
+
+run_checks() {
+    for script in /checks/*.sh; do
+        [ -f "$script" ] || continue
+        name=${script##*/}; name=${name%.sh}; name=${name#[0-9][0-9]-}
+        out=$(timeout "$CHECK_TIMEOUT" sh "$script" 2>&1)
+        rc=$?
+        echo "$out" > /dev/console
+        if echo "$out" | grep -q '^CHECK '; then
+            echo "$out" | grep '^CHECK '
+        else
+            echo "CHECK $name fail script exited with status $rc and reported nothing"
+        fi
+    done
+}
+
+# CHECK lines -> one JSON object (names are restricted; details are escaped)
+to_json() {
+    awk '
+    function esc(s) {
+        gsub(/\\/, "\\\\", s); gsub(/"/, "\\\"", s); gsub(/[\001-\037\177]/, " ", s)
+        return s
+    }
+    $1 == "CHECK" && $2 ~ /^[A-Za-z0-9][A-Za-z0-9_.-]*$/ {
+        ok = ($3 == "ok") ? "true" : "false"
+        if (ok == "false") all = "false"
+        detail = $0; sub(/^CHECK +[^ ]+ +[^ ]+ */, "", detail)
+        items = items sep "{\"name\": \"" $2 "\", \"ok\": " ok ", \"detail\": \"" esc(detail) "\"}"
+        sep = ", "; n++
+    }
+    BEGIN { all = "true"; sep = ""; n = 0 }
+    END {
+        if (n == 0) all = "false"
+        printf "{\"ok\": %s, \"checks\": [%s]}\n", all, items
+    }'
+}
+
+if [ "$EGPU_SELFTEST" = 1 ]; then
+    result=$(run_checks | to_json)
+    # keep kernel messages off the console while the result line goes out
+    echo 1 > /proc/sys/kernel/printk
+    printf '\n%s %s\n' "$SELFTEST_MARKER" "$result"
+    sync
+    poweroff -f
+fi
+
+mkdir -p /etc/acpi/PWRF
+printf '#!/bin/sh\nexec poweroff\n' > /etc/acpi/PWRF/00000080
+chmod 755 /etc/acpi/PWRF/00000080
+cat > /etc/inittab <<'EOF'
+::respawn:/sbin/acpid -f
+::respawn:/bin/cttyhack /bin/sh -l
+::shutdown:/bin/umount -a -r
+EOF
+exec /bin/busybox init
