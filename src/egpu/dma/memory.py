@@ -14,6 +14,8 @@ import contextlib
 import enum
 import errno
 import mmap
+import os
+import stat
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -108,8 +110,18 @@ class GuestMemory:
         view: memoryview | None = None
         if fd is not None:
             access = mmap.PROT_READ | (mmap.PROT_WRITE if prot & DmaProt.WRITE else 0)
-            if offset % PAGE_SIZE:
+            if offset % PAGE_SIZE or offset < 0:
                 raise DmaMapError(f"DMA map offset {offset:#x} not page aligned", errno.EINVAL)
+            # Touching a page past the end of the file raises SIGBUS and kills the server, so a
+            # map larger than what backs it is refused here (memfd, shm and files are regular).
+            try:
+                st = os.fstat(fd)
+            except OSError as e:
+                raise DmaMapError(f"DMA map fd is unusable: {e}", errno.EBADF) from e
+            if not stat.S_ISREG(st.st_mode) or st.st_size < offset + size:
+                raise DmaMapError(
+                    f"DMA range {iova:#x}+{size:#x} is not backed by its file", errno.EINVAL
+                )
             try:
                 mm = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=access, offset=offset)
             except (OSError, ValueError, OverflowError) as e:
