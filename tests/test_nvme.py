@@ -1,0 +1,601 @@
+"""The NVMe controller core driven the way Linux's nvme driver drives it, plus hostile input.
+
+Guest RAM is a real memfd mapped into a real :class:`GuestMemory` (the server's table); the test
+plays the guest driver by writing queue entries into that memory and ringing doorbells.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from egpu.devices import nvme_spec as spec
+from egpu.devices.base import IrqIndex, RegionIndex
+from egpu.devices.nvme import (
+    BAR0_SIZE,
+    CLASS_NVME,
+    NvmeBacking,
+    NvmeController,
+    create,
+    parse_size,
+)
+from egpu.devices.nvme_spec import AdminOpcode, IoOpcode, make_command
+from egpu.dma import DmaProt, GuestMemory
+from egpu.errors import UsageError
+from egpu.pci import CapabilityId
+
+RAM_BASE = 0x4000_0000
+RAM_SIZE = 4 << 20
+ROM_BASE = 0x8000_0000  # a read-only mapping: the device may read it, never write it
+ROM_SIZE = 64 << 10
+PAGE = spec.PAGE_SIZE
+ASQ, ACQ = RAM_BASE, RAM_BASE + PAGE
+IOSQ, IOCQ = RAM_BASE + 2 * PAGE, RAM_BASE + 4 * PAGE
+DATA = RAM_BASE + (1 << 20)  # data buffers from here
+LISTS = RAM_BASE + (3 << 20)  # PRP lists from here
+QUEUE_DEPTH = 32
+
+
+class Guest:
+    """A minimal NVMe host driver over real guest memory."""
+
+    def __init__(self, tmp_path: Path, blocks: int = 4096) -> None:
+        self.fd = os.memfd_create("guest-ram")
+        os.ftruncate(self.fd, RAM_SIZE)
+        self.ram = mmap.mmap(self.fd, RAM_SIZE)
+        rom_fd = os.memfd_create("guest-rom")
+        os.ftruncate(rom_fd, ROM_SIZE)
+        self.memory = GuestMemory()
+        self.memory.add(RAM_BASE, RAM_SIZE, DmaProt.READ | DmaProt.WRITE, self.fd)
+        self.memory.add(ROM_BASE, ROM_SIZE, DmaProt.READ, rom_fd)
+        os.close(rom_fd)
+        self.irqs: list[int] = []
+        self.backing = NvmeBacking(tmp_path / "disk.img", blocks * 512)
+        self.ctrl = NvmeController(self.memory, self.irqs.append, self.backing, max_io_queues=4)
+        self.tails: dict[int, int] = {}
+        self.heads: dict[int, int] = {}
+        self.phases: dict[int, int] = {}
+        self.sizes: dict[int, tuple[int, int, int, int]] = {}  # qid -> sq base, size, cq base, size
+
+    def close(self) -> None:
+        self.memory.clear()
+        self.ram.close()
+        os.close(self.fd)
+        self.backing.close()
+
+    # -- memory -----------------------------------------------------------------------------
+
+    def poke(self, addr: int, data: bytes) -> None:
+        off = addr - RAM_BASE
+        self.ram[off:off + len(data)] = data
+
+    def peek(self, addr: int, n: int) -> bytes:
+        off = addr - RAM_BASE
+        return bytes(self.ram[off:off + n])
+
+    # -- registers ----------------------------------------------------------------------------
+
+    def reg32(self, offset: int) -> int:
+        return int.from_bytes(self.ctrl.bar0_read(offset, 4), "little")
+
+    def write32(self, offset: int, value: int) -> None:
+        self.ctrl.bar0_write(offset, value.to_bytes(4, "little"))
+
+    def write64(self, offset: int, value: int) -> None:
+        self.ctrl.bar0_write(offset, value.to_bytes(8, "little"))
+
+    def enable(self, depth: int = QUEUE_DEPTH) -> None:
+        self.poke(ASQ, bytes(6 * PAGE))  # a driver hands the controller zeroed queues
+        self.write32(spec.REG_AQA, (depth - 1) | (depth - 1) << 16)
+        self.write64(spec.REG_ASQ, ASQ)
+        self.write64(spec.REG_ACQ, ACQ)
+        self.write32(spec.REG_CC, spec.CC_EN | 6 << 16 | 4 << 20)
+        self.sizes[0] = (ASQ, depth, ACQ, depth)
+        self.tails[0], self.heads[0], self.phases[0] = 0, 0, 1
+
+    # -- queues ---------------------------------------------------------------------------------
+
+    def submit(self, qid: int, *cmds: spec.Command, ring: bool = True) -> None:
+        sq_base, sq_size, _, _ = self.sizes[qid]
+        for cmd in cmds:
+            self.poke(sq_base + self.tails[qid] * 64, cmd.pack())
+            self.tails[qid] = (self.tails[qid] + 1) % sq_size
+        if ring:
+            self.write32(spec.DOORBELL_BASE + 8 * qid, self.tails[qid])
+
+    def reap(self, qid: int, ring: bool = True) -> list[tuple[int, int, int]]:
+        """(cid, status, dw0) of every new completion; rings the CQ head doorbell."""
+        _, _, cq_base, cq_size = self.sizes[qid]
+        out = []
+        while True:
+            dw0, _, _sqhd, _sqid, cid, sf = spec.CQE.unpack(
+                self.peek(cq_base + self.heads[qid] * 16, 16))
+            if sf & 1 != self.phases[qid]:
+                break
+            out.append((cid, sf >> 1, dw0))
+            self.heads[qid] += 1
+            if self.heads[qid] == cq_size:
+                self.heads[qid], self.phases[qid] = 0, self.phases[qid] ^ 1
+        if ring and out:
+            self.write32(spec.DOORBELL_BASE + 8 * qid + 4, self.heads[qid])
+        return out
+
+    def admin(self, cmd: spec.Command) -> tuple[int, int]:
+        self.submit(0, cmd)
+        done = self.reap(0)
+        assert len(done) == 1 and done[0][0] == cmd.cid
+        return done[0][1], done[0][2]
+
+    def setup_io(self, depth: int = QUEUE_DEPTH) -> None:
+        self.enable()
+        assert self.admin(make_command(AdminOpcode.SET_FEATURES, 1,
+                                       cdw10=spec.Feature.NUMBER_OF_QUEUES,
+                                       cdw11=0x0003_0003))[0] == spec.SUCCESS
+        assert self.admin(make_command(AdminOpcode.CREATE_IO_CQ, 2, prp1=IOCQ,
+                                       cdw10=(depth - 1) << 16 | 1, cdw11=1 << 16 | 3)) == (0, 0)
+        assert self.admin(make_command(AdminOpcode.CREATE_IO_SQ, 3, prp1=IOSQ,
+                                       cdw10=(depth - 1) << 16 | 1, cdw11=1 << 16 | 1)) == (0, 0)
+        self.sizes[1] = (IOSQ, depth, IOCQ, depth)
+        self.tails[1], self.heads[1], self.phases[1] = 0, 0, 1
+
+    def io(self, cmd: spec.Command) -> int:
+        self.submit(1, cmd)
+        done = self.reap(1)
+        assert len(done) == 1 and done[0][0] == cmd.cid
+        return done[0][1]
+
+
+@pytest.fixture
+def guest(tmp_path: Path) -> Iterator[Guest]:
+    g = Guest(tmp_path)
+    yield g
+    g.close()
+
+
+def prp_list(entries: list[int], at: int, guest: Guest) -> int:
+    guest.poke(at, struct.pack(f"<{len(entries)}Q", *entries))
+    return at
+
+
+# -- registers ------------------------------------------------------------------------------------
+
+
+def test_capabilities_and_version(guest: Guest) -> None:
+    cap = int.from_bytes(guest.ctrl.bar0_read(spec.REG_CAP, 8), "little")
+    assert cap & 0xFFFF == 1023
+    assert cap & spec.CAP_CQR and cap & spec.CAP_CSS_NVM
+    assert (cap >> spec.CAP_DSTRD_SHIFT) & 0xF == 0
+    assert (cap >> spec.CAP_MPSMIN_SHIFT) & 0xF == 0
+    assert guest.reg32(spec.REG_VS) == 0x00010400
+    assert guest.reg32(spec.REG_CMBSZ) == 0
+    assert guest.ctrl.bar0_read(0x1000, 4) == bytes(4)  # doorbells read as zero
+
+
+def test_enable_disable_and_shutdown(guest: Guest) -> None:
+    assert guest.reg32(spec.REG_CSTS) == 0
+    guest.enable()
+    assert guest.reg32(spec.REG_CSTS) == spec.CSTS_RDY
+    assert int.from_bytes(guest.ctrl.bar0_read(spec.REG_ASQ, 8), "little") == ASQ
+    guest.write32(spec.REG_CC, guest.reg32(spec.REG_CC) | 1 << 14)  # normal shutdown
+    assert guest.reg32(spec.REG_CSTS) & 0xC == spec.CSTS_SHST_COMPLETE
+    guest.write32(spec.REG_CC, 0)
+    assert guest.reg32(spec.REG_CSTS) & spec.CSTS_RDY == 0
+    assert guest.ctrl.sqs == {} and guest.ctrl.cqs == {}
+
+
+def test_enable_with_unsupported_page_size_is_fatal(guest: Guest) -> None:
+    guest.write32(spec.REG_AQA, 0x001F001F)
+    guest.write32(spec.REG_CC, spec.CC_EN | 1 << 7)  # MPS = 8 KiB, not offered
+    assert guest.reg32(spec.REG_CSTS) & spec.CSTS_CFS
+    guest.write32(spec.REG_CC, 0)  # a reset clears it
+    assert guest.reg32(spec.REG_CSTS) == 0
+
+
+def test_admin_queue_of_one_entry_is_fatal(guest: Guest) -> None:
+    guest.write32(spec.REG_AQA, 0)
+    guest.write32(spec.REG_CC, spec.CC_EN)
+    assert guest.reg32(spec.REG_CSTS) & spec.CSTS_CFS
+
+
+def test_sub_dword_and_misaligned_register_writes_are_ignored(guest: Guest) -> None:
+    guest.ctrl.bar0_write(spec.REG_CC, b"\x01")
+    guest.ctrl.bar0_write(spec.REG_CC + 2, b"\x01\x00\x00\x00")
+    assert guest.reg32(spec.REG_CC) == 0
+    guest.write32(spec.REG_CAP, 0)  # read-only
+    assert guest.reg32(spec.REG_CAP) & 0xFFFF == 1023
+
+
+def test_queue_base_low_bits_are_masked(guest: Guest) -> None:
+    guest.write64(spec.REG_ASQ, ASQ | 0xFFF)
+    assert int.from_bytes(guest.ctrl.bar0_read(spec.REG_ASQ, 8), "little") == ASQ
+
+
+# -- admin commands -------------------------------------------------------------------------------
+
+
+def test_identify_controller_has_what_linux_reads(guest: Guest) -> None:
+    guest.enable()
+    st_, _ = guest.admin(make_command(AdminOpcode.IDENTIFY, 7, prp1=DATA, cdw10=1))
+    assert st_ == spec.SUCCESS
+    page = guest.peek(DATA, 4096)
+    assert struct.unpack_from("<I", page, 80)[0] == 0x00010400
+    assert page[77] == 8  # MDTS: 1 MiB
+    assert page[512] == 0x66 and page[513] == 0x44
+    assert struct.unpack_from("<I", page, 516)[0] == 1  # one namespace
+    assert page[768:775] == b"nqn.202"
+    assert guest.irqs == [0]
+
+
+def test_identify_across_a_page_boundary_uses_prp2(guest: Guest) -> None:
+    guest.enable()
+    prp1 = DATA + 0x800
+    st_, _ = guest.admin(make_command(AdminOpcode.IDENTIFY, 1, prp1=prp1, prp2=DATA + 0x10000,
+                                      cdw10=1))
+    assert st_ == spec.SUCCESS
+    whole = guest.peek(prp1, 0x800) + guest.peek(DATA + 0x10000, 0x800)
+    assert whole == guest.ctrl._identify_ctrl
+
+
+def test_identify_namespace_and_lists(guest: Guest) -> None:
+    guest.enable()
+    assert guest.admin(make_command(AdminOpcode.IDENTIFY, 1, nsid=1, prp1=DATA, cdw10=0))[0] == 0
+    nsze, ncap, _ = struct.unpack_from("<QQQ", guest.peek(DATA, 24))
+    assert nsze == ncap == 4096
+    assert guest.peek(DATA + 128, 4)[2] == 9  # 512-byte LBAs
+    assert guest.admin(make_command(AdminOpcode.IDENTIFY, 2, nsid=0, prp1=DATA, cdw10=2))[0] == 0
+    assert struct.unpack_from("<II", guest.peek(DATA, 8)) == (1, 0)
+    assert guest.admin(make_command(AdminOpcode.IDENTIFY, 3, nsid=1, prp1=DATA, cdw10=3))[0] == 0
+    assert guest.peek(DATA, 2) == bytes([spec.NS_DESCRIPTOR_NGUID, 16])
+    st_, _ = guest.admin(make_command(AdminOpcode.IDENTIFY, 4, nsid=2, prp1=DATA, cdw10=0))
+    assert st_ == spec.INVALID_NAMESPACE
+    st_, _ = guest.admin(make_command(AdminOpcode.IDENTIFY, 5, prp1=DATA, cdw10=0x55))
+    assert st_ == spec.INVALID_FIELD
+
+
+def test_identify_into_read_only_memory_is_a_transfer_error(guest: Guest) -> None:
+    guest.enable()
+    st_, _ = guest.admin(make_command(AdminOpcode.IDENTIFY, 1, prp1=ROM_BASE, cdw10=1))
+    assert st_ == spec.DATA_TRANSFER_ERROR
+    st_, _ = guest.admin(make_command(AdminOpcode.IDENTIFY, 2, prp1=0x10, cdw10=1))
+    assert st_ == spec.DATA_TRANSFER_ERROR
+
+
+def test_features_logs_abort_aer_and_unknown_opcode(guest: Guest) -> None:
+    guest.enable()
+    st_, dw0 = guest.admin(make_command(AdminOpcode.SET_FEATURES, 1,
+                                        cdw10=spec.Feature.NUMBER_OF_QUEUES, cdw11=0x00FF_00FF))
+    assert (st_, dw0) == (spec.SUCCESS, 0x0003_0003)  # asked 256, granted 4
+    st_, dw0 = guest.admin(make_command(AdminOpcode.GET_FEATURES, 2,
+                                        cdw10=spec.Feature.TEMPERATURE_THRESHOLD))
+    assert (st_, dw0) == (spec.SUCCESS, spec.KELVIN_WARNING)
+    st_, _ = guest.admin(make_command(AdminOpcode.SET_FEATURES, 3, cdw10=0x7E))
+    assert st_ == spec.INVALID_FIELD
+    st_, _ = guest.admin(make_command(AdminOpcode.SET_FEATURES, 4, cdw10=1 << 31 | 4))
+    assert spec.status_code(st_) == spec.status_code(spec.FEATURE_NOT_SAVEABLE)
+    # SMART log, 512 bytes: temperature 313 K
+    st_, _ = guest.admin(make_command(AdminOpcode.GET_LOG_PAGE, 5, prp1=DATA,
+                                      cdw10=(512 // 4 - 1) << 16 | spec.LogPage.SMART_HEALTH))
+    assert st_ == spec.SUCCESS
+    assert struct.unpack_from("<H", guest.peek(DATA + 1, 2))[0] == spec.KELVIN_40C
+    st_, _ = guest.admin(make_command(AdminOpcode.GET_LOG_PAGE, 6, prp1=DATA, cdw10=0x7F))
+    assert st_ == spec.INVALID_LOG_PAGE
+    assert guest.admin(make_command(AdminOpcode.ABORT, 7, cdw10=1 << 16 | 3)) == (0, 1)
+    assert guest.admin(make_command(AdminOpcode.KEEP_ALIVE, 8)) == (0, 0)
+    assert guest.admin(make_command(0x7F, 9))[0] == spec.INVALID_OPCODE
+    # AERs stay outstanding (no events) up to the limit, then the limit is reported.
+    guest.submit(0, *(make_command(AdminOpcode.ASYNC_EVENT_REQUEST, 100 + i) for i in range(4)))
+    assert guest.reap(0) == []
+    st_, _ = guest.admin(make_command(AdminOpcode.ASYNC_EVENT_REQUEST, 10))
+    assert st_ == spec.AER_LIMIT_EXCEEDED
+
+
+def test_queue_creation_checks(guest: Guest) -> None:
+    guest.setup_io()
+    cases = [
+        (make_command(AdminOpcode.CREATE_IO_CQ, 1, prp1=IOCQ, cdw10=31 << 16 | 1, cdw11=1),
+         spec.INVALID_QUEUE_ID),  # exists
+        (make_command(AdminOpcode.CREATE_IO_CQ, 1, prp1=IOCQ, cdw10=31 << 16 | 5, cdw11=1),
+         spec.INVALID_QUEUE_ID),  # beyond the 4 granted
+        (make_command(AdminOpcode.CREATE_IO_CQ, 1, prp1=IOCQ, cdw10=0 << 16 | 2, cdw11=1),
+         spec.INVALID_QUEUE_SIZE),  # one entry
+        (make_command(AdminOpcode.CREATE_IO_CQ, 1, prp1=IOCQ, cdw10=1024 << 16 | 2, cdw11=1),
+         spec.INVALID_QUEUE_SIZE),  # beyond MQES
+        (make_command(AdminOpcode.CREATE_IO_CQ, 1, prp1=IOCQ, cdw10=31 << 16 | 2,
+                      cdw11=5 << 16 | 3), spec.INVALID_INTERRUPT_VECTOR),
+        (make_command(AdminOpcode.CREATE_IO_CQ, 1, prp1=IOCQ, cdw10=31 << 16 | 2, cdw11=0),
+         spec.INVALID_FIELD),  # not physically contiguous
+        (make_command(AdminOpcode.CREATE_IO_CQ, 1, prp1=0x1000, cdw10=31 << 16 | 2, cdw11=1),
+         spec.INVALID_FIELD),  # unmapped
+        (make_command(AdminOpcode.CREATE_IO_SQ, 1, prp1=IOSQ, cdw10=31 << 16 | 2,
+                      cdw11=3 << 16 | 1), spec.CQ_INVALID),
+        (make_command(AdminOpcode.CREATE_IO_SQ, 1, prp1=IOSQ, cdw10=31 << 16 | 2,
+                      cdw11=0 << 16 | 1), spec.CQ_INVALID),  # the admin CQ
+        (make_command(AdminOpcode.DELETE_IO_CQ, 1, cdw10=1), spec.INVALID_QUEUE_DELETION),
+        (make_command(AdminOpcode.DELETE_IO_SQ, 1, cdw10=0), spec.INVALID_QUEUE_ID),
+        (make_command(AdminOpcode.DELETE_IO_SQ, 1, cdw10=3), spec.INVALID_QUEUE_ID),
+        (make_command(AdminOpcode.SET_FEATURES, 1, cdw10=spec.Feature.NUMBER_OF_QUEUES,
+                      cdw11=0), spec.COMMAND_SEQUENCE_ERROR),
+    ]
+    for cmd, expected in cases:
+        assert spec.status_code(guest.admin(cmd)[0]) == spec.status_code(expected), cmd
+    assert guest.admin(make_command(AdminOpcode.DELETE_IO_SQ, 1, cdw10=1)) == (0, 0)
+    assert guest.admin(make_command(AdminOpcode.DELETE_IO_CQ, 1, cdw10=1)) == (0, 0)
+    assert set(guest.ctrl.sqs) == {0} and set(guest.ctrl.cqs) == {0}
+
+
+# -- I/O ------------------------------------------------------------------------------------------
+
+
+def rw(op: int, cid: int, slba: int, blocks: int, prp1: int, prp2: int = 0) -> spec.Command:
+    return make_command(op, cid, nsid=1, prp1=prp1, prp2=prp2, cdw10=slba & 0xFFFFFFFF,
+                        cdw11=slba >> 32, cdw12=blocks - 1)
+
+
+def test_write_then_read_through_a_chained_prp_list(guest: Guest) -> None:
+    guest.setup_io()
+    nbytes = 600 * 1024  # 150 pages after an offset first page: needs PRP list entries
+    payload = os.urandom(nbytes)
+    prp1 = DATA + 0x200
+    first = PAGE - 0x200
+    pages = [DATA + 0x40000 + i * 2 * PAGE for i in range((nbytes - first + PAGE - 1) // PAGE)]
+    # Put the list near the end of a page so it must chain to a second list page.
+    list1 = LISTS + PAGE - 8 * 10
+    list2 = LISTS + 4 * PAGE
+    prp_list([*pages[:9], list2], list1, guest)
+    prp_list(pages[9:], list2, guest)
+    guest.poke(prp1, payload[:first])
+    for i, page in enumerate(pages):
+        guest.poke(page, payload[first + i * PAGE:first + (i + 1) * PAGE])
+    assert guest.io(rw(IoOpcode.WRITE, 1, 8, nbytes // 512, prp1, list1)) == spec.SUCCESS
+    with open(guest.backing.path, "rb") as f:
+        f.seek(8 * 512)
+        assert f.read(nbytes) == payload
+    # Read back into a different, contiguous buffer described by a one-page PRP list.
+    dest = DATA + 0x100000
+    entries = [dest + PAGE * (i + 1) for i in range(nbytes // PAGE - 1 + 1)][: (nbytes - PAGE +
+                                                                               PAGE - 1) // PAGE]
+    prp_list(entries, LISTS + 8 * PAGE, guest)
+    assert guest.io(rw(IoOpcode.READ, 2, 8, nbytes // 512, dest, LISTS + 8 * PAGE)) == 0
+    assert guest.peek(dest, nbytes) == payload
+    assert guest.ctrl.counters[0] == guest.ctrl.counters[1] == nbytes
+
+
+def test_two_page_transfer_uses_prp2_directly(guest: Guest) -> None:
+    guest.setup_io()
+    payload = os.urandom(8192)
+    guest.poke(DATA, payload[:4096])
+    guest.poke(DATA + 5 * PAGE, payload[4096:])
+    assert guest.io(rw(IoOpcode.WRITE, 1, 0, 16, DATA, DATA + 5 * PAGE)) == 0
+    assert guest.io(rw(IoOpcode.READ, 2, 0, 16, DATA + 9 * PAGE, DATA + 12 * PAGE)) == 0
+    assert guest.peek(DATA + 9 * PAGE, 4096) + guest.peek(DATA + 12 * PAGE, 4096) == payload
+
+
+def test_io_errors(guest: Guest) -> None:
+    guest.setup_io()
+    assert guest.io(rw(IoOpcode.READ, 1, 4095, 2, DATA)) == spec.LBA_OUT_OF_RANGE
+    assert guest.io(rw(IoOpcode.READ, 2, (1 << 64) - 1, 1, DATA)) == spec.LBA_OUT_OF_RANGE
+    assert guest.io(rw(IoOpcode.READ, 3, 0, 16, DATA, DATA + 5)) == spec.INVALID_PRP_OFFSET
+    assert guest.io(rw(IoOpcode.READ, 4, 0, 1, DATA + 2)) == spec.INVALID_PRP_OFFSET
+    assert guest.io(rw(IoOpcode.READ, 5, 0, 1, ROM_BASE)) == spec.DATA_TRANSFER_ERROR
+    assert guest.io(rw(IoOpcode.WRITE, 6, 0, 1, ROM_BASE)) == spec.SUCCESS  # reading ROM is fine
+    assert guest.io(rw(IoOpcode.READ, 7, 0, 1, 0x1000)) == spec.DATA_TRANSFER_ERROR
+    assert guest.io(rw(IoOpcode.READ, 8, 0, 64, DATA, 0x2000)) == spec.DATA_TRANSFER_ERROR
+    prp_list([DATA + 0x123] * 16, LISTS, guest)
+    assert guest.io(rw(IoOpcode.READ, 9, 0, 64, DATA, LISTS)) == spec.INVALID_PRP_OFFSET
+    assert guest.io(rw(IoOpcode.READ, 10, 0, 4096, DATA, LISTS)) == spec.INVALID_FIELD  # > MDTS
+    bad_ns = make_command(IoOpcode.READ, 11, nsid=2, prp1=DATA)
+    assert guest.io(bad_ns) == spec.INVALID_NAMESPACE
+    assert guest.io(make_command(0x7E, 12, nsid=1)) == spec.INVALID_OPCODE
+    assert guest.io(make_command(IoOpcode.READ, 13, nsid=1, prp1=DATA, flags=0x40)) == \
+        spec.INVALID_FIELD  # SGL requested
+    assert guest.io(make_command(IoOpcode.FLUSH, 14, nsid=1)) == spec.SUCCESS
+    assert guest.io(make_command(IoOpcode.DATASET_MANAGEMENT, 15, nsid=1)) == spec.SUCCESS
+
+
+def test_write_zeroes(guest: Guest) -> None:
+    guest.setup_io()
+    guest.poke(DATA, b"\xAA" * 4096)
+    assert guest.io(rw(IoOpcode.WRITE, 1, 0, 8, DATA)) == 0
+    assert guest.io(make_command(IoOpcode.WRITE_ZEROES, 2, nsid=1, cdw10=2, cdw12=3)) == 0
+    with open(guest.backing.path, "rb") as f:
+        data = f.read(4096)
+    assert data == b"\xAA" * 1024 + bytes(2048) + b"\xAA" * 1024
+
+
+def test_completion_queue_full_pauses_until_head_moves(guest: Guest) -> None:
+    guest.setup_io(depth=4)  # 3 usable completion slots
+    flushes = [make_command(IoOpcode.FLUSH, 50 + i, nsid=1) for i in range(3)]
+    guest.submit(1, *flushes)
+    assert guest.ctrl.sqs[1].head == 3
+    guest.submit(1, make_command(IoOpcode.FLUSH, 60, nsid=1))  # fills; 1 more would overflow
+    done = guest.reap(1, ring=False)
+    assert [c[0] for c in done] == [50, 51, 52]
+    assert guest.ctrl.sqs[1].head == 3  # the fourth waits for a free completion slot
+    guest.write32(spec.DOORBELL_BASE + 12, guest.heads[1])
+    assert [c[0] for c in guest.reap(1)] == [60]
+
+
+def test_batched_doorbell_raises_one_interrupt_per_queue(guest: Guest) -> None:
+    guest.setup_io()
+    guest.irqs.clear()
+    guest.submit(1, *(make_command(IoOpcode.FLUSH, i, nsid=1) for i in range(10)))
+    assert len(guest.reap(1)) == 10
+    assert guest.irqs == [1]
+
+
+def test_hostile_doorbells_are_ignored(guest: Guest) -> None:
+    guest.write32(spec.DOORBELL_BASE, 5)  # before enable
+    guest.setup_io()
+    sq_tail, cq_head = guest.ctrl.sqs[0].tail, guest.ctrl.cqs[0].head
+    for offset, value in [(0x1000, 32), (0x1000, 0xFFFFFFFF), (0x1004, 99), (0x1010, 1),
+                          (0x1000 + 8 * 64, 1), (0x1FFC, 7)]:
+        guest.write32(offset, value)
+    assert guest.ctrl.sqs[0].tail == sq_tail and guest.ctrl.cqs[0].head == cq_head
+    assert guest.reg32(spec.REG_CSTS) == spec.CSTS_RDY
+
+
+def test_submission_queue_in_memory_that_goes_away_is_fatal(guest: Guest) -> None:
+    guest.setup_io()
+    guest.ctrl.sqs[1].base = 0x10  # as if the guest's RAM vanished under the queue
+    guest.submit(1, make_command(IoOpcode.FLUSH, 1, nsid=1))
+    assert guest.reg32(spec.REG_CSTS) & spec.CSTS_CFS
+    guest.write32(spec.REG_CC, 0)
+    guest.setup_io()
+    assert guest.io(make_command(IoOpcode.FLUSH, 2, nsid=1)) == 0
+
+
+def test_no_dma_without_bus_master(guest: Guest) -> None:
+    guest.setup_io()
+    guest.ctrl.bus_master = False
+    guest.submit(1, make_command(IoOpcode.FLUSH, 1, nsid=1))
+    assert guest.reap(1) == []
+    guest.ctrl.bus_master = True
+    guest.submit(1)
+    assert len(guest.reap(1)) == 1
+
+
+# -- property tests ------------------------------------------------------------------------------
+
+ADDRESSES = st.one_of(
+    st.integers(0, (1 << 64) - 1),
+    st.integers(RAM_BASE - PAGE, RAM_BASE + RAM_SIZE + PAGE),
+    st.integers(ROM_BASE, ROM_BASE + ROM_SIZE),
+    st.sampled_from([0, DATA, LISTS, RAM_BASE + RAM_SIZE - 8, ROM_BASE]),
+)
+U32 = st.integers(0, 0xFFFFFFFF)
+SMALL = st.one_of(st.integers(0, 70), st.integers(0, 0xFFFF) .map(lambda x: x << 16 | 1), U32)
+COMMANDS = st.builds(
+    make_command,
+    st.sampled_from([*AdminOpcode, *IoOpcode]),
+    st.integers(0, 0xFFFF),
+    nsid=st.sampled_from([0, 1, 2, 0xFFFFFFFF]),
+    prp1=ADDRESSES, prp2=ADDRESSES, cdw10=SMALL, cdw11=SMALL, cdw12=SMALL,
+    cdw13=U32, flags=st.sampled_from([0, 0, 0, 1, 0x40]),
+)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(prp1=ADDRESSES, prp2=ADDRESSES, length=st.integers(1, 1 << 20),
+       list_words=st.lists(ADDRESSES, max_size=32))
+def test_prp_walk_is_bounded_and_exact(guest: Guest, prp1: int, prp2: int, length: int,
+                                       list_words: list[int]) -> None:
+    if prp2 >= RAM_BASE and prp2 + 8 * len(list_words) <= RAM_BASE + RAM_SIZE:
+        guest.poke(prp2, struct.pack(f"<{len(list_words)}Q", *list_words))
+    result = guest.ctrl.prp_segments(prp1, prp2, length)
+    if isinstance(result, int):
+        assert result in (spec.INVALID_PRP_OFFSET, spec.DATA_TRANSFER_ERROR)
+    else:
+        assert sum(n for _, n in result) == length
+        assert all(n > 0 for _, n in result)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow,
+                                                                   HealthCheck.function_scoped_fixture])
+@given(ops=st.lists(st.one_of(
+    st.tuples(st.just("reg"), st.integers(0, 0x1000 - 4).map(lambda x: x & ~3), U32),
+    st.tuples(st.just("bell"), st.integers(0x1000, 0x1000 + 8 * 70), U32),
+    st.tuples(st.just("cmd"), st.integers(0, 4), st.one_of(st.binary(min_size=64, max_size=64),
+                                                          COMMANDS.map(lambda c: c.pack()))),
+    st.tuples(st.just("good"), st.integers(0, 1), st.integers(0, 0xFF)),
+), max_size=40))
+def test_hostile_guest_never_crashes_the_controller(tmp_path: Path,
+                                                    ops: list[tuple[str, int, object]]) -> None:
+    guest = Guest(tmp_path)
+    try:
+        _run_hostile(guest, ops)
+    finally:
+        guest.close()
+
+
+def _run_hostile(guest: Guest, ops: list[tuple[str, int, object]]) -> None:
+    guest.setup_io()
+    ctrl = guest.ctrl
+    rom_before = bytes(guest.memory.read(ROM_BASE, ROM_SIZE))
+    for kind, a, b in ops:
+        if kind == "reg":
+            assert isinstance(b, int)
+            guest.write32(a, b)
+        elif kind == "bell":
+            assert isinstance(b, int)
+            ctrl.bar0_write(a & ~3, (b & 0xFFFF).to_bytes(4, "little"))
+        elif kind == "cmd":
+            sq = ctrl.sqs.get(a)
+            assert isinstance(b, bytes)
+            if sq is not None:
+                guest.poke(sq.base + sq.tail * 64, b)
+                ctrl.bar0_write(spec.DOORBELL_BASE + 8 * a,
+                                ((sq.tail + 1) % sq.size).to_bytes(4, "little"))
+        else:
+            assert isinstance(b, int)
+            cq = ctrl.cqs.get(a)
+            if cq is not None:
+                ctrl.bar0_write(spec.DOORBELL_BASE + 8 * a + 4, (b % cq.size).to_bytes(4, "little"))
+        for q in ctrl.sqs.values():
+            assert 0 <= q.head < q.size and 0 <= q.tail < q.size and q.cqid in ctrl.cqs
+        for c in ctrl.cqs.values():
+            assert 0 <= c.head < c.size and 0 <= c.tail < c.size and c.vector < ctrl.irq_vectors
+        assert all(v < ctrl.irq_vectors for v in guest.irqs)
+    assert guest.memory.read(ROM_BASE, ROM_SIZE) == rom_before
+
+
+# -- the PCI function -----------------------------------------------------------------------------
+
+
+def test_function_description_and_config(tmp_path: Path) -> None:
+    fn = create(backing=str(tmp_path / "d.img"), size="64M", queues="2")
+    try:
+        cfg = fn.config
+        assert cfg.u16(0) == 0x1234
+        assert cfg.u32(0x08) >> 8 == CLASS_NVME
+        assert cfg.bars[0].size == BAR0_SIZE
+        msix = cfg.msix
+        assert msix is not None and msix.vectors == 3 and msix.table_bar == 0
+        assert cfg.capability_offset(CapabilityId.PCI_EXPRESS) is not None
+        desc = fn.describe()
+        assert desc.irq_count(IrqIndex.MSIX) == 3 and desc.irq_count(IrqIndex.INTX) == 0
+        region = desc.region(RegionIndex.BAR0)
+        assert region is not None and region.size == BAR0_SIZE and not region.mappable
+        assert os.path.getsize(tmp_path / "d.img") == 64 << 20
+        assert os.stat(tmp_path / "d.img").st_blocks == 0  # sparse
+    finally:
+        fn.backing.close()
+
+
+def test_create_rejects_bad_options(tmp_path: Path) -> None:
+    with pytest.raises(UsageError):
+        create()
+    with pytest.raises(UsageError):
+        create(backing=str(tmp_path / "x"), queues="0")
+    with pytest.raises(UsageError):
+        create(backing=str(tmp_path / "x"), colour="red")
+    with pytest.raises(UsageError):
+        create(backing=str(tmp_path / "x"), size="12Q")
+    with pytest.raises(UsageError):
+        create(backing=str(tmp_path / "x"), size="100")  # less than one block
+
+
+def test_existing_backing_file_is_never_shrunk(tmp_path: Path) -> None:
+    path = tmp_path / "big.img"
+    path.write_bytes(b"x" * 8192)
+    b = NvmeBacking(path, 4096)
+    assert b.blocks == 8 and path.stat().st_size == 8192
+    b.close()
+    b = NvmeBacking(path, None)
+    assert b.blocks == 16
+    b.close()
+
+
+def test_parse_size() -> None:
+    assert parse_size("1G") == 1 << 30
+    assert parse_size("512MiB") == 512 << 20
+    assert parse_size("4096") == 4096
+    with pytest.raises(UsageError):
+        parse_size("-1")
