@@ -1,0 +1,136 @@
+"""Per-VM qcow2 overlays on a cached base: argv builders (pure) and thin qemu-img calls.
+
+The VM writes only to its overlay; the cached base stays read-only and shared. When the base a
+reference points at changes (a newer pull), the overlay is rebased onto it with a safe
+``qemu-img rebase``, which keeps what the guest wrote. qemu-img comes from the engine: callers
+pass its argv prefix and environment (``Engine.qemu_img()``, ``Engine.env()``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from egpu.errors import ImageError
+from egpu.images.qcow2 import read_backing_file
+
+QCOW2 = "qcow2"
+QEMU_IMG_TIMEOUT = 600.0
+MAX_INFO_OUTPUT = 1024 * 1024
+
+
+def create_argv(qemu_img: Sequence[str], base: Path, overlay: Path) -> list[str]:
+    """``qemu-img create`` of a qcow2 overlay backed by ``base`` (same virtual size)."""
+    return [*qemu_img, "create", "-q", "-f", QCOW2, "-F", QCOW2, "-b", str(base), str(overlay)]
+
+
+def rebase_argv(
+    qemu_img: Sequence[str], new_base: Path, overlay: Path, *, unsafe: bool = False
+) -> list[str]:
+    """``qemu-img rebase`` of an overlay onto ``new_base`` (safe mode compares old and new)."""
+    argv = [*qemu_img, "rebase", "-q", "-f", QCOW2, "-F", QCOW2, "-b", str(new_base)]
+    if unsafe:
+        argv.append("-u")
+    return [*argv, str(overlay)]
+
+
+def info_argv(qemu_img: Sequence[str], path: Path) -> list[str]:
+    """``qemu-img info`` as JSON; ``-U`` so it also reads an image a running VM holds."""
+    return [*qemu_img, "info", "-U", "--output=json", str(path)]
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    """What qemu-img says about one image."""
+
+    format: str
+    virtual_size: int
+    backing_file: str | None
+
+    @classmethod
+    def from_json(cls, text: str) -> DiskInfo:
+        """Parse ``qemu-img info --output=json``; ImageError when it is not that."""
+        try:
+            doc = json.loads(text[:MAX_INFO_OUTPUT])
+            fmt, size = doc["format"], doc["virtual-size"]
+        except (ValueError, KeyError, TypeError):
+            raise ImageError("qemu-img info gave unexpected output") from None
+        backing = doc.get("full-backing-filename") or doc.get("backing-filename")
+        if not isinstance(fmt, str) or not isinstance(size, int):
+            raise ImageError("qemu-img info gave unexpected output")
+        return cls(fmt, size, backing if isinstance(backing, str) else None)
+
+
+def _run(argv: Sequence[str], env: Mapping[str, str] | None, what: str) -> str:
+    try:
+        proc = subprocess.run(
+            list(argv),
+            env={**os.environ, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=QEMU_IMG_TIMEOUT,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise ImageError(f"{what}: cannot run qemu-img: {e}") from None
+    if proc.returncode != 0:
+        detail = (proc.stderr.strip().splitlines() or ["no message"])[-1]
+        raise ImageError(f"{what}: {detail}")
+    return proc.stdout
+
+
+def disk_info(
+    qemu_img: Sequence[str], path: Path, env: Mapping[str, str] | None = None
+) -> DiskInfo:
+    """Probe an image with qemu-img (also how a ``--disk`` or ``--base`` is checked)."""
+    return DiskInfo.from_json(_run(info_argv(qemu_img, path), env, f"cannot probe {path}"))
+
+
+def create_overlay(
+    qemu_img: Sequence[str], base: Path, overlay: Path, env: Mapping[str, str] | None = None
+) -> Path:
+    """Create ``overlay`` on ``base``; built under a temporary name, renamed when complete."""
+    base = base.absolute()
+    overlay.parent.mkdir(parents=True, exist_ok=True)
+    tmp = overlay.with_name(f".{overlay.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        _run(create_argv(qemu_img, base, tmp), env, f"cannot create overlay {overlay}")
+        os.replace(tmp, overlay)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return overlay
+
+
+def rebase_overlay(
+    qemu_img: Sequence[str], new_base: Path, overlay: Path, env: Mapping[str, str] | None = None
+) -> None:
+    """Point ``overlay`` at ``new_base``, keeping the guest's writes (safe rebase).
+
+    Safe mode reads the old base to compute what differs, so it must still exist; egpu's
+    prune never deletes a base an overlay uses, so it does.
+    """
+    old = read_backing_file(overlay)
+    if old is not None and not old.exists():
+        raise ImageError(
+            f"cannot rebase {overlay}: its old base {old} is gone",
+            hint="reset the VM to start over from the new image",
+        )
+    _run(rebase_argv(qemu_img, new_base.absolute(), overlay), env, f"cannot rebase {overlay}")
+
+
+def ensure_overlay(
+    qemu_img: Sequence[str], base: Path, overlay: Path, env: Mapping[str, str] | None = None
+) -> str:
+    """The overlay for a VM on ``base``: create it, rebase it, or keep it; says which it did."""
+    if not overlay.exists():
+        create_overlay(qemu_img, base, overlay, env)
+        return "created"
+    current = read_backing_file(overlay)
+    if current is not None and os.path.realpath(current) == os.path.realpath(base):
+        return "kept"
+    rebase_overlay(qemu_img, base, overlay, env)
+    return "rebased"

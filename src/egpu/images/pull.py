@@ -1,0 +1,195 @@
+"""``egpu pull``: resolve a reference, download and verify its disk image into the cache.
+
+Order of trust: the manifest's bytes are hashed (and must equal a pinned digest), every blob is
+hashed against its descriptor, the qcow2 is also checked against the sha256 in the image's JSON
+layer, and only then is anything renamed into the cache and the reference recorded. A failed
+pull leaves the previously pulled image and its record untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from egpu.errors import ImageError
+from egpu.images.auth import load_credentials
+from egpu.images.manifest import (
+    Descriptor,
+    ImageIndex,
+    ImageLayout,
+    ImageManifest,
+    ImageMetadata,
+    parse_manifest,
+    parse_metadata,
+    safe_file_name,
+    select_from_index,
+    select_layout,
+)
+from egpu.images.qcow2 import is_qcow2
+from egpu.images.reference import Digest, OciReference, parse_reference
+from egpu.images.registry import RegistryClient
+from egpu.images.store import ImageStore, RefRecord
+from egpu.progress import Progress, SilentProgress
+
+# The reference project's docker-profile image (REFERENCE.md section 1).
+DEFAULT_IMAGE = "ghcr.io/scottjg/qemu-vfio-apple-images:docker-latest"
+DEFAULT_ARCHITECTURE = "arm64"
+MAX_INDEX_DEPTH = 1
+
+
+@dataclass(frozen=True)
+class PulledImage:
+    """The result of a pull: where the verified qcow2 is and what it came from."""
+
+    ref: str
+    manifest_digest: Digest
+    disk_digest: Digest
+    path: Path
+    size: int
+    file_name: str
+    metadata: ImageMetadata | None
+
+
+ClientFactory = Callable[[OciReference], RegistryClient]
+
+
+def default_client(ref: OciReference) -> RegistryClient:
+    """A registry client with the user's stored credentials for that registry, if any."""
+    return RegistryClient(ref, credentials=load_credentials(ref.registry, ref.repository))
+
+
+def pull(
+    reference: str | OciReference,
+    *,
+    store: ImageStore | None = None,
+    progress: Progress | None = None,
+    client_factory: ClientFactory = default_client,
+    architecture: str = DEFAULT_ARCHITECTURE,
+) -> PulledImage:
+    """Pull an image into the cache (resuming any earlier partial download) and record it."""
+    ref = parse_reference(reference) if isinstance(reference, str) else reference
+    store = store or ImageStore()
+    progress = progress or SilentProgress()
+    with client_factory(ref) as client:
+        manifest_bytes, manifest_digest, manifest = _resolve(client, ref, architecture)
+        layout = select_layout(manifest)
+        metadata = None
+        if layout.metadata is not None:
+            meta_path = _fetch(client, store, layout.metadata, "image metadata", SilentProgress())
+            metadata = parse_metadata(meta_path.read_bytes())
+        label = layout.file_name
+
+        def check_disk(partial: Path) -> None:
+            _check_disk(partial, layout.disk.digest, metadata, label)
+
+        disk_path = _fetch(client, store, layout.disk, label, progress, check=check_disk)
+    store.put_blob(manifest_bytes)
+    record = RefRecord(
+        ref=str(ref),
+        manifest_digest=str(manifest_digest),
+        disk_digest=str(layout.disk.digest),
+        size=layout.disk.size,
+        file_name=_file_name(layout, metadata),
+        layout=layout.kind,
+        metadata_digest=None if layout.metadata is None else str(layout.metadata.digest),
+        metadata=None if metadata is None else _metadata_json(metadata),
+        pulled_at=time.time(),
+    )
+    store.write_ref(record)
+    return PulledImage(
+        record.ref,
+        manifest_digest,
+        layout.disk.digest,
+        disk_path,
+        layout.disk.size,
+        record.file_name,
+        metadata,
+    )
+
+
+def _resolve(
+    client: RegistryClient, ref: OciReference, architecture: str
+) -> tuple[bytes, Digest, ImageManifest]:
+    """Fetch the manifest (following one index level), checking every digest on the way."""
+    body, content_type = client.get_manifest(ref.manifest_ref)
+    digest = Digest.of_hex(hashlib.sha256(body).hexdigest())
+    if ref.digest is not None and digest != ref.digest:
+        raise ImageError(f"wrong digest: registry returned manifest {digest} for {ref.digest}")
+    parsed = parse_manifest(body, content_type)
+    if isinstance(parsed, ImageIndex):
+        chosen = select_from_index(parsed, architecture)
+        body, content_type = client.get_manifest(str(chosen.digest))
+        digest = Digest.of_hex(hashlib.sha256(body).hexdigest())
+        if digest != chosen.digest or len(body) != chosen.size:
+            raise ImageError(
+                f"wrong digest: registry returned manifest {digest} for {chosen.digest}"
+            )
+        parsed = parse_manifest(body, content_type)
+        if isinstance(parsed, ImageIndex):
+            raise ImageError("unknown layout: an index inside an index")
+    return body, digest, parsed
+
+
+def _fetch(
+    client: RegistryClient,
+    store: ImageStore,
+    desc: Descriptor,
+    label: str,
+    progress: Progress,
+    check: Callable[[Path], None] | None = None,
+) -> Path:
+    """Have one verified blob in the cache (download, resume, or find it there)."""
+    digest = desc.digest
+
+    def waiting() -> None:
+        progress.note(f"waiting for another egpu pull of {label}")
+
+    with store.locked(digest, on_wait=waiting):
+        if store.has_blob(digest):
+            return store.blob_path(digest)
+        partial = store.partial_path(digest)
+        client.download_blob(digest, desc.size, partial, progress, label)
+        if check is not None:
+            check(partial)
+        return store.commit_blob(partial, digest)
+
+
+def _check_disk(partial: Path, digest: Digest, metadata: ImageMetadata | None, label: str) -> None:
+    """The qcow2 must also match its JSON manifest's sha256 and be a qcow2 at all."""
+    if metadata is not None and metadata.sha256 is not None and metadata.sha256 != digest.hex:
+        partial.unlink(missing_ok=True)
+        raise ImageError(
+            f"wrong digest: {label} is {digest} but the image's JSON manifest says "
+            f"sha256:{metadata.sha256}"
+        )
+    if not is_qcow2(partial):
+        partial.unlink(missing_ok=True)
+        raise ImageError(f"unknown layout: {label} is not a qcow2 image")
+
+
+def _file_name(layout: ImageLayout, metadata: ImageMetadata | None) -> str:
+    if metadata is not None and safe_file_name(metadata.artifact):
+        return str(metadata.artifact)
+    return layout.file_name
+
+
+def _metadata_json(metadata: ImageMetadata) -> dict[str, object]:
+    return {
+        "name": metadata.name,
+        "artifact": metadata.artifact,
+        "sha256": metadata.sha256,
+        "features": list(metadata.features),
+    }
+
+
+def resolve_cached(reference: str, store: ImageStore | None = None) -> Path | None:
+    """The cached qcow2 of a reference pulled before, or None (no network)."""
+    store = store or ImageStore()
+    record = store.get_ref(str(parse_reference(reference)))
+    if record is None:
+        return None
+    path = store.blob_path(record.disk)
+    return path if path.exists() else None

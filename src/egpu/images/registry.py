@@ -1,0 +1,364 @@
+"""A small OCI distribution client over httpx: manifests and resumable, verified blob downloads.
+
+HTTPS always, plain HTTP only for loopback registries (and no redirect may leave HTTPS for a
+remote host). Anonymous or credentialed bearer-token auth as public GHCR needs, Basic when a
+registry asks for it. Transient failures (connection errors, 408/429/5xx) are retried with
+backoff; a broken blob download continues with an HTTP Range request from the bytes already on
+disk, and the partial file is kept across processes so a later pull resumes it too.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from egpu.errors import ImageError
+from egpu.images.auth import Credentials, bearer_challenge, parse_challenges
+from egpu.images.manifest import MANIFEST_ACCEPT, MAX_MANIFEST_BYTES
+from egpu.images.reference import Digest, OciReference, is_loopback_host
+from egpu.progress import Progress
+
+# Backoff between attempts after a transient failure; its length is the number of retries.
+RETRY_DELAYS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
+TRANSIENT_STATUS = frozenset({408, 429, 500, 502, 503, 504})
+CHUNK_BYTES = 1024 * 1024
+MAX_TOKEN_RESPONSE = 64 * 1024
+MAX_ERROR_BODY = 64 * 1024
+CONNECT_TIMEOUT = 15.0
+READ_TIMEOUT = 60.0
+HTTP_OK, HTTP_PARTIAL, HTTP_UNAUTHORIZED, HTTP_FORBIDDEN, HTTP_NOT_FOUND = 200, 206, 401, 403, 404
+HTTP_RANGE_NOT_SATISFIABLE = 416
+
+
+def _check_scheme(request: httpx.Request) -> None:
+    # Runs before every request, redirects included: nothing goes to a remote host in clear.
+    if request.url.scheme != "https" and not is_loopback_host(request.url.host):
+        raise ImageError(f"refusing plain-HTTP request to {request.url.host} (HTTPS is required)")
+
+
+class RegistryClient:
+    """Talks to one repository of one registry."""
+
+    def __init__(
+        self,
+        ref: OciReference,
+        *,
+        credentials: Credentials | None = None,
+        retry_delays: Sequence[float] = RETRY_DELAYS,
+        sleep: Callable[[float], None] = time.sleep,
+        timeout: httpx.Timeout | None = None,
+    ) -> None:
+        self.ref = ref
+        scheme = "http" if ref.is_loopback else "https"
+        self.base = f"{scheme}://{ref.api_host}/v2/{ref.repository}"
+        self.credentials = credentials
+        self.retry_delays = tuple(retry_delays)
+        self._sleep = sleep
+        self._auth: str | None = None
+        self._client = httpx.Client(
+            timeout=timeout or httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT),
+            follow_redirects=True,
+            event_hooks={"request": [_check_scheme]},
+            headers={"User-Agent": "egpu"},
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> RegistryClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def _unreachable(self, error: Exception) -> ImageError:
+        return ImageError(f"cannot reach registry {self.ref.api_host}: {_reason(error)}")
+
+    @contextmanager
+    def _open(self, url: str, headers: Mapping[str, str]) -> Iterator[httpx.Response]:
+        """GET with auth and retries of transient failures; yields a streaming response."""
+        authenticated = False
+        attempt = 0
+        while True:
+            request_headers = dict(headers)
+            if self._auth:
+                request_headers["Authorization"] = self._auth
+            try:
+                response = self._client.send(
+                    self._client.build_request("GET", url, headers=request_headers), stream=True
+                )
+            except httpx.TransportError as e:
+                if attempt >= len(self.retry_delays):
+                    raise self._unreachable(e) from None
+                self._sleep(self.retry_delays[attempt])
+                attempt += 1
+                continue
+            if response.status_code == HTTP_UNAUTHORIZED and not authenticated:
+                challenge = response.headers.get("www-authenticate", "")
+                response.close()
+                self._authenticate(challenge)
+                authenticated = True
+                continue
+            if response.status_code in TRANSIENT_STATUS and attempt < len(self.retry_delays):
+                response.close()
+                self._sleep(self.retry_delays[attempt])
+                attempt += 1
+                continue
+            try:
+                yield response
+            finally:
+                response.close()
+            return
+
+    def _authenticate(self, header: str) -> None:
+        """Answer a 401 challenge: fetch a bearer token, or use Basic credentials."""
+        challenge = bearer_challenge(header)
+        if challenge is None:
+            if any(c.scheme == "basic" for c in parse_challenges(header)) and self.credentials:
+                pair = httpx.BasicAuth(self.credentials.username, self.credentials.password)
+                self._auth = next(pair.auth_flow(httpx.Request("GET", self.base))).headers[
+                    "Authorization"
+                ]
+                return
+            raise self._denied()
+        realm = httpx.URL(challenge.params["realm"])
+        if realm.scheme not in ("http", "https"):
+            raise ImageError(f"registry {self.ref.api_host} sent a bad token realm")
+        params = {"scope": f"repository:{self.ref.repository}:pull"}
+        if "service" in challenge.params:
+            params["service"] = challenge.params["service"]
+        if "scope" in challenge.params:
+            params["scope"] = challenge.params["scope"]
+        auth = (
+            httpx.BasicAuth(self.credentials.username, self.credentials.password)
+            if self.credentials
+            else None
+        )
+        try:
+            response = self._client.get(realm, params=params, auth=auth)
+        except httpx.TransportError as e:
+            raise self._unreachable(e) from None
+        if response.status_code in (HTTP_UNAUTHORIZED, HTTP_FORBIDDEN):
+            raise self._denied()
+        if response.status_code != HTTP_OK or len(response.content) > MAX_TOKEN_RESPONSE:
+            raise ImageError(
+                f"registry {self.ref.api_host}: token request failed (HTTP {response.status_code})"
+            )
+        try:
+            doc = response.json()
+        except ValueError:
+            doc = None
+        token = (doc.get("token") or doc.get("access_token")) if isinstance(doc, dict) else None
+        if not isinstance(token, str) or not token or not token.isprintable():
+            raise ImageError(f"registry {self.ref.api_host}: token response has no token")
+        self._auth = f"Bearer {token}"
+
+    def _denied(self) -> ImageError:
+        hint = "log in with 'podman login' or 'docker login'" if not self.credentials else None
+        return ImageError(
+            f"access to {self.ref.name} denied (it may not exist or may be private)", hint=hint
+        )
+
+    def _registry_error(self, response: httpx.Response) -> tuple[str, str]:
+        """The first error code and message of a registry error body, if it has one."""
+        try:
+            body = response.read()[:MAX_ERROR_BODY]
+            doc: Any = json.loads(body)
+            first = doc["errors"][0]
+            return str(first.get("code", "")), str(first.get("message", ""))[:200]
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError, httpx.HTTPError):
+            return "", ""
+
+    # -- manifests --------------------------------------------------------------------------
+
+    def get_manifest(self, reference: str) -> tuple[bytes, str | None]:
+        """Fetch a manifest by tag or digest: its exact bytes and Content-Type."""
+        url = f"{self.base}/manifests/{reference}"
+        with self._open(url, {"Accept": MANIFEST_ACCEPT}) as response:
+            status = response.status_code
+            if status == HTTP_NOT_FOUND:
+                code, _ = self._registry_error(response)
+                if code == "NAME_UNKNOWN":
+                    raise ImageError(f"no repository {self.ref.name} in the registry")
+                if reference.startswith("sha256:"):
+                    raise ImageError(f"no manifest {reference} in {self.ref.name}")
+                raise ImageError(f"unknown tag {reference!r} in {self.ref.name}")
+            if status in (HTTP_UNAUTHORIZED, HTTP_FORBIDDEN):
+                raise self._denied()
+            if status != HTTP_OK:
+                raise ImageError(
+                    f"registry {self.ref.api_host} answered HTTP {status} for {reference}"
+                )
+            length = response.headers.get("content-length")
+            if length is not None and length.isdigit() and int(length) > MAX_MANIFEST_BYTES:
+                raise ImageError(f"manifest of {self.ref.name} is too large ({length} bytes)")
+            body = bytearray()
+            try:
+                for chunk in response.iter_bytes():
+                    body += chunk
+                    if len(body) > MAX_MANIFEST_BYTES:
+                        raise ImageError(f"manifest of {self.ref.name} is too large")
+            except httpx.TransportError as e:
+                raise self._unreachable(e) from None
+            return bytes(body), response.headers.get("content-type")
+
+    # -- blobs ------------------------------------------------------------------------------
+
+    def download_blob(
+        self, digest: Digest, size: int, partial: Path, progress: Progress, label: str
+    ) -> None:
+        """Make ``partial`` hold the blob's ``size`` bytes whose sha256 is ``digest``.
+
+        Bytes already in ``partial`` are kept and only the rest is asked for (Range); a server
+        that ignores Range makes it start over. ImageError on a digest mismatch (the partial
+        file is then removed) or when the download keeps failing (then it is kept).
+        """
+        url = f"{self.base}/blobs/{digest}"
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        hasher = hashlib.sha256()
+        have = _hash_existing(partial, size, hasher)
+        _check_free_space(partial.parent, size - have)
+        progress.start(label, size)
+        progress.advance(have)
+        failures = 0
+        try:
+            with open(partial, "ab") as out:
+                while have < size:
+                    before = have
+                    try:
+                        have, hasher = self._fetch_range(
+                            url, digest, size, have, hasher, out, progress
+                        )
+                    except httpx.TransportError as e:
+                        error: Exception = e
+                    else:
+                        if have >= size:
+                            break
+                        error = ConnectionError("connection closed before the blob was complete")
+                    # Progress resets the count: only failures in a row with nothing gained add up.
+                    failures = 0 if have > before else failures + 1
+                    if failures > len(self.retry_delays):
+                        raise ImageError(
+                            f"download of {label} broke off at {have} of {size} bytes "
+                            f"({_reason(error)}); run the pull again to resume",
+                        ) from None
+                    self._sleep(self.retry_delays[max(failures - 1, 0)])
+                out.flush()
+                os.fsync(out.fileno())
+        except OSError as e:
+            raise _disk_error(e, partial) from None
+        finally:
+            progress.finish()
+        if hasher.hexdigest() != digest.hex:
+            partial.unlink(missing_ok=True)
+            raise ImageError(
+                f"corrupted blob: {label} has sha256:{hasher.hexdigest()}, expected {digest}; "
+                "the bad download was removed"
+            )
+
+    def _fetch_range(
+        self,
+        url: str,
+        digest: Digest,
+        size: int,
+        have: int,
+        hasher: Any,
+        out: Any,
+        progress: Progress,
+    ) -> tuple[int, Any]:
+        """One GET of the blob from byte ``have``; returns the new count and hasher."""
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        with self._open(url, headers) as response:
+            status = response.status_code
+            if status == HTTP_PARTIAL:
+                start = _content_range_start(response.headers.get("content-range", ""))
+                if start != have:
+                    raise ImageError(
+                        f"registry {self.ref.api_host} answered a Range request with another range"
+                    )
+            elif status == HTTP_OK:
+                if have:
+                    # The server ignored Range: the only safe thing is to start over.
+                    out.truncate(0)
+                    hasher = hashlib.sha256()
+                    progress.advance(-have)
+                    have = 0
+            elif status == HTTP_RANGE_NOT_SATISFIABLE:
+                out.truncate(0)
+                progress.advance(-have)
+                return 0, hashlib.sha256()
+            elif status == HTTP_NOT_FOUND:
+                raise ImageError(f"registry has no blob {digest} for {self.ref.name}")
+            elif status in (HTTP_UNAUTHORIZED, HTTP_FORBIDDEN):
+                raise self._denied()
+            else:
+                raise ImageError(f"registry {self.ref.api_host} answered HTTP {status} for a blob")
+            for chunk in response.iter_raw(CHUNK_BYTES):
+                if have + len(chunk) > size:
+                    out.truncate(0)
+                    raise ImageError(
+                        f"corrupted blob: registry sent more than the {size} bytes of {digest}"
+                    )
+                out.write(chunk)
+                hasher.update(chunk)
+                have += len(chunk)
+                progress.advance(len(chunk))
+            out.flush()
+        return have, hasher
+
+
+def _hash_existing(partial: Path, size: int, hasher: Any) -> int:
+    """Feed the bytes already downloaded into ``hasher``; returns how many there are."""
+    try:
+        have = partial.stat().st_size
+    except FileNotFoundError:
+        return 0
+    if have > size:
+        partial.unlink()
+        return 0
+    with open(partial, "rb") as f:
+        while chunk := f.read(CHUNK_BYTES):
+            hasher.update(chunk)
+    return have
+
+
+def _check_free_space(directory: Path, needed: int) -> None:
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise ImageError(
+            f"disk full: {needed} more bytes needed in {directory}, {free} free",
+            hint="free some space and run the pull again; it resumes",
+        )
+
+
+def _disk_error(error: OSError, partial: Path) -> ImageError:
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return ImageError(
+            f"disk full while writing {partial.parent}",
+            hint="free some space and run the pull again; it resumes",
+        )
+    return ImageError(f"cannot write {partial}: {error.strerror or error}")
+
+
+def _content_range_start(header: str) -> int | None:
+    """The first byte of ``Content-Range: bytes START-END/TOTAL``."""
+    unit, _, spec = header.strip().partition(" ")
+    start, _, _ = spec.partition("-")
+    return int(start) if unit == "bytes" and start.isdigit() else None
+
+
+def _reason(error: Exception) -> str:
+    text = str(error) or type(error).__name__
+    return text.splitlines()[0][:200]
