@@ -15,6 +15,7 @@ from egpu.errors import EgpuError
 COMMAND_MODULES = (
     "egpu.cli.vm_commands",
     "egpu.cli.engine_commands",
+    "egpu.cli.host_commands",
 )
 
 

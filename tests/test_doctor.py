@@ -1,0 +1,215 @@
+"""doctor: pure checks over HostFacts from fixtures, and the command's output and exit code."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from egpu.host.doctor import Check, blocking, run_checks
+from egpu.host.facts import DevVfio, EngineFacts, HostFacts, HostSource, gather_facts
+from egpu.host.ioreg import parse_ioreg
+from egpu.host.sysext import parse_systemextensions
+from egpu.host.sysfs import read_sysfs
+from test_host_sysfs import T
+
+FIXTURES = Path(__file__).parent / "fixtures" / "host"
+GIB = 1 << 30
+MAC_ENGINE = EngineFacts(True, "10.2.0", "explicit", ("vfio-apple-pci",), ("hvf",))
+LINUX_ENGINE = EngineFacts(True, "11.1.3", "private", ("vfio-user-pci", "vfio-pci"), ("kvm",))
+
+
+def mac(ioreg: str = "ioreg-rtx-bound.plist", sysext: str = "sysext-enabled.txt",
+        **kw: object) -> HostFacts:
+    devices = tuple(parse_ioreg((FIXTURES / ioreg).read_bytes()))
+    dext = parse_systemextensions((FIXTURES / sysext).read_text(), "scottjg.VFIOUserHostApp."
+                                  "VFIOUserPCIDriver")
+    base = HostFacts(platform="macos", system="Darwin 24.1.0", machine="arm64", devices=devices,
+                     dext=dext, engine=MAC_ENGINE, host_memory=32 * GIB, guest_memory=14 * GIB)
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def linux(tmp_path: Path, fns: list | None = None, **kw: object) -> HostFacts:
+    snap = read_sysfs(T.build(tmp_path, fns if fns is not None else T.host_functions(),
+                              thunderbolt=kw.pop("thunderbolt", None)))  # type: ignore[arg-type]
+    base = HostFacts(
+        platform="linux", system="Linux 6.12.0", machine="x86_64", devices=snap.devices,
+        iommu_enabled=snap.iommu_enabled, vfio_pci_loaded=snap.vfio_pci_loaded,
+        vfio_pci_available=True, dev_vfio=DevVfio(True, True, {12: True}),
+        thunderbolt=snap.thunderbolt, engine=LINUX_ENGINE, host_memory=64 * GIB,
+    )
+    return replace(base, **kw)  # type: ignore[arg-type]
+
+
+def by_name(checks: list[Check]) -> dict[str, Check]:
+    return {c.name: c for c in checks}
+
+
+def statuses(f: HostFacts) -> dict[str, str]:
+    return {c.name: c.status for c in run_checks(f)}
+
+
+def test_healthy_mac() -> None:
+    checks = run_checks(mac())
+    s = {c.name: c.status for c in checks}
+    assert s == {"os-cpu": "ok", "engine": "ok", "driver-extension": "ok", "egpu": "ok",
+                 "thunderbolt5": "ok", "bars": "ok", "pcie-link": "warn", "memory": "ok"}
+    assert not blocking(checks)
+    assert all(c.fix for c in checks if c.status != "ok")
+
+
+@pytest.mark.parametrize(
+    ("sysext", "status", "words"),
+    [("sysext-waiting.txt", "fail", "System Settings"),
+     ("sysext-none.txt", "fail", "Install the host app"),
+     ("sysext-upgrade.txt", "ok", None)],
+)
+def test_extension_states(sysext: str, status: str, words: str | None) -> None:
+    c = by_name(run_checks(mac(sysext=sysext)))["driver-extension"]
+    assert c.status == status
+    if words:
+        assert words in (c.fix or "")
+
+
+def test_unbound_egpu_fails() -> None:
+    c = by_name(run_checks(mac("ioreg-unbound.plist")))["egpu"]
+    assert c.status == "fail" and "08:00.0" in c.message and "match list" in (c.fix or "")
+
+
+def test_tb5_and_data_center_gpu() -> None:
+    c = by_name(run_checks(mac("ioreg-datacenter-tb5.plist")))
+    assert c["thunderbolt5"].status == "warn" and "TB3 or TB4" in (c["thunderbolt5"].fix or "")
+    assert c["egpu"].status == "ok" and "2330" in c["egpu"].message
+
+
+def test_unassigned_bars_fail() -> None:
+    c = by_name(run_checks(mac("ioreg-unassigned-bars.plist")))
+    assert c["bars"].status == "fail" and "BAR1, BAR3" in c["bars"].message
+    assert c["egpu"].status == "fail"
+
+
+def test_intel_mac_and_missing_device_in_engine() -> None:
+    c = by_name(run_checks(mac(machine="x86_64", engine=LINUX_ENGINE)))
+    assert c["os-cpu"].status == "fail" and c["engine"].status == "fail"
+    assert "vfio-apple-pci" in c["engine"].message
+    c = by_name(run_checks(mac(engine=EngineFacts(False, error="no QEMU"))))
+    assert c["engine"].status == "fail" and "--qemu" in (c["engine"].fix or "")
+
+
+@pytest.mark.parametrize(("guest", "status"), [(8, "ok"), (28, "warn"), (32, "fail"), (40, "fail")])
+def test_memory(guest: int, status: str) -> None:
+    assert by_name(run_checks(mac(guest_memory=guest * GIB)))["memory"].status == status
+
+
+def test_healthy_linux(tmp_path: Path) -> None:
+    checks = run_checks(linux(tmp_path))
+    s = {c.name: c.status for c in checks}
+    assert s["iommu"] == s["vfio-pci"] == s["dev-vfio"] == s["egpu"] == s["iommu-group"] == "ok"
+    assert not blocking(checks)
+
+
+def test_linux_card_on_host_driver_warns_with_bind(tmp_path: Path) -> None:
+    c = by_name(run_checks(linux(tmp_path, T.host_functions("nvidia", "snd_hda_intel"))))
+    assert c["egpu"].status == "warn" and "--bind" in (c["egpu"].fix or "")
+
+
+def test_linux_non_viable_group(tmp_path: Path) -> None:
+    fns = T.host_functions("nvidia", "snd_hda_intel")
+    fns[2].group = 12
+    checks = run_checks(linux(tmp_path, fns))
+    c = by_name(checks)
+    assert c["iommu-group"].status == "fail" and "0000:00:1f.3" in c["iommu-group"].message
+    assert c["egpu"].status == "fail" and blocking(checks)
+
+
+def test_linux_iommu_off_and_no_vfio(tmp_path: Path) -> None:
+    fns = T.host_functions("nvidia", "snd_hda_intel")
+    for f in fns:
+        f.group = None
+    f = linux(tmp_path, fns, vfio_pci_available=False, vfio_pci_loaded=False,
+              dev_vfio=DevVfio(False, False, {}))
+    c = by_name(run_checks(f))
+    assert c["iommu"].status == "fail" and "intel_iommu=on" in (c["iommu"].fix or "")
+    assert c["vfio-pci"].status == "fail" and c["dev-vfio"].status == "fail"
+
+
+def test_linux_dev_vfio_permissions(tmp_path: Path) -> None:
+    c = by_name(run_checks(linux(tmp_path, dev_vfio=DevVfio(True, True, {12: False}))))
+    assert c["dev-vfio"].status == "fail" and "/dev/vfio/12" in c["dev-vfio"].message
+    c = by_name(run_checks(linux(tmp_path / "b", dev_vfio=DevVfio(True, False, {}))))
+    assert c["dev-vfio"].status == "fail" and "udev" in (c["dev-vfio"].fix or "")
+
+
+def test_linux_tb5_and_unauthorized(tmp_path: Path) -> None:
+    tb5 = [T.Tb("0-1", "Dock", rx_speed="40.0 Gb/s")]
+    c = by_name(run_checks(linux(tmp_path, thunderbolt=tb5)))
+    assert c["thunderbolt5"].status == "warn" and "Dock" in c["thunderbolt5"].message
+    locked = [T.Tb("0-1", "Core X", authorized=0)]
+    c = by_name(run_checks(linux(tmp_path / "b", thunderbolt=locked)))
+    assert c["thunderbolt5"].status == "warn" and "boltctl" in (c["thunderbolt5"].fix or "")
+
+
+def test_gather_from_dumps(tmp_path: Path) -> None:
+    f = gather_facts(HostSource(ioreg=FIXTURES / "ioreg-rtx-bound.plist",
+                                systemextensions=FIXTURES / "sysext-waiting.txt"))
+    assert f.platform == "macos" and f.from_dump and f.dext is not None
+    assert f.dext.state == "waiting"
+    T.build(tmp_path / "sys", T.host_functions())
+    (tmp_path / "dev/vfio").mkdir(parents=True)
+    (tmp_path / "dev/vfio/vfio").write_text("")
+    f = gather_facts(HostSource(sysfs=tmp_path / "sys", dev=tmp_path / "dev"))
+    assert f.platform == "linux" and f.iommu_enabled and f.dev_vfio is not None
+    assert f.dev_vfio.container_exists and f.dext is None
+
+
+def egpu(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "egpu", *args], capture_output=True, text=True,
+                          timeout=120)
+
+
+def test_cli_doctor_json_and_exit_codes(egpu_home: Path, tmp_path: Path) -> None:
+    p = egpu("doctor", "--json", "--ioreg", str(FIXTURES / "ioreg-rtx-bound.plist"),
+             "--systemextensions", str(FIXTURES / "sysext-waiting.txt"))
+    assert p.returncode == 1, p.stderr
+    doc = json.loads(p.stdout)
+    assert doc["ok"] is False and doc["platform"] == "macos"
+    checks = {c["name"]: c for c in doc["checks"]}
+    assert checks["driver-extension"]["status"] == "fail" and checks["egpu"]["status"] == "ok"
+    assert all({"name", "status", "message", "fix"} <= set(c) for c in doc["checks"])
+
+    T.build(tmp_path, T.host_functions())
+    p = egpu("doctor", "--sysfs", str(tmp_path))
+    lines = p.stdout.splitlines()
+    assert any(ln.startswith("ok   iommu ") for ln in lines), p.stdout
+    assert any(ln.startswith("ok   egpu ") for ln in lines), p.stdout
+    # this host's engine is not the dumped host's: never a failure on its account
+    assert not any(ln.startswith("fail engine") for ln in lines)
+
+
+def test_cli_doctor_bad_dump_is_one_line(egpu_home: Path) -> None:
+    p = egpu("doctor", "--ioreg", str(FIXTURES / "ioreg-truncated.plist"))
+    assert p.returncode == 1 and p.stderr.count("\n") == 1 and "Traceback" not in p.stderr
+    assert "not a readable plist" in p.stderr
+
+
+def test_cli_devices(egpu_home: Path, tmp_path: Path) -> None:
+    p = egpu("devices", "--json", "--ioreg", str(FIXTURES / "ioreg-rtx-bound.plist"))
+    assert p.returncode == 0, p.stderr
+    doc = json.loads(p.stdout)
+    gpu = next(d for d in doc if d["address"] == "08:00.0")
+    assert gpu["passthrough_ready"] is True and gpu["class_code"] == "030000"
+    assert all({"address", "vendor_id", "device_id", "class_code", "name", "driver",
+                "passthrough_ready"} <= set(d) for d in doc)
+    assert all("why_not" in d for d in doc if not d["passthrough_ready"])
+    p = egpu("devices", "--ioreg", str(FIXTURES / "ioreg-unassigned-bars.plist"))
+    assert p.returncode == 0 and "BAR1, BAR3 left unassigned" in p.stdout
+    T.build(tmp_path, T.host_functions())
+    p = egpu("devices", "--sysfs", str(tmp_path), "--all")
+    assert p.returncode == 0 and "00:01.0" in p.stdout and "pcieport" in p.stdout
+    for bad in (FIXTURES / "ioreg-foreign.plist", FIXTURES / "ioreg-malformed.plist"):
+        p = egpu("devices", "--ioreg", str(bad))
+        assert p.returncode == 1 and "Traceback" not in p.stderr and p.stderr.startswith("error:")
