@@ -140,7 +140,7 @@ def test_region_info_with_sparse_mmap_and_fd(client: VfioUserClient) -> None:
     small = client.request(p.Command.DEVICE_GET_REGION_INFO,
                            p.REGION_INFO.pack(32, 0, 2, 0, 0, 0))
     argsz, flags, index, cap_off, size, _off = p.REGION_INFO.unpack_from(small.payload)
-    assert flags & p.REGION_FLAG_CAPS and argsz > 32 and cap_off == 0 and not small.fds
+    assert not flags & p.REGION_FLAG_CAPS and argsz > 32 and cap_off == 0 and not small.fds
     full = client.request(p.Command.DEVICE_GET_REGION_INFO,
                           p.REGION_INFO.pack(argsz, 0, 2, 0, 0, 0))
     argsz2, flags, index, cap_off, size, _mmap_off = p.REGION_INFO.unpack_from(full.payload)

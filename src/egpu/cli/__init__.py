@@ -15,7 +15,9 @@ from egpu.errors import EgpuError
 COMMAND_MODULES = (
     "egpu.cli.vm_commands",
     "egpu.cli.engine_commands",
+    "egpu.cli.vfio_user_commands",
     "egpu.cli.host_commands",
+    "egpu.cli.image_commands",
 )
 
 

@@ -257,8 +257,8 @@ def pack_region_info(
     """REGION_INFO reply payload; returns (payload, caps_included).
 
     With sparse areas the full reply needs room for the capability; when the client's argsz is
-    too small, the reply says how much is needed (argsz) without the capability, as the kernel
-    does, and the client asks again.
+    too small, the reply says how much is needed (argsz) without the capability, and the client
+    asks again.
     """
     if not areas:
         return REGION_INFO.pack(REGION_INFO.size, flags, index, 0, size, offset), True
@@ -266,7 +266,8 @@ def pack_region_info(
     cap += SPARSE_MMAP.pack(len(areas), 0)
     cap += b"".join(SPARSE_AREA.pack(o, s) for o, s in areas)
     needed = REGION_INFO.size + len(cap)
-    flags |= REGION_FLAG_CAPS
     if client_argsz < needed:
+        # No CAPS flag without the capability: QEMU rejects CAPS with cap_offset 0.
         return REGION_INFO.pack(needed, flags, index, 0, size, offset), False
+    flags |= REGION_FLAG_CAPS
     return REGION_INFO.pack(needed, flags, index, REGION_INFO.size, size, offset) + cap, True
