@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from egpu.devices.base import RegionIndex
+from egpu.devices.base import IrqIndex, RegionIndex
 from egpu.devices.display import (
     DISPI_ENABLED,
     DISPI_LFB_ENABLED,
@@ -100,7 +100,7 @@ def test_description_shares_the_framebuffer(fn: DisplayFunction) -> None:
     assert vram is not None and vram.shm_fd == fn.framebuffer.fd
     assert vram.sparse_areas()[0].offset == 0 and vram.sparse_areas()[0].size == VRAM
     assert regs is not None and not regs.mappable
-    assert desc.irqs == ()
+    assert desc.irq_count(IrqIndex.MSIX) == 0 and desc.irq_count(IrqIndex.INTX) == 0
 
 
 def test_bochs_modeset_gives_the_scanout(fn: DisplayFunction) -> None:

@@ -39,6 +39,8 @@ from PIL import Image
 from egpu.devices.base import (
     DeviceDescription,
     Interrupts,
+    IrqIndex,
+    IrqLine,
     MmapArea,
     PciFunction,
     RegionIndex,
@@ -359,12 +361,14 @@ class DisplayFunction(PciFunction):
         self._lock = threading.RLock()
 
     def describe(self) -> DeviceDescription:
-        """Config space, the mmappable VRAM BAR and the register BAR; no interrupts."""
+        """Config space, the mmappable VRAM BAR and the register BAR; ERR/REQ lines only."""
         fb = self.framebuffer
         return DeviceDescription(
             regions=(self.config_region(),
                      *self.bar_regions({VRAM_BAR: (fb.fd, (MmapArea(0, fb.size),))})),
-            irqs=(),
+            # ERR and REQ let QEMU set up its error-recovery and request notifiers (it warns
+            # when a device has none); the display raises no interrupt.
+            irqs=(IrqLine(IrqIndex.ERR, 1), IrqLine(IrqIndex.REQ, 1)),
         )
 
     def attach(self, memory: GuestMemory, interrupts: Interrupts) -> None:

@@ -793,7 +793,10 @@ class NvmeFunction(PciFunction):
         """Config space, BAR0, and one MSI-X vector per queue."""
         return DeviceDescription(
             regions=(self.config_region(), *self.bar_regions()),
-            irqs=(IrqLine(IrqIndex.MSIX, self.max_io_queues + 1),),
+            # ERR and REQ let QEMU set up error recovery and device-request notifiers (it warns
+            # when a device has none); nothing ever signals them.
+            irqs=(IrqLine(IrqIndex.MSIX, self.max_io_queues + 1), IrqLine(IrqIndex.ERR, 1),
+                  IrqLine(IrqIndex.REQ, 1)),
         )
 
     def attach(self, memory: GuestMemory, interrupts: Interrupts) -> None:
