@@ -11,10 +11,12 @@ from egpu.engine.argv import Disk, Firmware, VmSpec, build_argv
 from egpu.engine.passthrough import (
     apple_device_args,
     apple_plan,
+    resolve_run,
     vfio_group_closure,
     vfio_plan,
 )
 from egpu.errors import EngineError, HostError, UsageError
+from egpu.host.facts import Discovery
 from egpu.host.ioreg import parse_ioreg
 from egpu.host.slots import resolve_passthrough
 from egpu.host.sysfs import read_sysfs
@@ -199,3 +201,74 @@ def test_vfio_command_parses_in_real_qemu(tmp_path: Path) -> None:
     assert "vfio" in err and "0000:01:00.0" in err, err
     assert "no such host device" in err, err  # and not, say, "Property 'vfio-pci.x' not found"
     assert len(err.splitlines()) == 1, err
+
+
+def mac_discovery(name: str = "ioreg-rtx-bound.plist") -> Discovery:
+    return Discovery("macos", tuple(parse_ioreg((FIXTURES / name).read_bytes())))
+
+
+def linux_discovery(tmp_path: Path, *drivers: str) -> Discovery:
+    snap = read_sysfs(T.build(tmp_path, T.host_functions(*drivers)))
+    return Discovery("linux", snap.devices, snap)
+
+
+def test_run_auto_on_a_mac() -> None:
+    r = resolve_run("auto", None, mac_discovery())
+    assert r.engine == "apple" and r.plan is not None
+    assert r.plan.functions == ("0000:08:00.0",) and r.notices  # audio skipped, said so
+    r = resolve_run("auto", "08:00", mac_discovery(), tso=False)
+    assert r.plan is not None and r.plan.accel_options == () and len(r.plan.functions) == 2
+
+
+def test_run_auto_without_a_ready_gpu_is_the_virtual_egpu(tmp_path: Path) -> None:
+    r = resolve_run("auto", None, mac_discovery("ioreg-unbound.plist"))
+    assert r.engine == "user" and r.plan is None and r.selection.kind == "virtual"
+    r = resolve_run("auto", None, linux_discovery(tmp_path, "nvidia", "snd_hda_intel"))
+    assert r.engine == "user"
+
+
+def test_run_auto_on_linux_with_bind(tmp_path: Path) -> None:
+    d = linux_discovery(tmp_path, "nvidia", "snd_hda_intel")
+    r = resolve_run("auto", None, d, bind=True)
+    assert r.engine == "vfio" and r.plan is not None
+    assert r.plan.functions == ("0000:01:00.0", "0000:01:00.1")
+
+
+def test_run_explicit_engines(tmp_path: Path) -> None:
+    d = mac_discovery()
+    assert resolve_run("none", None, d).engine == "none"
+    assert resolve_run("auto", "none", d).engine == "none"
+    assert resolve_run("user", None, d).engine == "user"
+    assert resolve_run("auto", "virtual", d).engine == "user"
+    r = resolve_run("apple", "none", d)
+    assert r.engine == "apple" and r.plan is not None and r.plan.devices[:1] == (
+        ("-device", "qemu-xhci,id=egpu-xhci"),)
+    r = resolve_run("apple", None, mac_discovery("ioreg-unbound.plist"))
+    assert r.engine == "apple" and r.plan is not None and r.plan.functions == ()
+    for engine, spec in (("none", "08:00"), ("user", "08:00"), ("apple", "virtual"), ("x", None)):
+        with pytest.raises(UsageError):
+            resolve_run(engine, spec, d)
+
+
+def test_run_cross_os_dry_run(tmp_path: Path) -> None:
+    linux = linux_discovery(tmp_path)
+    r = resolve_run("apple", "0a:00.0", linux)
+    assert r.plan is not None and r.plan.devices[0] == (
+        "-device", "vfio-apple-pci,host=0a:00.0,addr=0x1e.0,dma-companion=on,rombar=0")
+    assert "assuming" in r.notices[0]
+    with pytest.raises(UsageError, match="--ioreg"):
+        resolve_run("apple", None, linux)
+    r = resolve_run("vfio", "0000:03:00.0", mac_discovery())
+    assert r.plan is not None and r.plan.functions == ("0000:03:00.0",)
+    with pytest.raises(UsageError, match="--sysfs"):
+        resolve_run("vfio", None, mac_discovery())
+
+
+def test_run_vfio_explicit_on_linux(tmp_path: Path) -> None:
+    d = linux_discovery(tmp_path)
+    r = resolve_run("vfio", None, d)
+    assert r.plan is not None and r.plan.functions == ("0000:01:00.0", "0000:01:00.1")
+    assert any("same IOMMU group" in n for n in r.notices)
+    assert resolve_run("vfio", "none", d).plan is not None
+    with pytest.raises(HostError, match="no display device"):
+        resolve_run("vfio", None, linux_discovery(tmp_path / "b", "nvidia", "snd_hda_intel"))

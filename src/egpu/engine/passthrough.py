@@ -17,9 +17,14 @@ from typing import Literal
 
 from egpu.engine.argv import Accel, MemoryBackend, VmSpec
 from egpu.errors import HostError, UsageError
-from egpu.host.device import PciDevice
+from egpu.host.address import PciAddress, parse_address_pattern
+from egpu.host.device import DEXT_NAME, PciDevice
+from egpu.host.facts import Discovery
+from egpu.host.slots import Selection, resolve_passthrough
 
 PassthroughEngine = Literal["apple", "vfio"]
+EngineName = Literal["apple", "vfio", "user", "none"]
+ENGINE_CHOICES = ("auto", "apple", "vfio", "user", "none")
 
 # The reference places the card at guest slot 0x1e: high enough to stay clear of the slots
 # QEMU's virt board hands out to -device entries without an addr (which count up from 1).
@@ -120,7 +125,7 @@ def apple_plan(
     slot: int = APPLE_GUEST_SLOT,
 ) -> PassthroughPlan:
     """Engine ``apple``: hvf (TSO unless ``tso`` is False), host CPU, preallocated RAM, UEFI."""
-    devices = apple_device_args(functions, slot=slot)
+    devices = apple_device_args(functions, slot=slot) if functions else ()
     return PassthroughPlan(
         engine="apple",
         accel="hvf",
@@ -216,4 +221,115 @@ def vfio_plan(
         functions=tuple(d.address.full for d in functions),
         needs_firmware=False,
         notices=notices,
+    )
+
+
+@dataclass(frozen=True)
+class RunPassthrough:
+    """What ``run`` does about a GPU: the engine, the functions, and the plan for the argv."""
+
+    engine: EngineName
+    selection: Selection
+    plan: PassthroughPlan | None = None  # None for engines user and none
+    notices: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "engine": self.engine,
+            "selection": self.selection.to_json(),
+            "plan": self.plan.to_json() if self.plan else None,
+            "notices": list(self.notices),
+        }
+
+
+def _assumed(spec: str | None, engine: str) -> tuple[PciDevice, ...]:
+    """Functions named on the command line, taken on trust for a dry run on another OS."""
+    if spec is None or spec.strip().lower() in ("", "auto"):
+        flag = "--ioreg FILE" if engine == "apple" else "--sysfs DIR"
+        raise UsageError(
+            f"engine {engine} cannot look for devices on this host; "
+            f"name them with --passthrough BB:DD.F or give {flag}"
+        )
+    p = parse_address_pattern(spec)
+    fn = p.function or 0
+    return (PciDevice(
+        address=PciAddress(p.domain or 0, p.bus, p.device, fn), vendor_id=0, device_id=0,
+        class_code=0x030000, name="(assumed)", passthrough_ready=True,
+        driver=DEXT_NAME if engine == "apple" else VFIO_DEVICE,
+    ),)
+
+
+def resolve_run(
+    engine: str,
+    passthrough: str | None,
+    discovery: Discovery,
+    *,
+    tso: bool = True,
+    bind: bool = False,
+    include_audio: bool = False,
+) -> RunPassthrough:
+    """Resolve ``--engine`` and ``--passthrough`` against discovered devices (pure).
+
+    auto picks apple on macOS and vfio on Linux when a ready (or, with ``bind``, rebindable)
+    display device exists, else the virtual eGPU (user). When the discovery does not match
+    the engine's OS (a dry run elsewhere), named functions are taken on trust.
+    """
+    if engine not in ENGINE_CHOICES:
+        raise UsageError(f"unknown engine {engine!r}; use one of: {', '.join(ENGINE_CHOICES)}")
+    spec = (passthrough or "auto").strip().lower()
+    if engine == "none" or (engine == "auto" and spec == "none"):
+        if spec not in ("auto", "none"):
+            raise UsageError("--engine none passes no device; drop --passthrough")
+        return RunPassthrough("none", Selection("none"))
+    if engine == "user" or (engine == "auto" and spec == "virtual"):
+        if spec not in ("auto", "virtual"):
+            raise UsageError("--engine user serves the virtual eGPU; use --passthrough virtual")
+        return RunPassthrough("user", Selection("virtual", auto=spec == "auto"))
+    if engine == "auto":
+        want: PassthroughEngine = "apple" if discovery.platform == "macos" else "vfio"
+        sel = resolve_passthrough(spec, discovery.devices, rebind=bind,
+                                  include_audio=include_audio, fallback="virtual")
+        if sel.kind == "virtual":
+            return RunPassthrough("user", sel, None, sel.notices)
+        return _plan(want, sel, discovery, tso=tso, bind=bind)
+    chosen: PassthroughEngine = "apple" if engine == "apple" else "vfio"
+    native = "macos" if chosen == "apple" else "linux"
+    if spec == "virtual":
+        raise UsageError(f"--engine {chosen} passes real devices; use --engine user for virtual")
+    if discovery.platform != native:
+        if spec == "none":
+            sel = Selection("none")
+        else:
+            sel = Selection("devices", _assumed(passthrough, chosen),
+                            (f"assuming {passthrough} exists (no {native} discovery here)",))
+    else:
+        sel = resolve_passthrough(spec, discovery.devices, rebind=bind,
+                                  include_audio=include_audio, fallback="none")
+    return _plan(chosen, sel, discovery, tso=tso, bind=bind)
+
+
+def _plan(
+    engine: PassthroughEngine, sel: Selection, discovery: Discovery, *, tso: bool, bind: bool
+) -> RunPassthrough:
+    if engine == "apple":
+        plan = apple_plan(sel.functions, tso=tso)
+        return RunPassthrough("apple", sel, plan, sel.notices)
+    if not sel.functions:
+        if sel.auto:
+            raise HostError(
+                "engine vfio found no display device to pass through; `egpu doctor` says why"
+            )
+        plan = _vfio_bare(())  # --passthrough none: a kvm VM without a GPU
+    elif discovery.platform != "linux":
+        plan = _vfio_bare(sel.functions)  # a dry run elsewhere: no groups to check
+    else:
+        plan = vfio_plan(sel.functions, discovery.devices, bind=bind)
+    return RunPassthrough("vfio", sel, plan, sel.notices + plan.notices)
+
+
+def _vfio_bare(functions: Sequence[PciDevice]) -> PassthroughPlan:
+    return PassthroughPlan(
+        engine="vfio", accel="kvm", accel_options=(), cpu_model="host", memory_backend="plain",
+        machine_options=(), devices=vfio_device_args(functions) if functions else (),
+        functions=tuple(d.address.full for d in functions), needs_firmware=False,
     )
