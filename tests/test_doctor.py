@@ -213,3 +213,31 @@ def test_cli_devices(egpu_home: Path, tmp_path: Path) -> None:
     for bad in (FIXTURES / "ioreg-foreign.plist", FIXTURES / "ioreg-malformed.plist"):
         p = egpu("devices", "--ioreg", str(bad))
         assert p.returncode == 1 and "Traceback" not in p.stderr and p.stderr.startswith("error:")
+
+
+def test_passthrough_options_for_run(tmp_path: Path) -> None:
+    """The options and resolver the run command reuses."""
+    import click
+    from click.testing import CliRunner
+
+    from egpu.cli.host_commands import passthrough_options, run_passthrough
+
+    seen = {}
+
+    @click.command()
+    @passthrough_options
+    def fake_run(**kw: object) -> None:
+        seen["run"] = run_passthrough(**kw)  # type: ignore[arg-type]
+
+    r = CliRunner().invoke(fake_run, ["--ioreg", str(FIXTURES / "ioreg-rtx-bound.plist"),
+                                      "--passthrough", "08:00", "--no-tso"])
+    assert r.exit_code == 0, r.output
+    got = seen["run"]
+    assert got.engine == "apple" and got.plan.accel_options == ()
+    assert got.plan.functions == ("0000:08:00.0", "0000:08:00.1")
+    T.build(tmp_path, T.host_functions("nvidia", "snd_hda_intel"))
+    r = CliRunner().invoke(fake_run, ["--sysfs", str(tmp_path), "--engine", "vfio", "--bind"])
+    assert r.exit_code == 0, r.output
+    assert seen["run"].engine == "vfio" and len(seen["run"].plan.functions) == 2
+    r = CliRunner().invoke(fake_run, ["--engine", "bogus"])
+    assert r.exit_code == 2

@@ -15,10 +15,18 @@ from rich.markup import escape
 
 from egpu.cli import output
 from egpu.engine.argv import MIB, parse_memory
+from egpu.engine.passthrough import ENGINE_CHOICES, RunPassthrough, resolve_run
 from egpu.engine.qemu import EngineInfo, find_engine_info, host_machine
-from egpu.errors import EngineError
+from egpu.errors import EngineError, HostError
 from egpu.host.doctor import Check, blocking, run_checks
-from egpu.host.facts import EngineFacts, HostSource, discover, gather_facts, live_platform
+from egpu.host.facts import (
+    Discovery,
+    EngineFacts,
+    HostSource,
+    discover,
+    gather_facts,
+    live_platform,
+)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -49,6 +57,40 @@ def host_source(
 ) -> HostSource:
     """The discovery source the options name (all None: the live host)."""
     return HostSource(ioreg=ioreg, sysfs=sysfs, systemextensions=systemextensions)
+
+
+def passthrough_options(f: F) -> F:
+    """Add ``--engine``, ``--passthrough``, ``--no-tso``, ``--bind`` and the host-source options."""
+    f = host_source_options(f)
+    f = click.option("--bind", is_flag=True,
+                     help="vfio: rebind the devices to vfio-pci while the VM runs")(f)
+    f = click.option("--no-tso", is_flag=True, help="apple: turn hvf's TSO mode off")(f)
+    f = click.option(
+        "--passthrough", default=None, metavar="BB:DD[.F]|none|virtual",
+        help="which GPU goes to the VM [default: auto, the first ready display slot]",
+    )(f)
+    f = click.option("--engine", "engine", type=click.Choice(ENGINE_CHOICES), default="auto",
+                     show_default=True, help="how the GPU reaches the VM")(f)
+    return f
+
+
+def run_passthrough(
+    engine: str, passthrough: str | None, *, ioreg: Path | None = None, sysfs: Path | None = None,
+    systemextensions: Path | None = None, no_tso: bool = False, bind: bool = False,
+) -> RunPassthrough:
+    """Discover devices (dump or live) and resolve the run's engine and passthrough plan.
+
+    When live discovery is impossible (no /sys/bus/pci, an unsupported OS), an automatic
+    choice falls back to the virtual eGPU instead of failing.
+    """
+    source = host_source(ioreg, sysfs, systemextensions)
+    try:
+        found = discover(source)
+    except HostError:
+        if source.is_dump or (engine in ("apple", "vfio") and passthrough in (None, "auto")):
+            raise
+        found = Discovery("macos" if live_platform() == "macos" else "linux", ())
+    return resolve_run(engine, passthrough, found, tso=not no_tso, bind=bind)
 
 
 def engine_facts(info: EngineInfo | None, error: str | None, platform: str) -> EngineFacts:
