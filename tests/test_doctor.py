@@ -56,7 +56,8 @@ def statuses(f: HostFacts) -> dict[str, str]:
 def test_healthy_mac() -> None:
     checks = run_checks(mac())
     s = {c.name: c.status for c in checks}
-    assert s == {"os-cpu": "ok", "engine": "ok", "driver-extension": "ok", "egpu": "ok",
+    assert s == {"os-cpu": "ok", "engine": "ok", "accelerator": "ok", "driver-extension": "ok",
+                 "egpu": "ok",
                  "thunderbolt5": "ok", "bars": "ok", "pcie-link": "warn", "memory": "ok"}
     assert not blocking(checks)
     assert all(c.fix for c in checks if c.status != "ok")
@@ -103,6 +104,15 @@ def test_intel_mac_and_missing_device_in_engine() -> None:
 @pytest.mark.parametrize(("guest", "status"), [(8, "ok"), (28, "warn"), (32, "fail"), (40, "fail")])
 def test_memory(guest: int, status: str) -> None:
     assert by_name(run_checks(mac(guest_memory=guest * GIB)))["memory"].status == status
+
+
+def test_accelerator(tmp_path: Path) -> None:
+    no_kvm = replace(LINUX_ENGINE, accelerators=("tcg",))
+    c = by_name(run_checks(linux(tmp_path, engine=no_kvm)))["accelerator"]
+    assert c.status == "fail" and "/dev/kvm" in (c.fix or "")
+    c = by_name(run_checks(linux(tmp_path / "b", engine=no_kvm, from_dump=True)))["accelerator"]
+    assert c.status == "warn"
+    assert by_name(run_checks(mac()))["accelerator"].status == "ok"
 
 
 def test_healthy_linux(tmp_path: Path) -> None:

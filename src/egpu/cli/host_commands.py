@@ -112,7 +112,7 @@ def engine_facts(info: EngineInfo | None, error: str | None, platform: str) -> E
 
 def _device_row(d: Any) -> list[object]:
     return [
-        d.address.bdf, f"{d.vendor_id:04x}:{d.device_id:04x}", d.kind, d.name,
+        d.address.bdf, f"{d.vendor_id:04x}:{d.device_id:04x}", d.kind, d.description or d.name,
         d.driver or "-", "yes" if d.passthrough_ready else "no",
     ]
 

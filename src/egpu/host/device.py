@@ -79,6 +79,7 @@ class PciDevice:
     iommu_group_members: tuple[str, ...] = ()  # other functions of the group (DDDD:BB:DD.F)
     iommu_group_viable: bool | None = None
     rebindable: bool = False  # Linux: would be ready once rebound to vfio-pci (``--bind``)
+    description: str | None = None  # vendor and model from pci.ids, when the host has it
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -119,6 +120,7 @@ class PciDevice:
             "class_code": f"{self.class_code:06x}",
             "kind": self.kind,
             "name": self.name,
+            "description": self.description,
             "driver": self.driver,
             "passthrough_ready": self.passthrough_ready,
         }

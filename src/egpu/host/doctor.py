@@ -98,6 +98,24 @@ def check_engine(f: HostFacts) -> Check:
     return Check("engine", bad, f"{text}; {need} is missing", fix)
 
 
+def check_accelerator(f: HostFacts) -> Check:
+    need = "hvf" if f.platform == "macos" else "kvm"
+    e = f.engine
+    if e is None or not e.found:
+        return Check("accelerator", "warn", f"{need} not checked (no engine)")
+    if need in e.accelerators:
+        return Check("accelerator", "ok", f"{need} available")
+    if f.from_dump:
+        return Check("accelerator", "warn", f"{need} not available here (checked this host, "
+                     "not the dumped one)")
+    fix = (
+        "Run on macOS 15 or later on Apple Silicon, outside another VM."
+        if f.platform == "macos"
+        else "Enable virtualization in firmware and give your user /dev/kvm (group kvm)."
+    )
+    return Check("accelerator", "fail", f"{need} is not available", fix)
+
+
 def check_dext(f: HostFacts) -> Check:
     s = f.dext
     if s is None:
@@ -277,12 +295,12 @@ def check_dev_vfio(f: HostFacts) -> Check:
 
 
 MACOS_CHECKS: Sequence[Callable[[HostFacts], Check]] = (
-    check_os, check_engine, check_dext, check_gpu, check_thunderbolt5, check_bars, check_link,
-    check_memory,
+    check_os, check_engine, check_accelerator, check_dext, check_gpu, check_thunderbolt5,
+    check_bars, check_link, check_memory,
 )
 LINUX_CHECKS: Sequence[Callable[[HostFacts], Check]] = (
-    check_os, check_engine, check_iommu, check_vfio_pci, check_dev_vfio, check_gpu, check_groups,
-    check_thunderbolt5, check_bars, check_link, check_memory,
+    check_os, check_engine, check_accelerator, check_iommu, check_vfio_pci, check_dev_vfio,
+    check_gpu, check_groups, check_thunderbolt5, check_bars, check_link, check_memory,
 )
 
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,7 @@ import psutil
 from egpu.errors import HostError
 from egpu.host.device import DEFAULT_DEXT_BUNDLE_ID, PciDevice
 from egpu.host.ioreg import parse_ioreg, read_live_ioreg
+from egpu.host.pciids import PciIds, system_pci_ids
 from egpu.host.sysext import DextState, parse_systemextensions, read_live_systemextensions
 from egpu.host.sysfs import SysfsSnapshot, ThunderboltDevice, read_sysfs
 
@@ -126,8 +128,19 @@ def _read_dump(path: Path, what: str) -> bytes:
     return data
 
 
-def discover(source: HostSource) -> Discovery:
-    """Read the devices from the dump given, or from this host."""
+def describe(devices: Iterable[PciDevice], ids: PciIds) -> tuple[PciDevice, ...]:
+    """The devices with their pci.ids descriptions filled in."""
+    return tuple(replace(d, description=ids.describe(d.vendor_id, d.device_id)) for d in devices)
+
+
+def discover(source: HostSource, ids: PciIds | None = None) -> Discovery:
+    """Read the devices from the dump given, or from this host, with pci.ids descriptions."""
+    found = _discover(source)
+    table = ids if ids is not None else system_pci_ids()
+    return replace(found, devices=describe(found.devices, table))
+
+
+def _discover(source: HostSource) -> Discovery:
     if source.ioreg is not None and source.sysfs is not None:
         raise HostError("give --ioreg or --sysfs, not both")
     if source.ioreg is not None:
