@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -41,7 +42,9 @@ class Cli:
         return proc
 
     def json(self, *args: str, timeout: float = 120) -> Any:
-        return json.loads(self(*args, "--json", timeout=timeout, check=True).stdout)
+        # right after the command, so it never lands among extra args after "--"
+        argv = (args[0], "--json", *args[1:])
+        return json.loads(self(*argv, timeout=timeout, check=True).stdout)
 
     def popen(self, *args: str, **kw: Any) -> subprocess.Popen[bytes]:
         return subprocess.Popen([sys.executable, "-m", "egpu", *args], env=self.env, **kw)
@@ -55,9 +58,12 @@ class Cli:
         deadline = time.monotonic() + timeout
         last: dict[str, Any] = {}
         while time.monotonic() < deadline:
-            last = self.status(name)
-            if pred(last):
-                return last
+            proc = self("status", name, "--json")
+            # the VM may not exist yet while a concurrent `run` is still preparing it
+            if proc.returncode == 0:
+                last = json.loads(proc.stdout)
+                if pred(last):
+                    return last
             time.sleep(0.3)
         raise AssertionError(f"timed out waiting on VM {name}: last status {last}")
 
@@ -82,10 +88,8 @@ def _stop_leftovers(home: Path) -> None:
         except (OSError, ValueError):
             continue
         if str(home).encode() in cmdline:
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, 9)
-            except ProcessLookupError:
-                pass
 
 
 @pytest.fixture

@@ -154,6 +154,7 @@ def plan_run(
     accel = choose_accel(info, arch, request.accel)
     append = guest_protocol.kernel_cmdline(
         guest, selftest=request.selftest, cpus=request.cpus, memory_mib=request.memory_mib,
+        checks=guest_protocol.BASE_CHECKS,
     )
     spec = VmSpec(
         name=request.name, arch=arch, cpus=request.cpus, memory_mib=request.memory_mib,
@@ -226,7 +227,8 @@ def wait_started(vm: store.VmDir, timeout: float = START_TIMEOUT_S) -> VmStatus:
 
 
 def _failure_text(vm: store.VmDir, status: VmStatus) -> str:
-    return last_line(vm.file(store.QEMU_LOG)) or "; ".join(status.problems) or "unknown error"
+    return (last_line(vm.file(store.QEMU_LOG)) or last_line(vm.file(store.SUPERVISOR_LOG))
+            or "; ".join(status.problems) or "unknown error")
 
 
 def _signal_pid(pid: int | None, sig: int) -> None:

@@ -1,0 +1,150 @@
+"""Pure cores of the foundation: sizes, argv, state derivation, package-index parsing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from egpu.debpkg import host_mirror, parse_print_uris, parse_sha256s
+from egpu.engine.argv import Disk, VmSpec, build_argv, parse_disk_option, parse_memory
+from egpu.engine.qemu import parse_help_names, parse_version
+from egpu.errors import EngineError, UsageError
+from egpu.vm.status import derive_state
+
+
+@given(st.integers(min_value=64, max_value=1 << 22))
+def test_memory_mib_roundtrip(mib: int) -> None:
+    assert parse_memory(f"{mib}M") == mib
+    assert parse_memory(str(mib)) == mib
+    assert parse_memory(f"{mib}MiB") == mib
+
+
+@given(st.integers(min_value=1, max_value=4096))
+def test_memory_gib(gib: int) -> None:
+    assert parse_memory(f"{gib}G") == gib * 1024
+    assert parse_memory(f"{gib}g") == gib * 1024
+
+
+@given(st.text(max_size=12))
+def test_memory_never_crashes(text: str) -> None:
+    try:
+        mib = parse_memory(text)
+    except UsageError:
+        return
+    assert 64 <= mib <= 1 << 22
+
+
+def test_memory_fractions_and_units() -> None:
+    assert parse_memory("1.5G") == 1536
+    assert parse_memory("524288K") == 512
+    with pytest.raises(UsageError):
+        parse_memory("1.0001G")
+
+
+def test_disk_option() -> None:
+    assert parse_disk_option("/a/b.img:ro") == (Path("/a/b.img"), True)
+    assert parse_disk_option("/a/b.img") == (Path("/a/b.img"), False)
+    assert parse_disk_option("c:rw") == (Path("c"), False)
+
+
+def spec(**kw: object) -> VmSpec:
+    base: dict[str, object] = dict(
+        name="v", arch="aarch64", cpus=2, memory_mib=512, accel="tcg",
+        qmp_socket=Path("/r/qmp.sock"), console_socket=Path("/r/con.sock"),
+        serial_log=Path("/r/serial.log"),
+    )
+    base.update(kw)
+    return VmSpec(**base)  # type: ignore[arg-type]
+
+
+def test_argv_shared_memory_and_devices() -> None:
+    argv = build_argv(["qemu"], spec(memory_backend="memfd-shared",
+                                     devices=(("-device", "vfio-user-pci,socket=/s"),)))
+    assert "memory-backend-memfd,id=ram0,size=512M,share=on" in argv
+    assert argv[argv.index("-machine") + 1] == "virt,highmem=on,memory-backend=ram0"
+    assert argv.index("vfio-user-pci,socket=/s") > argv.index("-netdev")
+
+
+def test_argv_x86_and_disks() -> None:
+    d = Disk(Path("/d.qcow2"), "qcow2")
+    argv = build_argv(["q"], spec(arch="x86_64", accel="kvm", boot_disk=d))
+    assert argv[argv.index("-machine") + 1] == "q35"
+    assert argv[argv.index("-cpu") + 1] == "host"
+    assert "virtio-blk-pci,drive=disk0,bootindex=0" in argv
+    assert "file=/d.qcow2,format=qcow2,if=none,id=disk0,discard=unmap,detect-zeroes=unmap" in argv
+
+
+def test_argv_port_forward_binds_loopback() -> None:
+    argv = build_argv(["q"], spec(ssh_port=2222))
+    assert "user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22" in argv
+
+
+@pytest.mark.parametrize(
+    ("facts", "state"),
+    [
+        (dict(exit_record=None, qemu_alive=True, supervisor_alive=True,
+              pid_recorded=True, qmp_up=True), "running"),
+        (dict(exit_record=None, qemu_alive=True, supervisor_alive=True,
+              pid_recorded=True, qmp_up=False), "starting"),
+        (dict(exit_record=None, qemu_alive=False, supervisor_alive=True,
+              pid_recorded=True, qmp_up=False), "starting"),
+        (dict(exit_record={"returncode": 0}, qemu_alive=False, supervisor_alive=False,
+              pid_recorded=True, qmp_up=False), "stopped"),
+        (dict(exit_record={"returncode": -9}, qemu_alive=False, supervisor_alive=False,
+              pid_recorded=True, qmp_up=False), "crashed"),
+        (dict(exit_record={"returncode": -9, "stop_requested": True}, qemu_alive=False,
+              supervisor_alive=False, pid_recorded=True, qmp_up=False), "stopped"),
+        (dict(exit_record={"returncode": 0, "server_failure": "x died"}, qemu_alive=False,
+              supervisor_alive=False, pid_recorded=True, qmp_up=False), "crashed"),
+        (dict(exit_record=None, qemu_alive=False, supervisor_alive=False,
+              pid_recorded=True, qmp_up=False), "crashed"),
+        (dict(exit_record=None, qemu_alive=False, supervisor_alive=False,
+              pid_recorded=False, qmp_up=False), "stopped"),
+    ],
+)
+def test_derive_state(facts: dict[str, object], state: str) -> None:
+    assert derive_state(**facts) == state  # type: ignore[arg-type]
+
+
+def test_host_mirror_from_both_source_formats() -> None:
+    deb822 = "Types: deb\nURIs: http://mirror.example/debian\nSuites: bookworm\n"
+    oneline = "# comment\ndeb [arch=amd64] http://other.example/debian bookworm main\n"
+    assert host_mirror([deb822]) == "http://mirror.example/debian"
+    assert host_mirror([oneline]) == "http://other.example/debian"
+    assert host_mirror(["deb http://x.example/ubuntu jammy main"]) is None
+
+
+def test_print_uris_and_index_hashes() -> None:
+    out = (
+        "'http://m/debian/pool/main/q/qemu/qemu-utils_11.1.3%2bds-1_amd64.deb' "
+        "qemu-utils_1%3a11.1.3+ds-1_amd64.deb 1995168 \n"
+        "'http://m/debian/pool/main/z/zlib/zlib1g_1.3_amd64.deb' zlib1g_1.3_amd64.deb 10 "
+        "MD5Sum:00\n"
+    )
+    uris = parse_print_uris(out)
+    assert uris == [
+        ("http://m/debian/pool/main/q/qemu/qemu-utils_11.1.3%2bds-1_amd64.deb",
+         "qemu-utils_11.1.3+ds-1_amd64.deb", 1995168),
+        ("http://m/debian/pool/main/z/zlib/zlib1g_1.3_amd64.deb", "zlib1g_1.3_amd64.deb", 10),
+    ]
+    records = (
+        "Package: qemu-utils\nFilename: pool/main/q/qemu/qemu-utils_11.1.3+ds-1_amd64.deb\n"
+        "SHA256: AB12\nDescription: x\n more\n\nPackage: other\nFilename: pool/o.deb\n"
+    )
+    assert parse_sha256s(records) == {"qemu-utils_11.1.3+ds-1_amd64.deb": "ab12"}
+    with pytest.raises(EngineError):
+        parse_print_uris("'broken line\n")
+
+
+def test_qemu_probe_parsers() -> None:
+    assert parse_version("QEMU emulator version 11.1.3 (Debian 1:11.1.3+ds-1~bpo13+1)") == (
+        11, 1, 3)
+    assert parse_version("QEMU emulator version 10.1") == (10, 1, 0)
+    assert parse_version("nothing") is None
+    assert parse_help_names("Accelerators supported in QEMU binary:\ntcg\nkvm\n") == {
+        "tcg", "kvm"}
+    devices = 'name "vfio-user-pci", bus PCI, desc "x"\nname "virtio-net-pci", bus PCI\n'
+    assert parse_help_names(devices, prefix="name ") == {"vfio-user-pci", "virtio-net-pci"}
