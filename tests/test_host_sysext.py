@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from egpu.errors import HostError
 from egpu.host.device import DEFAULT_DEXT_BUNDLE_ID
@@ -60,3 +62,14 @@ def test_garbage_fixture() -> None:
 )
 def test_classify(bracket: str, want: str) -> None:
     assert classify(bracket) == want
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.text(alphabet=st.sampled_from(list("ab *\t[]().-/1 extension(s)---")),
+                        max_size=40), max_size=8))
+def test_hostile_listings_give_a_state_or_a_host_error(lines: list[str]) -> None:
+    try:
+        s = parse_systemextensions("\n".join(lines), DEFAULT_DEXT_BUNDLE_ID)
+    except HostError:
+        return
+    assert s.state in ("enabled", "waiting", "uninstalling", "inactive", "not-installed")

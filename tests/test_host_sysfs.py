@@ -8,6 +8,8 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from egpu.errors import HostError
 from egpu.host.facts import HostSource, discover, read_dev_vfio, vfio_pci_module_available
@@ -204,3 +206,20 @@ def test_vfio_module_lookup(tmp_path: Path) -> None:
     assert not vfio_pci_module_available(tmp_path, "6.1.0-test")
     (k / "modules.dep").write_text("kernel/drivers/vfio/pci/vfio-pci.ko: kernel/x.ko\n")
     assert vfio_pci_module_available(tmp_path, "6.1.0-test")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=300))
+def test_resource_text_is_parsed_or_refused(text: str) -> None:
+    try:
+        bars = parse_resource(text)
+    except ValueError:
+        return
+    assert all(0 <= i < 6 for i in bars)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=30))
+def test_link_speed_text_never_raises(text: str) -> None:
+    v = parse_link_speed(text)
+    assert v is None or 0 < v <= 1024
