@@ -17,8 +17,9 @@ import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
@@ -227,96 +228,99 @@ class RegistryClient:
         """
         url = f"{self.base}/blobs/{digest}"
         partial.parent.mkdir(parents=True, exist_ok=True)
-        hasher = hashlib.sha256()
-        have = _hash_existing(partial, size, hasher)
-        _check_free_space(partial.parent, size - have)
+        state = _Download(size=size)
+        state.have = _hash_existing(partial, size, state.hasher)
+        _check_free_space(partial.parent, size - state.have)
         progress.start(label, size)
-        progress.advance(have)
+        progress.advance(state.have)
         failures = 0
         try:
             with open(partial, "ab") as out:
-                while have < size:
-                    before = have
+                while state.have < size:
+                    before = state.have
                     try:
-                        have, hasher = self._fetch_range(
-                            url, digest, size, have, hasher, out, progress
-                        )
+                        self._fetch_range(url, digest, state, out, progress)
                     except httpx.TransportError as e:
                         error: Exception = e
                     else:
-                        if have >= size:
+                        if state.have >= size:
                             break
                         error = ConnectionError("connection closed before the blob was complete")
                     # Progress resets the count: only failures in a row with nothing gained add up.
-                    failures = 0 if have > before else failures + 1
+                    failures = 1 if state.have > before else failures + 1
                     if failures > len(self.retry_delays):
                         raise ImageError(
-                            f"download of {label} broke off at {have} of {size} bytes "
+                            f"download of {label} broke off at {state.have} of {size} bytes "
                             f"({_reason(error)}); run the pull again to resume",
                         ) from None
-                    self._sleep(self.retry_delays[max(failures - 1, 0)])
+                    self._sleep(self.retry_delays[failures - 1])
                 out.flush()
                 os.fsync(out.fileno())
         except OSError as e:
             raise _disk_error(e, partial) from None
         finally:
             progress.finish()
-        if hasher.hexdigest() != digest.hex:
+        if state.hasher.hexdigest() != digest.hex:
             partial.unlink(missing_ok=True)
             raise ImageError(
-                f"corrupted blob: {label} has sha256:{hasher.hexdigest()}, expected {digest}; "
-                "the bad download was removed"
+                f"corrupted blob: {label} has sha256:{state.hasher.hexdigest()}, "
+                f"expected {digest}; the bad download was removed"
             )
 
     def _fetch_range(
-        self,
-        url: str,
-        digest: Digest,
-        size: int,
-        have: int,
-        hasher: Any,
-        out: Any,
-        progress: Progress,
-    ) -> tuple[int, Any]:
-        """One GET of the blob from byte ``have``; returns the new count and hasher."""
-        headers = {"Range": f"bytes={have}-"} if have else {}
+        self, url: str, digest: Digest, state: _Download, out: BinaryIO, progress: Progress
+    ) -> None:
+        """One GET of the blob from byte ``state.have``, appending to ``out`` as bytes arrive.
+
+        ``state`` is updated chunk by chunk, so it is right even when the connection breaks.
+        """
+        headers = {"Range": f"bytes={state.have}-"} if state.have else {}
         with self._open(url, headers) as response:
             status = response.status_code
             if status == HTTP_PARTIAL:
                 start = _content_range_start(response.headers.get("content-range", ""))
-                if start != have:
+                if start != state.have:
                     raise ImageError(
                         f"registry {self.ref.api_host} answered a Range request with another range"
                     )
-            elif status == HTTP_OK:
-                if have:
-                    # The server ignored Range: the only safe thing is to start over.
-                    out.truncate(0)
-                    hasher = hashlib.sha256()
-                    progress.advance(-have)
-                    have = 0
-            elif status == HTTP_RANGE_NOT_SATISFIABLE:
-                out.truncate(0)
-                progress.advance(-have)
-                return 0, hashlib.sha256()
+            elif status in (HTTP_OK, HTTP_RANGE_NOT_SATISFIABLE):
+                # The server ignored (or refused) the Range: the only safe thing is to start over.
+                progress.advance(-state.have)
+                state.restart(out)
+                if status == HTTP_RANGE_NOT_SATISFIABLE:
+                    return
             elif status == HTTP_NOT_FOUND:
                 raise ImageError(f"registry has no blob {digest} for {self.ref.name}")
             elif status in (HTTP_UNAUTHORIZED, HTTP_FORBIDDEN):
                 raise self._denied()
             else:
                 raise ImageError(f"registry {self.ref.api_host} answered HTTP {status} for a blob")
-            for chunk in response.iter_raw(CHUNK_BYTES):
-                if have + len(chunk) > size:
-                    out.truncate(0)
+            # Unbuffered: every byte that arrived is kept, even when the connection then breaks.
+            for chunk in response.iter_raw():
+                if state.have + len(chunk) > state.size:
+                    state.restart(out)
                     raise ImageError(
-                        f"corrupted blob: registry sent more than the {size} bytes of {digest}"
+                        f"corrupted blob: registry sent over {state.size} bytes for {digest}"
                     )
                 out.write(chunk)
-                hasher.update(chunk)
-                have += len(chunk)
+                state.hasher.update(chunk)
+                state.have += len(chunk)
                 progress.advance(len(chunk))
             out.flush()
-        return have, hasher
+
+
+@dataclass
+class _Download:
+    """Where a blob download stands: bytes on disk and the hash of exactly those bytes."""
+
+    size: int
+    have: int = 0
+    hasher: Any = field(default_factory=hashlib.sha256)
+
+    def restart(self, out: BinaryIO) -> None:
+        out.truncate(0)
+        self.have = 0
+        self.hasher = hashlib.sha256()
 
 
 def _hash_existing(partial: Path, size: int, hasher: Any) -> int:

@@ -1,0 +1,120 @@
+"""Image commands: ``pull``, ``images``, ``prune``, ``reset``."""
+
+from __future__ import annotations
+
+import click
+
+from egpu.cli import output
+from egpu.errors import ConflictError
+from egpu.images.firmware import reset_disk_state
+from egpu.images.pull import DEFAULT_IMAGE, pull
+from egpu.images.store import ImageStore
+from egpu.paths import dirs
+from egpu.vm import store as vm_store
+from egpu.vm.lifecycle import ready_marker
+from egpu.vm.status import inspect
+
+SHORT_DIGEST = 19  # "sha256:" + 12 hex digits
+LIVE_STATES = ("running", "starting")
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{n} B"
+
+
+@click.command("pull")
+@click.argument("ref", required=False, default=DEFAULT_IMAGE)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def pull_command(ref: str, quiet: bool, as_json: bool) -> None:
+    """Download an image (default: the reference's docker-profile image) into the cache.
+
+    REF is registry/repository[:tag|@sha256:digest]. An interrupted pull resumes.
+    """
+    progress = output.BarProgress(quiet=quiet or as_json)
+    result = pull(ref, progress=progress)
+    if as_json:
+        output.emit_json(
+            {
+                "ref": result.ref,
+                "digest": str(result.manifest_digest),
+                "disk_digest": str(result.disk_digest),
+                "path": str(result.path),
+                "size": result.size,
+                "file_name": result.file_name,
+            }
+        )
+    elif not quiet:
+        output.out.print(f"{result.ref}: {result.file_name} ({_size(result.size)})")
+        output.out.print(f"  digest {result.manifest_digest}")
+        output.out.print(f"  path   {result.path}")
+
+
+@click.command("images")
+@click.option("--json", "as_json", is_flag=True, help="Print the list as JSON.")
+def images_command(as_json: bool) -> None:
+    """List cached images and the VMs whose overlays use them."""
+    images = ImageStore().images(dirs().vms, vm_store.OVERLAY)
+    if as_json:
+        output.emit_json([i.to_json() for i in images])
+        return
+    rows = [
+        (
+            i.ref or "(older base)",
+            i.digest[:SHORT_DIGEST],
+            _size(i.size),
+            ", ".join(i.used_by) or None,
+            i.path,
+        )
+        for i in images
+    ]
+    output.table(("REF", "DIGEST", "SIZE", "USED BY", "PATH"), rows)
+
+
+@click.command("prune")
+@click.option("--json", "as_json", is_flag=True, help="Print what was removed as JSON.")
+def prune_command(as_json: bool) -> None:
+    """Delete cached images that no VM overlay uses."""
+    removed = ImageStore().prune(dirs().vms, vm_store.OVERLAY)
+    if as_json:
+        output.emit_json([i.to_json() for i in removed])
+        return
+    for i in removed:
+        output.out.print(f"removed {i.ref or i.disk_digest} ({_size(i.size)})")
+    if not removed:
+        output.notice("nothing to prune")
+
+
+@click.command("reset")
+@click.argument("name")
+@click.option("--yes", "-y", is_flag=True, help="Do not ask for confirmation.")
+def reset_command(name: str, yes: bool) -> None:
+    """Delete a VM's overlay and EFI vars: its next run starts from the pristine image."""
+    vm = vm_store.VmDir(name).require()
+    state = inspect(vm, ready_marker()).state
+    if state in LIVE_STATES:
+        raise ConflictError(f"VM {name!r} is {state}", hint=f"stop it first: egpu stop {name}")
+    targets = [vm.file(f) for f in (vm_store.OVERLAY, vm_store.EFI_VARS) if vm.file(f).exists()]
+    if not targets:
+        output.notice(f"VM {name!r} has no overlay or EFI vars to reset")
+        return
+    if not yes:
+        click.confirm(
+            f"Delete {', '.join(t.name for t in targets)} of VM {name!r}? "
+            "Everything written to its disk is lost",
+            abort=True,
+            err=True,
+        )
+    for path in reset_disk_state(vm.path, (vm_store.OVERLAY, vm_store.EFI_VARS)):
+        output.out.print(f"removed {path}")
+
+
+def register(group: click.Group) -> None:
+    """Add this module's commands to the root group."""
+    for command in (pull_command, images_command, prune_command, reset_command):
+        group.add_command(command)

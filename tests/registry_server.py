@@ -1,0 +1,400 @@
+"""A real OCI registry on loopback for the image tests, a push helper, and a byte-counting proxy.
+
+The registry is Debian's ``docker-registry`` (distribution 2.8), configured with storage in a
+temporary directory and ``http.addr`` on 127.0.0.1. Pushing uses the distribution API directly
+(monolithic blob upload: POST then PUT ?digest=, manifest PUT) so the tests need no other tool.
+The proxy forwards raw TCP to the registry, counts the bytes the registry sent back, and can cut
+a connection after N bytes or slow the stream down, to break downloads in controlled ways.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+REGISTRY_BIN = "docker-registry"
+START_TIMEOUT = 30.0
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_EMPTY = "application/vnd.oci.empty.v1+json"
+QCOW2 = "application/vnd.scottjg.qemu-vfio.qcow2"
+IMAGE_JSON = "application/vnd.scottjg.qemu-vfio.image.manifest.v1+json"
+ARTIFACT_TYPE = "application/vnd.scottjg.qemu-vfio.image.v1"
+TITLE = "org.opencontainers.image.title"
+
+CONFIG = """\
+version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: {root}
+  delete:
+    enabled: true
+http:
+  addr: 127.0.0.1:{port}
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Registry:
+    """A running docker-registry process."""
+
+    host: str  # 127.0.0.1:PORT
+    root: Path
+    process: subprocess.Popen[bytes]
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}"
+
+    def blob_file(self, digest: str) -> Path:
+        """Where the registry keeps a blob's bytes (to tamper with them)."""
+        hex_ = digest.split(":", 1)[1]
+        return self.root / "docker/registry/v2/blobs/sha256" / hex_[:2] / hex_ / "data"
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def start_registry(workdir: Path) -> Registry:
+    """Start docker-registry on a free loopback port; returns once /v2/ answers."""
+    exe = shutil.which(REGISTRY_BIN)
+    if exe is None:
+        pytest.fail(f"{REGISTRY_BIN} is not installed (listed in tests/apt-packages.txt)")
+    root = workdir / "storage"
+    root.mkdir(parents=True)
+    port = free_port()
+    config = workdir / "config.yml"
+    config.write_text(CONFIG.format(root=root, port=port))
+    log = open(workdir / "registry.log", "wb")  # noqa: SIM115 - lives as long as the process
+    proc = subprocess.Popen([exe, "serve", str(config)], stdout=log, stderr=subprocess.STDOUT)
+    host = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + START_TIMEOUT
+    while True:
+        try:
+            if httpx.get(f"http://{host}/v2/", timeout=2).status_code == 200:
+                return Registry(host, root, proc)
+        except httpx.TransportError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"docker-registry did not start: {(workdir / 'registry.log').read_text()}")
+        time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
+    reg = start_registry(tmp_path_factory.mktemp("registry"))
+    yield reg
+    reg.stop()
+
+
+def sha256_digest(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def push_blob(host: str, repo: str, data: bytes) -> str:
+    """Upload one blob monolithically; returns its digest."""
+    digest = sha256_digest(data)
+    with httpx.Client(base_url=f"http://{host}", timeout=30) as c:
+        r = c.post(f"/v2/{repo}/blobs/uploads/")
+        assert r.status_code == 202, r.text
+        location = r.headers["location"]
+        sep = "&" if "?" in location else "?"
+        r = c.put(
+            f"{location}{sep}digest={digest}",
+            content=data,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        assert r.status_code == 201, r.text
+    return digest
+
+
+def push_manifest(host: str, repo: str, tag: str, manifest: dict[str, Any]) -> str:
+    """PUT a manifest under a tag; returns its digest."""
+    body = json.dumps(manifest).encode()
+    r = httpx.put(
+        f"http://{host}/v2/{repo}/manifests/{tag}",
+        content=body,
+        headers={"Content-Type": manifest["mediaType"]},
+        timeout=30,
+    )
+    assert r.status_code == 201, r.text
+    return sha256_digest(body)
+
+
+def descriptor(media_type: str, data: bytes, **annotations: str) -> dict[str, Any]:
+    d: dict[str, Any] = {"mediaType": media_type, "digest": sha256_digest(data), "size": len(data)}
+    if annotations:
+        d["annotations"] = annotations
+    return d
+
+
+@dataclass
+class Pushed:
+    """What a push helper put in the registry."""
+
+    ref: str
+    manifest_digest: str
+    disk: bytes
+    disk_digest: str
+    metadata_digest: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def push_reference_image(
+    host: str,
+    repo: str,
+    tag: str,
+    disk: bytes,
+    *,
+    file_name: str = "disk.qcow2",
+    metadata: dict[str, Any] | None = None,
+) -> Pushed:
+    """Push the reference project's layout: qcow2 layer + JSON layer, artifactType set."""
+    meta = (
+        metadata
+        if metadata is not None
+        else {
+            "name": repo.rsplit("/", 1)[-1],
+            "artifact": file_name,
+            "sha256": hashlib.sha256(disk).hexdigest(),
+            "features": ["docker"],
+        }
+    )
+    meta_bytes = json.dumps(meta).encode()
+    empty = b"{}"
+    push_blob(host, repo, empty)
+    disk_digest = push_blob(host, repo, disk)
+    meta_digest = push_blob(host, repo, meta_bytes)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "artifactType": ARTIFACT_TYPE,
+        "config": descriptor(OCI_EMPTY, empty),
+        "layers": [
+            descriptor(QCOW2, disk, **{TITLE: file_name}),
+            descriptor(IMAGE_JSON, meta_bytes, **{TITLE: "manifest.json"}),
+        ],
+    }
+    digest = push_manifest(host, repo, tag, manifest)
+    return Pushed(f"{host}/{repo}:{tag}", digest, disk, disk_digest, meta_digest)
+
+
+def push_plain_image(
+    host: str,
+    repo: str,
+    tag: str,
+    disk: bytes,
+    *,
+    media_type: str = "application/octet-stream",
+    title: str = "plain.qcow2",
+) -> Pushed:
+    """Push a plain artifact whose only layer is the qcow2 (as ``oras push`` makes)."""
+    empty = b"{}"
+    push_blob(host, repo, empty)
+    disk_digest = push_blob(host, repo, disk)
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": descriptor(OCI_EMPTY, empty),
+        "layers": [descriptor(media_type, disk, **{TITLE: title})],
+    }
+    digest = push_manifest(host, repo, tag, manifest)
+    return Pushed(f"{host}/{repo}:{tag}", digest, disk, disk_digest)
+
+
+def push_layers(host: str, repo: str, tag: str, layers: list[tuple[str, bytes]]) -> str:
+    """Push an artifact with arbitrary layers (for unknown-layout cases)."""
+    empty = b"{}"
+    push_blob(host, repo, empty)
+    descs = []
+    for media_type, data in layers:
+        push_blob(host, repo, data)
+        descs.append(descriptor(media_type, data))
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": descriptor(OCI_EMPTY, empty),
+        "layers": descs,
+    }
+    return push_manifest(host, repo, tag, manifest)
+
+
+def make_qcow2(
+    qemu_img: list[str], env: dict[str, str], workdir: Path, mib: int, seed: int
+) -> bytes:
+    """A real qcow2 (from qemu-img) holding ``mib`` MiB of pseudo-random data."""
+    raw = workdir / f"disk-{seed}.raw"
+    out = workdir / f"disk-{seed}.qcow2"
+    raw.write_bytes(_pseudo_random(mib * 1024 * 1024, seed))
+    subprocess.run(
+        [*qemu_img, "convert", "-f", "raw", "-O", "qcow2", str(raw), str(out)],
+        check=True,
+        env={**os.environ, **env},
+        capture_output=True,
+    )
+    raw.unlink()
+    return out.read_bytes()
+
+
+def _pseudo_random(n: int, seed: int) -> bytes:
+    # Incompressible, so the qcow2 is as large as asked; reproducible from the seed.
+    return random.Random(seed).randbytes(n)
+
+
+class CountingProxy:
+    """A loopback TCP proxy in front of the registry that counts and can cut or slow the stream.
+
+    ``served`` counts bytes sent from the registry to clients over the proxy's lifetime;
+    ``cut_after`` closes the connection carrying the byte that crosses that count (once);
+    ``delay`` sleeps between forwarded chunks of ``chunk`` bytes (to keep a pull running).
+    """
+
+    def __init__(
+        self,
+        upstream: str,
+        *,
+        cut_after: int | None = None,
+        delay: float = 0.0,
+        chunk: int = 64 * 1024,
+    ) -> None:
+        host, port = upstream.rsplit(":", 1)
+        self.upstream = (host, int(port))
+        self.cut_after = cut_after
+        self.delay = delay
+        self.chunk = chunk
+        self.served = 0
+        self.cuts = 0
+        self.requests: list[bytes] = []
+        self._lock = threading.Lock()
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.port = self._server.getsockname()[1]
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def reset(self, *, cut_after: int | None = None, delay: float = 0.0) -> None:
+        with self._lock:
+            self.served = 0
+            self.cut_after = cut_after
+            self.delay = delay
+            self.requests.clear()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._server.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            try:
+                upstream = socket.create_connection(self.upstream)
+            except OSError:
+                client.close()
+                continue
+            threading.Thread(target=self._up, args=(client, upstream), daemon=True).start()
+            threading.Thread(target=self._down, args=(client, upstream), daemon=True).start()
+
+    def _up(self, client: socket.socket, upstream: socket.socket) -> None:
+        try:
+            while data := client.recv(65536):
+                with self._lock:
+                    self.requests.append(data)
+                upstream.sendall(data)
+        except OSError:
+            pass
+        finally:
+            _shut(upstream)
+
+    def _down(self, client: socket.socket, upstream: socket.socket) -> None:
+        try:
+            while data := upstream.recv(self.chunk):
+                with self._lock:
+                    cut = self.cut_after
+                    if cut is not None and self.served + len(data) >= cut:
+                        data = data[: cut - self.served]
+                        self.cut_after = None
+                        self.cuts += 1
+                        self.served += len(data)
+                        client.sendall(data)
+                        break
+                    self.served += len(data)
+                    delay = self.delay
+                client.sendall(data)
+                if delay:
+                    time.sleep(delay)
+        except OSError:
+            pass
+        finally:
+            _shut(client)
+            _shut(upstream)
+
+    def range_requests(self) -> list[str]:
+        """The Range headers clients sent, in order."""
+        text = b"".join(self.requests).decode("latin-1")
+        return [
+            line.split(":", 1)[1].strip()
+            for line in text.split("\r\n")
+            if line.lower().startswith("range:")
+        ]
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    sock.close()
+
+
+# -- qemu-img from the engine -------------------------------------------------------------------
+
+# Where a hand-unpacked QEMU lives when no engine is provisioned (the one line to change).
+FALLBACK_ROOT = Path("/tmp/aptt/root")
+
+
+def engine_tool(name: str) -> tuple[list[str], dict[str, str]]:
+    """argv prefix and environment of an engine program (qemu-img, qemu-io)."""
+    from egpu.engine.qemu import Engine, find_engine
+    from egpu.errors import EngineError
+
+    try:
+        engine = find_engine()
+    except EngineError:
+        engine = Engine("private", FALLBACK_ROOT / "usr/bin", root=FALLBACK_ROOT)
+    return engine.program(name), engine.env()
