@@ -241,3 +241,18 @@ def test_screenshot_request_to_a_dead_server(tmp_path: Path) -> None:
     os.waitpid(pid, 0)
     with pytest.raises(DeviceServerError, match="not running"):
         request_screenshot(pid, tmp_path / "r", tmp_path / "o.png", timeout=1)
+
+
+def test_last_visible_picture_survives_blanking_and_reset(fn: DisplayFunction) -> None:
+    bochs_modeset(fn, 8, 8)
+    fn.framebuffer.map[0:4] = bytes([255, 255, 255, 0])
+    vga_read(fn, 0x3DA)
+    vga_write(fn, 0x3C0, 0x00)  # the guest blanks as it shuts down
+    assert is_blank(fn.screenshot())
+    kept = fn.screenshot(last_visible=True)
+    assert kept.size == (8, 8) and kept.getpixel((0, 0)) == (255, 255, 255)
+    fn.framebuffer.map[0:4] = bytes(4)  # later VRAM changes do not alter the kept picture
+    fn.reset()
+    assert fn.screenshot(last_visible=True).getpixel((0, 0)) == (255, 255, 255)
+    bochs_modeset(fn, 8, 8)  # visible again: last_visible means the live picture
+    assert is_blank(fn.screenshot(last_visible=True))

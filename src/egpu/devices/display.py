@@ -359,6 +359,7 @@ class DisplayFunction(PciFunction):
         # Re-entrant: the screenshot signal handler runs on the server's thread, possibly while it
         # is inside a register write.
         self._lock = threading.RLock()
+        self._last_visible: Image.Image | None = None
 
     def describe(self) -> DeviceDescription:
         """Config space, the mmappable VRAM BAR and the register BAR; ERR/REQ lines only."""
@@ -392,31 +393,52 @@ class DisplayFunction(PciFunction):
             self.framebuffer.map[offset:offset + len(data)] = data
         elif index == MMIO_BAR:
             with self._lock:
-                before = self.registers.clear_requests
+                clears = self.registers.clear_requests
+                shown = self.registers.mode()
                 self.registers.write(offset, data)
-                if self.registers.clear_requests != before:
+                self._remember_if_hidden(shown)
+                if self.registers.clear_requests != clears:
                     self.framebuffer.clear()
+
+    def _remember_if_hidden(self, shown: ScanoutMode | None) -> None:
+        # A guest that shuts down blanks its display first (bochs' CRTC disable): keep the last
+        # picture it showed so the host can still see what was drawn (a self-test's console).
+        if shown is None or not shown.visible:
+            return
+        now = self.registers.mode()
+        if now is None or not now.visible:
+            self._last_visible = render(self.framebuffer.map, shown)
 
     def reset(self) -> None:
         """Device reset: registers to power-on values (VRAM content stays, as on hardware)."""
         super().reset()
         with self._lock:
+            shown = self.registers.mode()
             self.registers.reset()
+            self._remember_if_hidden(shown)
 
     def mode(self) -> ScanoutMode | None:
         """The current scanout."""
         with self._lock:
             return self.registers.mode()
 
-    def screenshot(self) -> Image.Image:
-        """What the guest shows now, as an RGB image."""
-        return render(self.framebuffer.map, self.mode())
+    def screenshot(self, last_visible: bool = False) -> Image.Image:
+        """What the guest shows now, as an RGB image.
 
-    def write_screenshot(self, path: Path) -> None:
-        """Write the current picture as PNG to ``path`` (atomically)."""
+        With ``last_visible``, a display that is off or blanked gives instead the last picture it
+        showed before that (when there was one): what a guest drew before it shut down.
+        """
+        with self._lock:
+            mode = self.registers.mode()
+            if last_visible and (mode is None or not mode.visible) and self._last_visible:
+                return self._last_visible.copy()
+            return render(self.framebuffer.map, mode)
+
+    def write_screenshot(self, path: Path, last_visible: bool = False) -> None:
+        """Write the picture (see :meth:`screenshot`) as PNG to ``path``, atomically."""
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         try:
-            self.screenshot().save(tmp, format="PNG")
+            self.screenshot(last_visible).save(tmp, format="PNG")
             os.replace(tmp, path)
         except OSError as e:
             with contextlib.suppress(OSError):
@@ -439,7 +461,8 @@ def create(vram: str | int = DEFAULT_VRAM, multifunction: bool | str = True,
 
 # -- screenshot requests between processes -------------------------------------------------------
 #
-# Protocol: the client writes the absolute output path into ``<request>`` (atomically), then sends
+# Protocol: the client writes the absolute output path into ``<request>`` (atomically; a second
+# line ``last-visible`` asks for :meth:`DisplayFunction.screenshot`'s last_visible), then sends
 # SCREENSHOT_SIGNAL to the server. The server renders to that path and replaces ``<request>``'s
 # sibling ``<request>.done`` with "ok" or "error: <message>", then removes ``<request>``. A lock
 # file ``<request>.lock`` serialises clients. Signals are coalesced by the kernel, which is fine:
@@ -447,6 +470,7 @@ def create(vram: str | int = DEFAULT_VRAM, multifunction: bool | str = True,
 
 SCREENSHOT_SIGNAL = signal.SIGUSR1
 SCREENSHOT_POLL = 0.02
+LAST_VISIBLE = "last-visible"
 
 
 def _done_path(request: Path) -> Path:
@@ -456,13 +480,14 @@ def _done_path(request: Path) -> Path:
 def answer_screenshot_request(function: DisplayFunction, request: Path) -> None:
     """Serve the pending request at ``request`` (called from the signal handler)."""
     try:
-        target = Path(request.read_text(encoding="utf-8").strip())
-    except OSError:
-        return  # no request pending: a stray signal
+        lines = request.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return  # no request pending (a stray signal) or garbage
     try:
+        target = Path(lines[0].strip()) if lines else Path()
         if not target.is_absolute():
             raise DeviceServerError(f"screenshot path {target} is not absolute")
-        function.write_screenshot(target)
+        function.write_screenshot(target, last_visible=LAST_VISIBLE in lines[1:])
         answer = "ok"
     except DeviceServerError as e:
         answer = f"error: {e}"
@@ -488,9 +513,13 @@ def serve_screenshots(function: DisplayFunction, request: Path) -> None:
         log.warning("display: screenshots unavailable (server not in the main thread)")
 
 
-def request_screenshot(server_pid: int, request: Path, output: Path, timeout: float = 10.0
-                       ) -> None:
-    """Ask the display server ``server_pid`` to write a PNG to ``output``; waits for it."""
+def request_screenshot(server_pid: int, request: Path, output: Path, timeout: float = 10.0,
+                       *, last_visible: bool = False) -> None:
+    """Ask the display server ``server_pid`` to write a PNG to ``output``; waits for it.
+
+    ``last_visible``: when the guest display is off or blanked now (a guest that powered off),
+    get the last picture it showed instead of black.
+    """
     output = output.resolve()
     lock_path = request.with_name(request.name + ".lock")
     try:
@@ -503,7 +532,8 @@ def request_screenshot(server_pid: int, request: Path, output: Path, timeout: fl
         with contextlib.suppress(FileNotFoundError):
             done.unlink()
         tmp = request.with_name(request.name + ".tmp")
-        tmp.write_text(f"{output}\n", encoding="utf-8")
+        tmp.write_text(f"{output}\n{LAST_VISIBLE if last_visible else ''}\n",
+                       encoding="utf-8")
         os.replace(tmp, request)
         try:
             os.kill(server_pid, SCREENSHOT_SIGNAL)

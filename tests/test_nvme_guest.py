@@ -1,0 +1,178 @@
+"""The virtual eGPU in a real guest: real QEMU (TCG) attaches both functions through
+``vfio-user-pci`` at one multifunction slot, served by ``egpu vfio-user serve`` processes, and the
+built-in guest's real kernel drivers (nvme, bochs) bind them and run the self-checks.
+
+Beyond the guest's own verdict, the host checks what the guest could not: the data the guest
+wrote through the NVMe function is in the backing file, and a screenshot of the display (taken
+from the still-running display server after the guest powered off) shows the console.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from egpu.devices.display import request_screenshot
+from egpu.engine.qemu import find_engine
+from egpu.guest import protocol
+from egpu.guest.assets import ensure_guest
+
+pytestmark = pytest.mark.qemu
+
+SLOT = "0x5"
+NVME_SIZE = "256M"
+BOOT_TIMEOUT = 240
+MIB = 1 << 20
+
+
+@dataclass
+class Card:
+    """The two device servers of one virtual eGPU."""
+
+    dir: Path
+    display: subprocess.Popen[bytes]
+    nvme: subprocess.Popen[bytes]
+
+    @property
+    def backing(self) -> Path:
+        return self.dir / "nvme.img"
+
+    @property
+    def screenshot_request(self) -> Path:
+        return self.dir / "screenshot.request"
+
+    def device_args(self) -> list[str]:
+        args = []
+        for fn, name in ((0, "display"), (1, "nvme")):
+            dev: dict[str, object] = {
+                "driver": "vfio-user-pci",
+                "socket": {"type": "unix", "path": str(self.dir / f"{name}.sock")},
+                "addr": f"{SLOT}.{fn}",
+            }
+            if fn == 0:
+                dev["multifunction"] = True
+            args += ["-device", json.dumps(dev)]
+        return args
+
+
+def _serve(d: Path, function: str, *options: str) -> subprocess.Popen[bytes]:
+    argv = [sys.executable, "-m", "egpu", "vfio-user", "serve", "--socket",
+            str(d / f"{function}.sock"), "--function", function]
+    for o in options:
+        argv += ["-o", o]
+    with open(d / f"{function}.log", "wb") as log:
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=log)
+
+
+@pytest.fixture
+def card(egpu_home: Path) -> Iterator[Card]:
+    d = egpu_home / "card"
+    d.mkdir(mode=0o700)
+    c = Card(d, _serve(d, "display", f"screenshot_request={d / 'screenshot.request'}"),
+             _serve(d, "nvme", f"backing={d / 'nvme.img'}", f"size={NVME_SIZE}"))
+    try:
+        deadline = time.monotonic() + 30
+        while not all((d / f"{n}.sock").exists() for n in ("display", "nvme")):
+            for p, n in ((c.display, "display"), (c.nvme, "nvme")):
+                assert p.poll() is None, (d / f"{n}.log").read_text()
+            assert time.monotonic() < deadline, "device servers did not start"
+            time.sleep(0.05)
+        yield c
+    finally:
+        for p in (c.display, c.nvme):
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in (c.display, c.nvme):
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def boot_selftest(arch: str, card: Card, extra: tuple[str, ...] = ()) -> protocol.SelfTestResult:
+    """Boot the built-in guest with the card attached, run its self-test, return the verdict."""
+    guest = ensure_guest(arch)
+    engine = find_engine()
+    append = protocol.kernel_cmdline(guest, selftest=True, cpus=2, memory_mib=512, extra=extra)
+    argv = [
+        *engine.qemu(arch), "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", "2",
+        "-object", "memory-backend-memfd,id=ram0,size=512M,share=on",
+        "-machine", ("virt,highmem=on" if arch == "aarch64" else "q35") + ",memory-backend=ram0",
+        "-m", "512M", "-kernel", str(guest.kernel), "-initrd", str(guest.initramfs),
+        "-append", append, *card.device_args(),
+        "-display", "none", "-nodefaults", "-no-user-config", "-serial", "stdio", "-no-reboot",
+    ]
+    proc = subprocess.run(argv, env={**os.environ, **engine.env()}, capture_output=True,
+                          timeout=BOOT_TIMEOUT, check=False)
+    console = proc.stdout.decode(errors="replace")
+    result = protocol.parse_selftest(console)
+    assert result is not None, f"no self-test result; QEMU said: {proc.stderr.decode()[-2000:]}"
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    return result
+
+
+def checks_of(result: protocol.SelfTestResult) -> dict[str, tuple[bool, str]]:
+    return {c.name: (c.ok, c.detail) for c in result.checks}
+
+
+def assert_nvme_data_in_backing(card: Card, detail: str, mib: int) -> None:
+    """The sha256 the guest reported is what lies in the backing file at 1 MiB."""
+    m = re.search(r"sha256=([0-9a-f]{64})", detail)
+    assert m, detail
+    with open(card.backing, "rb") as f:
+        f.seek(1 * MIB)
+        assert hashlib.sha256(f.read(mib * MIB)).hexdigest() == m.group(1)
+
+
+def lit_pixels(path: Path) -> int:
+    with Image.open(path) as image:
+        grey = image.convert("L")
+        return sum(grey.histogram()[1:])
+
+
+def test_both_functions_bind_and_work_aarch64(card: Card) -> None:
+    result = boot_selftest("aarch64", card, ("egpu.nvme_mib=16",))
+    checks = checks_of(result)
+    assert checks["nvme"][0], checks["nvme"][1]
+    assert checks["display"][0], checks["display"][1]
+    assert "bochs" in checks["display"][1] and "1024,768" in checks["display"][1]
+    assert_nvme_data_in_backing(card, checks["nvme"][1], 16)
+    # The guest blanked its display as it powered off: now it shows nothing...
+    shot = card.dir / "shot.png"
+    request_screenshot(card.display.pid, card.screenshot_request, shot, timeout=20)
+    assert lit_pixels(shot) == 0
+    # ...but the display server outlives its client and kept the last picture: the console.
+    request_screenshot(card.display.pid, card.screenshot_request, shot, timeout=20,
+                       last_visible=True)
+    with Image.open(shot) as image:
+        assert image.size == (1024, 768)
+    assert lit_pixels(shot) > 500  # text, not just a cursor
+    # The backing file stays sparse: only what the guest wrote (and the kernel probed) is there.
+    assert os.stat(card.backing).st_blocks * 512 < 64 * MIB
+
+
+def test_same_servers_serve_a_second_boot_x86_64(card: Card) -> None:
+    first = checks_of(boot_selftest("x86_64", card))
+    assert first["nvme"][0] and first["display"][0], first
+    # QEMU is gone; the servers keep their device state and accept the next client, whose
+    # driver must take the controller and the display over from a previous owner.
+    second = checks_of(boot_selftest("x86_64", card))
+    assert second["nvme"][0], second["nvme"][1]
+    assert second["display"][0], second["display"][1]
+    assert_nvme_data_in_backing(card, second["nvme"][1], 8)
+    assert card.nvme.poll() is None and card.display.poll() is None
+    for name in ("display", "nvme"):
+        assert "Traceback" not in (card.dir / f"{name}.log").read_text()
