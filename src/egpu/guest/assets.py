@@ -139,7 +139,14 @@ def ensure_guest(arch: str, progress: Progress | None = None) -> GuestAssets:
 
 def _kernel_image_package(archive: debpkg.DebianArchive, debarch: str) -> str:
     """See through ``linux-image-<arch>`` to the versioned image package it depends on."""
-    for dep in archive.depends(f"linux-image-{debarch}:{debarch}"):
+    try:
+        deps = archive.depends(f"linux-image-{debarch}:{debarch}")
+    except EgpuError as e:
+        # apt-get update reports an unreachable mirror only as a warning; this is where it shows
+        raise GuestError(f"linux-image-{debarch} is not in the Debian {'/'.join(SUITES)} index",
+                         hint=f"check access to the Debian mirror (or set {debpkg.MIRROR_ENV})",
+                         ) from e
+    for dep in deps:
         name = dep.split(":", 1)[0].strip("<> ")
         if _IMAGE_PACKAGE.match(name):
             return name

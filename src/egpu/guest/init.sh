@@ -69,13 +69,20 @@ for dev in /sys/class/net/*; do
     udhcpc -b -q -i "$iface" -s /run/udhcpc.sh >/dev/null 2>&1
 done
 
-# on a line of its own even if something left the cursor mid-line
-printf '\n%s\n' "$READY_MARKER"
-
+# Every /checks/NN-<name>.sh in order, or with egpu.checks=a,b only those (the host asks for the
+# checks that fit the machine it built: no nvme check without the virtual eGPU). A requested
+# check that does not exist fails.
 run_checks() {
+    wanted=",${EGPU_CHECKS:-},"
     for script in /checks/*.sh; do
         [ -f "$script" ] || continue
         name=${script##*/}; name=${name%.sh}; name=${name#[0-9][0-9]-}
+        if [ -n "$EGPU_CHECKS" ]; then
+            case "$wanted" in
+                *",$name,"*) wanted=${wanted//,$name,/,} ;;
+                *) continue ;;
+            esac
+        fi
         out=$(timeout "$CHECK_TIMEOUT" sh "$script" 2>&1)
         rc=$?
         echo "$out" > /dev/console
@@ -84,6 +91,9 @@ run_checks() {
         else
             echo "CHECK $name fail script exited with status $rc and reported nothing"
         fi
+    done
+    for name in $(echo "$wanted" | tr ',' ' '); do
+        echo "CHECK $name fail no such check in this guest"
     done
 }
 
@@ -109,6 +119,7 @@ to_json() {
 }
 
 if [ "$EGPU_SELFTEST" = 1 ]; then
+    printf '\n%s\n' "$READY_MARKER"
     result=$(run_checks | to_json)
     # keep kernel messages off the console while the result line goes out
     echo 1 > /proc/sys/kernel/printk
@@ -117,11 +128,27 @@ if [ "$EGPU_SELFTEST" = 1 ]; then
     poweroff -f
 fi
 
+# Power button -> clean poweroff. busybox acpid maps KEY_POWER from any /dev/input/event* to
+# "PWRF" and runs /etc/acpi/PWRF/00000080; poweroff asks init (PID 1) to stop everything.
+# acpid opens the event devices only as it starts, so the ready marker waits until it holds
+# them: a host that sends system_powerdown right after the marker is never ignored.
 mkdir -p /etc/acpi/PWRF
 printf '#!/bin/sh\nexec poweroff\n' > /etc/acpi/PWRF/00000080
 chmod 755 /etc/acpi/PWRF/00000080
+acpid -f -l /run/acpid.log &
+acpid_pid=$!
+if ls /dev/input/event* >/dev/null 2>&1; then
+    tries=0
+    until ls -l "/proc/$acpid_pid/fd" 2>/dev/null | grep -q /dev/input/event; do
+        tries=$((tries + 1)); [ "$tries" -gt 50 ] && break
+        usleep 100000
+    done
+fi
+# (the marker goes on a line of its own even if something left the cursor mid-line)
+printf '\n%s\n' "$READY_MARKER"
+
+# busybox init as PID 1 from here: a respawning shell on the console, clean shutdown
 cat > /etc/inittab <<'EOF'
-::respawn:/sbin/acpid -f
 ::respawn:/bin/cttyhack /bin/sh -l
 ::shutdown:/bin/umount -a -r
 EOF

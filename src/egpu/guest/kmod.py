@@ -19,6 +19,7 @@ _EHDR_SHOFF = struct.Struct("<Q")
 _EHDR_SHOFF_AT = 0x28
 _EHDR_SH = struct.Struct("<HHH")
 _EHDR_SH_AT = 0x3A
+_EHDR_SIZE = 0x40
 # Elf64_Shdr: name, type, flags, addr, offset, size, link, info, addralign, entsize
 _SHDR = struct.Struct("<IIQQQQIIQQ")
 MODINFO_SECTION = b".modinfo"
@@ -49,7 +50,8 @@ def module_name_from_path(path: str) -> str:
 
 
 def _modinfo_section(elf: bytes) -> bytes:
-    if elf[:4] != ELF_MAGIC or elf[4] != ELFCLASS64 or elf[5] != ELFDATA2LSB:
+    if len(elf) < _EHDR_SIZE or elf[:4] != ELF_MAGIC or elf[4] != ELFCLASS64 \
+            or elf[5] != ELFDATA2LSB:
         raise ValueError("not a little-endian ELF64 file")
     (shoff,) = _EHDR_SHOFF.unpack_from(elf, _EHDR_SHOFF_AT)
     shentsize, shnum, shstrndx = _EHDR_SH.unpack_from(elf, _EHDR_SH_AT)
@@ -60,6 +62,8 @@ def _modinfo_section(elf: bytes) -> bytes:
     strtab = elf[strtab_off:strtab_off + strtab_size]
     for h in headers:
         name_end = strtab.find(b"\0", h[0])
+        if name_end < 0:
+            continue
         if strtab[h[0]:name_end] == MODINFO_SECTION:
             off, size = h[4], h[5]
             if off + size > len(elf):

@@ -1,0 +1,119 @@
+"""Assembling the built-in guest from real Debian packages, and its cache."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from egpu.debpkg import MIRROR_ENV
+from egpu.errors import GuestError
+from egpu.guest import assets, cpio, kmod
+from egpu.guest.protocol import ARCHES
+from egpu.paths import CACHE_ENV
+from guest_helpers import shared_cache
+
+UNREACHABLE_MIRROR = "http://127.0.0.1:9/debian"
+
+
+@pytest.fixture(scope="module", params=ARCHES)
+def built(request: pytest.FixtureRequest) -> assets.GuestAssets:
+    # the module-scoped fixture runs before the per-test EGPU_HOME one: use the shared cache
+    with shared_cache():
+        return assets.ensure_guest(request.param)
+
+
+def members(a: assets.GuestAssets) -> dict[str, cpio.Entry]:
+    return {e.name: e for e in cpio.parse(gzip.decompress(a.initramfs.read_bytes()))}
+
+
+def test_assets_are_complete(built: assets.GuestAssets) -> None:
+    assert built.kernel.stat().st_size > 1 << 20
+    assert built.kernel_version.startswith("6.12.")
+    assert built.console == {"aarch64": "ttyAMA0", "x86_64": "ttyS0"}[built.arch]
+    m = members(built)
+    assert stat.S_ISREG(m["init"].mode) and m["init"].mode & 0o111
+    assert m["init"].data.startswith(b"#!/bin/sh")
+    assert m["bin/busybox"].data[:4] == b"\x7fELF"
+    machine = int.from_bytes(m["bin/busybox"].data[18:20], "little")  # ELF e_machine
+    assert machine == {"aarch64": 183, "x86_64": 62}[built.arch]
+    assert stat.S_ISLNK(m["bin/sh"].mode)
+    console, null = m["dev/console"], m["dev/null"]
+    assert stat.S_ISCHR(console.mode) and (console.rdev_major, console.rdev_minor) == (5, 1)
+    assert stat.S_ISCHR(null.mode) and (null.rdev_major, null.rdev_minor) == (1, 3)
+    assert any(n.startswith("checks/") and n.endswith(".sh") for n in m)
+
+
+def test_modules_are_decompressed_and_in_dependency_order(built: assets.GuestAssets) -> None:
+    m = members(built)
+    order = m[assets.GUEST_MODULE_LIST].data.decode().split()
+    assert tuple(order) == built.modules
+    for wanted in ("nvme", "bochs", "virtio_blk", "virtio_net", "virtio_rng", "ext4", "evdev",
+                   "vfio_pci", "gpio_keys"):
+        assert wanted in order
+    if built.arch == "x86_64":
+        assert "button" in order  # the ACPI power button is modular on amd64
+    seen: set[str] = set()
+    for name in order:
+        elf = m[f"{assets.GUEST_MODULE_DIR}/{name}.ko"].data
+        info = kmod.parse_modinfo(elf, name)  # raises unless it is an uncompressed module
+        assert info.name == name
+        for dep in info.depends:
+            assert dep in seen, f"{name} needs {dep} loaded first"
+        seen.add(name)
+
+
+def test_manifest_records_the_build(built: assets.GuestAssets) -> None:
+    manifest = json.loads((built.kernel.parent / assets.MANIFEST).read_text())
+    assert manifest["key"] == assets.build_key(built.arch)
+    assert manifest["kernel_version"] == built.kernel_version
+    assert any(p.startswith("busybox-static_") for p in manifest["packages"])
+
+
+def test_second_call_is_cached_and_needs_no_network(
+        built: assets.GuestAssets, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(MIRROR_ENV, UNREACHABLE_MIRROR)
+    with shared_cache():
+        t0 = time.monotonic()
+        again = assets.ensure_guest(built.arch)
+    assert again == built
+    assert time.monotonic() - t0 < 5  # not a timing test: a rebuild would fail without a mirror
+
+
+def test_unknown_arch_is_a_guest_error() -> None:
+    with pytest.raises(GuestError, match="riscv64"):
+        assets.ensure_guest("riscv64")
+
+
+def test_failed_build_is_one_line_and_leaves_nothing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv(MIRROR_ENV, UNREACHABLE_MIRROR)
+    with pytest.raises(GuestError) as info:
+        assets.ensure_guest("aarch64")
+    assert "\n" not in str(info.value) and "aarch64" in str(info.value)
+    guest = tmp_path / "guest"
+    assert not (guest / "aarch64").exists()
+    assert not list(guest.glob(".aarch64.build-*"))
+
+
+def test_partial_or_stale_cache_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                            built: assets.GuestAssets) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    d = tmp_path / "guest" / built.arch
+    d.mkdir(parents=True)
+    (d / assets.KERNEL_FILE).write_bytes(built.kernel.read_bytes()[:4096])
+    # no manifest: an interrupted copy, never a hit
+    assert assets._load_cached(built.arch, assets.build_key(built.arch)) is None
+    (d / assets.INITRAMFS_FILE).write_bytes(b"x")
+    (d / assets.MANIFEST).write_text(json.dumps(
+        {"key": "old", "kernel_version": "6.12.0", "modules": []}))
+    assert assets._load_cached(built.arch, assets.build_key(built.arch)) is None
+    (d / assets.MANIFEST).write_text(json.dumps(
+        {"key": assets.build_key(built.arch), "kernel_version": "6.12.0", "modules": []}))
+    hit = assets._load_cached(built.arch, assets.build_key(built.arch))
+    assert hit is not None and hit.kernel == d / assets.KERNEL_FILE
