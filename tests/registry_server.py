@@ -17,6 +17,7 @@ import random
 import shutil
 import socket
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -26,6 +27,8 @@ from typing import Any
 
 import httpx
 import pytest
+
+from egpu.paths import CACHE_ENV, HOME_ENV
 
 REGISTRY_BIN = "docker-registry"
 START_TIMEOUT = 30.0
@@ -109,6 +112,38 @@ def start_registry(workdir: Path) -> Registry:
             proc.kill()
             pytest.fail(f"docker-registry did not start: {(workdir / 'registry.log').read_text()}")
         time.sleep(0.1)
+
+
+@pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An EGPU_HOME whose cache is private too (the image cache is what these tests inspect)."""
+    monkeypatch.setenv(HOME_ENV, str(tmp_path / "home"))
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
+    return tmp_path
+
+
+def egpu(
+    *args: str, timeout: float = 120, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in a subprocess with the current (test) environment."""
+    return subprocess.run(
+        [sys.executable, "-m", "egpu", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        input=input,
+        env={**os.environ, "COLUMNS": "250"},  # rich's width when not on a terminal
+    )
+
+
+def egpu_popen(*args: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "egpu", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ),
+    )
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,11 +19,14 @@ from egpu.images.pull import pull
 from egpu.images.reference import Digest, OciReference
 from egpu.images.registry import RegistryClient
 from egpu.images.store import ImageStore
-from egpu.paths import CACHE_ENV, HOME_ENV
+from egpu.paths import CACHE_ENV
 from registry_server import (
     CountingProxy,
     Registry,
+    egpu,
+    egpu_popen,
     engine_tool,
+    home,
     make_qcow2,
     push_layers,
     push_plain_image,
@@ -32,7 +34,7 @@ from registry_server import (
     registry,
 )
 
-__all__ = ["registry"]  # the fixture, imported so pytest sees it
+__all__ = ["home", "registry"]  # fixtures, imported so pytest sees them
 
 DISK_MIB = 3
 # HTTP headers and manifests a pull fetches besides the disk blob itself: well under this.
@@ -49,14 +51,6 @@ def disks(tmp_path_factory: pytest.TempPathFactory) -> list[bytes]:
 
 
 @pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An EGPU_HOME whose cache is private too (the image cache is what these tests inspect)."""
-    monkeypatch.setenv(HOME_ENV, str(tmp_path / "home"))
-    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "cache"))
-    return tmp_path
-
-
-@pytest.fixture
 def proxy(registry: Registry) -> Iterator[CountingProxy]:
     p = CountingProxy(registry.host)
     yield p
@@ -69,26 +63,6 @@ def fast_client(ref: OciReference) -> RegistryClient:
 
 def no_retry_client(ref: OciReference) -> RegistryClient:
     return RegistryClient(ref, retry_delays=())
-
-
-def egpu(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "egpu", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "COLUMNS": "250"},  # rich's width when not on a terminal
-    )
-
-
-def egpu_popen(*args: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "egpu", *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ),
-    )
 
 
 def blob_files(store: ImageStore) -> list[Path]:
