@@ -40,6 +40,7 @@ class RegionIndex(enum.IntEnum):
 
 
 NUM_PCI_REGIONS = 9
+_CONFIG_INDEX = int(RegionIndex.CONFIG)  # a plain int: compared on every config access
 
 
 class IrqIndex(enum.IntEnum):
@@ -317,7 +318,7 @@ class PciFunction(DeviceBackend):
 
     def region_read(self, index: int, offset: int, count: int) -> bytes:
         """Config reads come from the model; other regions from :meth:`bar_read`."""
-        if index == RegionIndex.CONFIG:
+        if index == _CONFIG_INDEX:
             return self.config.read(offset, count)
         return self.bar_read(index, offset, count)
 

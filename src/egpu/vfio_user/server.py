@@ -49,6 +49,14 @@ SERVER_CAPABILITIES = p.Capabilities(
 )
 REMOTE_DMA_TIMEOUT_S = 10.0
 _FD_SIZE = array.array("i").itemsize
+_READ_REPLY_BASE = p.HEADER_SIZE + p.REGION_ACCESS.size
+_NO_FDS: list[int] = []  # shared, never mutated
+_CMD_REGION_READ = int(p.Command.REGION_READ)  # enum member lookups cost on the hot path
+_HEADER_PACK = p.HEADER.pack
+_BAD_COMMAND_FLAGS = ~p.KNOWN_HEADER_FLAGS | p.FLAG_ERROR
+# Plain ints: socket's IntFlag members cost an enum call per use on the hot path.
+_MSG_CTRUNC = int(socket.MSG_CTRUNC)
+_MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
 
 
 @dataclass
@@ -61,6 +69,7 @@ class _Session:
 
 
 Reply = tuple[bytes, list[int]]  # whole reply message, fds to send with it (borrowed)
+Payload = memoryview | bytes  # a view into the receive buffer, or a copy of it
 
 
 class Dispatcher:
@@ -86,7 +95,7 @@ class Dispatcher:
             None if r is None else (r.size, r.readable, r.writable)
             for r in (description.region(i) for i in range(description.num_regions))
         ]
-        self._handlers: dict[int, Callable[[int, memoryview, list[int]], Reply]] = {
+        self._handlers: dict[int, Callable[[int, Payload, list[int]], Reply]] = {
             p.Command.VERSION: self._version,
             p.Command.DMA_MAP: self._dma_map,
             p.Command.DMA_UNMAP: self._dma_unmap,
@@ -106,18 +115,15 @@ class Dispatcher:
 
     # -- entry point ----------------------------------------------------------------------------
 
-    def handle(self, msg_id: int, command: int, flags: int, payload: memoryview, fds: list[int]
-               ) -> Reply:
+    def handle(self, msg_id: int, command: int, flags: int, payload: Payload,
+               fds: list[int]) -> Reply:
         """Execute one command message; returns the reply. Fds still in ``fds`` afterwards are
         closed by the caller (handlers that keep an fd replace it with -1)."""
         try:
-            if flags & ~p.KNOWN_HEADER_FLAGS or flags & p.FLAG_ERROR:
-                raise p.ProtocolError(errno.EINVAL, "unknown or invalid header flags")
             handler = self._handlers.get(command)
-            if handler is None:
-                raise p.ProtocolError(errno.ENOSYS, f"unsupported command {command}")
-            if not self.session.negotiated and command != p.Command.VERSION:
-                raise p.ProtocolError(errno.EINVAL, "VERSION must come first")
+            if flags & _BAD_COMMAND_FLAGS or handler is None or not self.session.negotiated:
+                self._check_envelope(command, flags, handler)
+            assert handler is not None
             return handler(msg_id, payload, fds)
         except p.ProtocolError as e:
             log.debug("command %d refused: %s", command, e)
@@ -133,10 +139,19 @@ class Dispatcher:
             log.exception("device raised on command %d", command)
             return p.error_header(msg_id, command, errno.EIO), []
 
+    def _check_envelope(self, command: int, flags: int, handler: object) -> None:
+        """Refuse bad header flags, unknown commands, and anything before VERSION."""
+        if flags & _BAD_COMMAND_FLAGS:
+            raise p.ProtocolError(errno.EINVAL, "unknown or invalid header flags")
+        if handler is None:
+            raise p.ProtocolError(errno.ENOSYS, f"unsupported command {command}")
+        if not self.session.negotiated and command != p.Command.VERSION:
+            raise p.ProtocolError(errno.EINVAL, "VERSION must come first")
+
     # -- shared checks (the one place, in STYLE.md order) ---------------------------------------
 
     @staticmethod
-    def _need(payload: memoryview, size: int) -> None:
+    def _need(payload: Payload, size: int) -> None:
         if len(payload) < size:
             raise p.ProtocolError(errno.EINVAL, f"message payload {len(payload)} < {size} bytes")
 
@@ -159,7 +174,7 @@ class Dispatcher:
 
     # -- commands -----------------------------------------------------------------------------
 
-    def _version(self, msg_id: int, payload: memoryview, fds: list[int]) -> Reply:
+    def _version(self, msg_id: int, payload: Payload, fds: list[int]) -> Reply:
         self._need(payload, p.VERSION.size)
         if self.session.negotiated:
             raise p.ProtocolError(errno.EINVAL, "VERSION already negotiated")
@@ -178,7 +193,7 @@ class Dispatcher:
         body = p.VERSION.pack(p.PROTOCOL_MAJOR, p.PROTOCOL_MINOR) + ours.to_json()
         return p.reply_header(msg_id, p.Command.VERSION, len(body)) + body, []
 
-    def _dma_map(self, msg_id: int, payload: memoryview, fds: list[int]) -> Reply:
+    def _dma_map(self, msg_id: int, payload: Payload, fds: list[int]) -> Reply:
         self._need(payload, p.DMA_MAP.size)
         _argsz, flags, offset, address, size = p.DMA_MAP.unpack_from(payload)
         if flags & ~p.DMA_MAP_KNOWN_FLAGS:
@@ -194,7 +209,7 @@ class Dispatcher:
         self.device.dma_mapped(rng)
         return p.reply_header(msg_id, p.Command.DMA_MAP, 0), []
 
-    def _dma_unmap(self, msg_id: int, payload: memoryview, fds: list[int]) -> Reply:
+    def _dma_unmap(self, msg_id: int, payload: Payload, fds: list[int]) -> Reply:
         self._need(payload, p.DMA_UNMAP.size)
         _argsz, flags, address, size = p.DMA_UNMAP.unpack_from(payload)
         if flags:
@@ -209,7 +224,7 @@ class Dispatcher:
         body = bytes(payload[: p.DMA_UNMAP.size])
         return p.reply_header(msg_id, p.Command.DMA_UNMAP, len(body)) + body, []
 
-    def _device_get_info(self, msg_id: int, payload: memoryview, fds: list[int]) -> Reply:
+    def _device_get_info(self, msg_id: int, payload: Payload, fds: list[int]) -> Reply:
         self._need(payload, p.DEVICE_INFO.size)
         argsz = p.DEVICE_INFO.unpack_from(payload)[0]
         if argsz < p.DEVICE_INFO.size:
@@ -219,7 +234,7 @@ class Dispatcher:
                                   self.description.num_irqs)
         return p.reply_header(msg_id, p.Command.DEVICE_GET_INFO, len(body)) + body, []
 
-    def _get_region_info(self, msg_id: int, payload: memoryview, fds: list[int]) -> Reply:
+    def _get_region_info(self, msg_id: int, payload: Payload, fds: list[int]) -> Reply:
         self._need(payload, p.REGION_INFO.size)
         argsz, _flags, index, _cap, _size, _offset = p.REGION_INFO.unpack_from(payload)
         if argsz < p.REGION_INFO.size:
@@ -245,7 +260,7 @@ class Dispatcher:
             send = [region.shm_fd]
         return p.reply_header(msg_id, p.Command.DEVICE_GET_REGION_INFO, len(body)) + body, send
 
-    def _get_region_io_fds(self, msg_id: int, payload: memoryview, fds: list[int]) -> Reply:
+    def _get_region_io_fds(self, msg_id: int, payload: Payload, fds: list[int]) -> Reply:
         self._need(payload, p.REGION_IO_FDS.size)
         argsz, flags, index, _count = p.REGION_IO_FDS.unpack_from(payload)
         if argsz < p.REGION_IO_FDS.size or flags:
@@ -256,7 +271,7 @@ class Dispatcher:
         body = p.REGION_IO_FDS.pack(p.REGION_IO_FDS.size, 0, index, 0)
         return p.reply_header(msg_id, p.Command.DEVICE_GET_REGION_IO_FDS, len(body)) + body, []
 
-    def _get_irq_info(self, msg_id: int, payload: memoryview, fds: list[int]) -> Reply:
+    def _get_irq_info(self, msg_id: int, payload: Payload, fds: list[int]) -> Reply:
         self._need(payload, p.IRQ_INFO.size)
         argsz, _flags, index, _count = p.IRQ_INFO.unpack_from(payload)
         if argsz < p.IRQ_INFO.size:
@@ -272,7 +287,7 @@ class Dispatcher:
         body = p.IRQ_INFO.pack(p.IRQ_INFO.size, flags, index, count)
         return p.reply_header(msg_id, p.Command.DEVICE_GET_IRQ_INFO, len(body)) + body, []
 
-    def _set_irqs(self, msg_id: int, payload: memoryview, fds: list[int]) -> Reply:
+    def _set_irqs(self, msg_id: int, payload: Payload, fds: list[int]) -> Reply:
         self._need(payload, p.IRQ_SET.size)
         _argsz, flags, index, start, count = p.IRQ_SET.unpack_from(payload)
         if flags & ~(p.IRQ_SET_DATA_MASK | p.IRQ_SET_ACTION_MASK_ALL):
@@ -321,21 +336,26 @@ class Dispatcher:
         self.device.irqs_changed(index)
         return p.reply_header(msg_id, p.Command.DEVICE_SET_IRQS, 0), []
 
-    def _region_read(self, msg_id: int, payload: memoryview, fds: list[int]) -> Reply:
+    def _region_read(self, msg_id: int, payload: Payload, fds: list[int]) -> Reply:
+        # The hot path (config-space reads while a guest probes): the same checks as
+        # _check_count/_check_region, inlined, in the same order.
         if len(payload) != p.REGION_ACCESS.size:
             self._need(payload, p.REGION_ACCESS.size)
             raise p.ProtocolError(errno.EINVAL, "REGION_READ carries data")
         offset, index, count = p.REGION_ACCESS.unpack_from(payload)
-        self._check_count(count)
-        self._check_region(index, offset, count, write=False)
+        if count > self.caps.max_data_xfer_size:
+            raise p.ProtocolError(errno.E2BIG, f"count {count} exceeds max_data_xfer_size")
+        regions = self._regions
+        info = regions[index] if index < len(regions) else None
+        if info is None or offset + count > info[0] or not info[1]:
+            self._check_region(index, offset, count, write=False)
         data = self.device.region_read(index, offset, count)
         if len(data) != count:
             raise DeviceServerError(f"device returned {len(data)} bytes for {count}")
-        size = p.REGION_ACCESS.size + count
-        return (p.reply_header(msg_id, p.Command.REGION_READ, size)
-                + bytes(payload[: p.REGION_ACCESS.size]) + data), []
+        return _HEADER_PACK(msg_id, _CMD_REGION_READ, _READ_REPLY_BASE + count,
+                            p.TYPE_REPLY, 0) + payload + data, _NO_FDS
 
-    def _region_write(self, msg_id: int, payload: memoryview, fds: list[int]) -> Reply:
+    def _region_write(self, msg_id: int, payload: Payload, fds: list[int]) -> Reply:
         self._need(payload, p.REGION_ACCESS.size)
         offset, index, count = p.REGION_ACCESS.unpack_from(payload)
         self._check_count(count)
@@ -346,7 +366,7 @@ class Dispatcher:
         body = bytes(payload[: p.REGION_ACCESS.size])
         return p.reply_header(msg_id, p.Command.REGION_WRITE, len(body)) + body, []
 
-    def _region_write_multi(self, msg_id: int, payload: memoryview, fds: list[int]) -> Reply:
+    def _region_write_multi(self, msg_id: int, payload: Payload, fds: list[int]) -> Reply:
         if not self.session.write_multiple:
             raise p.ProtocolError(errno.ENOSYS, "write_multiple was not negotiated")
         self._need(payload, p.WRITE_MULTI_COUNT.size)
@@ -369,13 +389,13 @@ class Dispatcher:
         body = p.WRITE_MULTI_COUNT.pack(n)
         return p.reply_header(msg_id, p.Command.REGION_WRITE_MULTI, len(body)) + body, []
 
-    def _device_reset(self, msg_id: int, payload: memoryview, fds: list[int]) -> Reply:
+    def _device_reset(self, msg_id: int, payload: Payload, fds: list[int]) -> Reply:
         if not self.description.resettable:
             raise p.ProtocolError(errno.ENOTSUP, "device does not support reset")
         self.device.reset()
         return p.reply_header(msg_id, p.Command.DEVICE_RESET, 0), []
 
-    def _device_feature(self, msg_id: int, payload: memoryview, fds: list[int]) -> Reply:
+    def _device_feature(self, msg_id: int, payload: Payload, fds: list[int]) -> Reply:
         self._need(payload, p.DEVICE_FEATURE.size)
         _argsz, flags = p.DEVICE_FEATURE.unpack_from(payload)
         if flags & ~p.FEATURE_KNOWN_FLAGS:
@@ -384,7 +404,7 @@ class Dispatcher:
         # refuses an unknown feature, which QEMU reads as "not migratable".
         raise p.ProtocolError(errno.ENOTTY, f"feature {flags & p.FEATURE_INDEX_MASK} unsupported")
 
-    def _migration(self, msg_id: int, payload: memoryview, fds: list[int]) -> Reply:
+    def _migration(self, msg_id: int, payload: Payload, fds: list[int]) -> Reply:
         raise p.ProtocolError(errno.ENOTTY, "migration is not supported")
 
     # -- connection end -----------------------------------------------------------------------
@@ -411,8 +431,21 @@ class Dispatcher:
         self.session = _Session()
 
 
+# One framed message: msg_id, command, flags, errno, payload (may alias the receive buffer),
+# fds, fds-truncated. A plain tuple: this is built once per request on the hot path.
+_Message = tuple[int, int, int, int, Payload, list[int], bool]
+
+
 class _Connection:
-    """One client socket: reads framed messages, runs the dispatcher, sends replies."""
+    """One client socket: reads framed messages, runs the dispatcher, sends replies.
+
+    Reads are buffered: one recvmsg takes whatever the client has sent, so a request usually
+    costs one receive and one send. Linux ends a stream read right after the segment that
+    carried SCM_RIGHTS fds, so the fds of a read belong to the message holding its last byte
+    (clients attach fds to the sendmsg that starts a message, as QEMU does).
+    """
+
+    BUFFER_SIZE = 64 * 1024
 
     def __init__(self, sock: socket.socket, dispatcher: Dispatcher) -> None:
         self.sock = sock
@@ -421,25 +454,41 @@ class _Connection:
         self._cmsg_space = socket.CMSG_SPACE(dispatcher.caps.max_msg_fds * _FD_SIZE)
         self._loop_thread = threading.get_ident()
         self._next_id = 0
-        self._deferred: collections.deque[tuple[p.Header, bytearray, list[int]]] = (
-            collections.deque())
+        self._buf = bytearray(self.BUFFER_SIZE)
+        self._view = memoryview(self._buf)
+        self._start = 0
+        self._end = 0
+        # (buffer position of the last byte of a read, its fds, truncated) in arrival order
+        self._fd_marks: collections.deque[tuple[int, list[int], bool]] = collections.deque()
+        self._deferred: collections.deque[_Message] = collections.deque()
         self._waiters: dict[int, tuple[threading.Event, list[tuple[p.Header, bytes]]]] = {}
         self._closed = False
 
     # -- framing --------------------------------------------------------------------------------
 
-    def _recv_exact_into(self, view: memoryview) -> None:
-        got = 0
-        while got < len(view):
-            n = self.sock.recv_into(view[got:])
-            if n == 0:
-                raise EOFError
-            got += n
+    def _make_room(self, need: int) -> None:
+        """Ensure ``need`` bytes fit from the current message start; keeps buffered bytes."""
+        avail = self._end - self._start
+        if self._start + need <= len(self._buf):
+            return
+        if need > len(self._buf):
+            # A new buffer: payload views handed out earlier keep the old one alive.
+            new = bytearray(max(need, self.BUFFER_SIZE))
+            new[:avail] = self._view[self._start : self._end]
+            self._buf, self._view = new, memoryview(new)
+        else:
+            self._buf[:avail] = self._buf[self._start : self._end]
+        shift = self._start
+        self._fd_marks = collections.deque((pos - shift, f, t) for pos, f, t in self._fd_marks)
+        self._start, self._end = 0, avail
 
-    def read_message(self) -> tuple[p.Header, bytearray, list[int], bool]:
-        """Next message: header, payload, received fds, and whether fds were truncated."""
-        data, ancdata, msg_flags, _ = self.sock.recvmsg(
-            p.HEADER_SIZE, self._cmsg_space, socket.MSG_CMSG_CLOEXEC
+    def _fill(self) -> None:
+        if self._start == self._end and not self._fd_marks:
+            self._start = self._end = 0
+        elif self._end == len(self._buf):
+            self._make_room(self._end - self._start + 1)
+        n, ancdata, msg_flags, _ = self.sock.recvmsg_into(
+            [self._view[self._end :]], self._cmsg_space, _MSG_CMSG_CLOEXEC
         )
         fds: list[int] = []
         for level, kind, cdata in ancdata:
@@ -447,28 +496,37 @@ class _Connection:
                 fa = array.array("i")
                 fa.frombytes(cdata[: len(cdata) - len(cdata) % _FD_SIZE])
                 fds.extend(fa)
-        if not data:
+        if n == 0:
             _close_all(fds)
             raise EOFError
-        if len(data) < p.HEADER_SIZE:
-            rest = bytearray(p.HEADER_SIZE - len(data))
-            try:
-                self._recv_exact_into(memoryview(rest))
-            except BaseException:
-                _close_all(fds)
-                raise
-            data += bytes(rest)
-        header = p.Header.unpack(data)
-        if not p.HEADER_SIZE <= header.size <= self.dispatcher.max_message:
-            _close_all(fds)
-            raise p.ConnectionFault(f"message size {header.size} out of bounds")
-        payload = bytearray(header.size - p.HEADER_SIZE)
-        try:
-            self._recv_exact_into(memoryview(payload))
-        except BaseException:
-            _close_all(fds)
-            raise
-        return header, payload, fds, bool(msg_flags & socket.MSG_CTRUNC)
+        self._end += n
+        truncated = bool(msg_flags & _MSG_CTRUNC)
+        if fds or truncated:
+            self._fd_marks.append((self._end - 1, fds, truncated))
+
+    def next_message(self) -> _Message:
+        """The next whole message from the socket (raises EOFError, ConnectionFault, OSError)."""
+        header = p.HEADER
+        while True:
+            avail = self._end - self._start
+            if avail >= p.HEADER_SIZE:
+                msg_id, command, size, flags, error = header.unpack_from(self._buf, self._start)
+                if not p.HEADER_SIZE <= size <= self.dispatcher.max_message:
+                    raise p.ConnectionFault(f"message size {size} out of bounds")
+                if avail >= size:
+                    first = self._start
+                    self._start = first + size
+                    fds: list[int] = []
+                    truncated = False
+                    marks = self._fd_marks
+                    while marks and marks[0][0] < self._start:
+                        _pos, mark_fds, mark_trunc = marks.popleft()
+                        fds.extend(mark_fds)
+                        truncated |= mark_trunc
+                    payload = self._view[first + p.HEADER_SIZE : first + size]
+                    return msg_id, command, flags, error, payload, fds, truncated
+                self._make_room(size)
+            self._fill()
 
     def send(self, message: bytes, fds: list[int]) -> None:
         """Send one whole message (fds borrowed) under the send lock."""
@@ -485,14 +543,24 @@ class _Connection:
     def run(self) -> None:
         """Serve until the client disconnects or the stream breaks."""
         self._loop_thread = threading.get_ident()
+        handle = self.dispatcher.handle
+        send_lock, sendall = self._send_lock, self.sock.sendall
         try:
             while True:
-                if self._deferred:
-                    header, payload, fds = self._deferred.popleft()
-                    truncated = False
+                msg = self._deferred.popleft() if self._deferred else self.next_message()
+                msg_id, command, flags, _error, payload, fds, truncated = msg
+                if flags & p.FLAG_TYPE_MASK or fds or truncated:
+                    self._process_unusual(msg)
+                    continue
+                # Hot path: a plain command without fds.
+                reply, out_fds = handle(msg_id, command, flags, payload, fds)
+                if flags & p.FLAG_NO_REPLY:
+                    continue
+                if out_fds:
+                    self.send(reply, out_fds)
                 else:
-                    header, payload, fds, truncated = self.read_message()
-                self._process(header, payload, fds, truncated)
+                    with send_lock:
+                        sendall(reply)
         except (EOFError, ConnectionError):
             log.info("client disconnected")
         except p.ConnectionFault as e:
@@ -501,32 +569,36 @@ class _Connection:
             log.info("connection ended: %s", e)
         finally:
             self._closed = True
-            for _event, _box in self._waiters.values():
-                _event.set()
-            for _h, _pl, fds in self._deferred:
-                _close_all(fds)
+            for event, _box in self._waiters.values():
+                event.set()
+            for msg in self._deferred:
+                _close_all(msg[5])
             self._deferred.clear()
+            for _pos, fds, _trunc in self._fd_marks:
+                _close_all(fds)
+            self._fd_marks.clear()
 
-    def _process(self, header: p.Header, payload: bytearray, fds: list[int], truncated: bool
-                 ) -> None:
-        if header.is_reply:
+    def _process_unusual(self, msg: _Message) -> None:
+        """Replies, unknown message types, and commands that came with fds."""
+        msg_id, command, flags, error, payload, fds, truncated = msg
+        kind = flags & p.FLAG_TYPE_MASK
+        if kind == p.TYPE_REPLY:
             _close_all(fds)
-            self._route_reply(header, bytes(payload))
+            self._route_reply(p.Header(msg_id, command, 0, flags, error), bytes(payload))
             return
-        if header.flags & p.FLAG_TYPE_MASK != p.TYPE_COMMAND:
+        if kind != p.TYPE_COMMAND:
             _close_all(fds)
-            reply: Reply = (p.error_header(header.msg_id, header.command, errno.EINVAL), [])
+            reply: Reply = (p.error_header(msg_id, command, errno.EINVAL), [])
         elif truncated:
             # More fds than max_msg_fds: the kernel dropped the excess, so refuse the request.
             _close_all(fds)
-            reply = (p.error_header(header.msg_id, header.command, errno.E2BIG), [])
+            reply = (p.error_header(msg_id, command, errno.E2BIG), [])
         else:
             try:
-                reply = self.dispatcher.handle(header.msg_id, header.command, header.flags,
-                                               memoryview(payload), fds)
+                reply = self.dispatcher.handle(msg_id, command, flags, payload, fds)
             finally:
                 _close_all(fds)
-        if not header.no_reply:
+        if not flags & p.FLAG_NO_REPLY:
             self.send(*reply)
 
     # -- server-to-client DMA (guest memory that came without an fd) ----------------------------
@@ -553,14 +625,16 @@ class _Connection:
             self.send(p.command_header(msg_id, command, len(body)) + body, [])
             if threading.get_ident() == self._loop_thread:
                 # Called from a device callback on the loop thread: read until our reply comes,
-                # keeping commands that arrive meanwhile for later, in order.
+                # keeping commands that arrive meanwhile (copied out of the buffer) for later.
                 while not box:
-                    header, payload, fds, _trunc = self.read_message()
-                    if header.is_reply:
+                    msg_id_, command, flags, error, payload, fds, trunc = self.next_message()
+                    if flags & p.FLAG_TYPE_MASK == p.TYPE_REPLY:
                         _close_all(fds)
-                        self._route_reply(header, bytes(payload))
+                        self._route_reply(p.Header(msg_id_, command, 0, flags, error),
+                                          bytes(payload))
                     else:
-                        self._deferred.append((header, payload, fds))
+                        self._deferred.append(
+                            (msg_id_, command, flags, error, bytes(payload), fds, trunc))
             elif not event.wait(REMOTE_DMA_TIMEOUT_S) or not box:
                 raise DmaAccessError("client did not answer a DMA request")
         except (OSError, EOFError, p.ConnectionFault) as e:
