@@ -5,13 +5,20 @@ from __future__ import annotations
 import shlex
 import sys
 import threading
+from pathlib import Path
 
 import click
+from PIL import Image
 
 from egpu.cli import output
+from egpu.cli.host_commands import passthrough_options, run_passthrough
+from egpu.devices.display import is_blank, request_screenshot
+from egpu.devices.nvme import parse_size
+from egpu.engine import virtual
 from egpu.engine.argv import parse_memory
 from egpu.engine.qemu import EngineInfo, check_arch, find_engine_info, placeholder_info
 from egpu.engine.select import ensure_engine_info
+from egpu.engine.virtual import screenshot_request_of
 from egpu.errors import EgpuError, EngineError, UsageError, VMError
 from egpu.guest import protocol as guest_protocol
 from egpu.guest.assets import GuestAssets, ensure_guest
@@ -70,13 +77,21 @@ def _guest_for(arch: str, *, dry_run: bool, progress: output.BarProgress) -> Gue
 @click.option("--accel", type=click.Choice(["tcg", "kvm", "hvf"]), default=None,
               help="accelerator [default: best available]")
 @click.option("--quiet", "-q", is_flag=True, help="no progress output")
+@click.option("--nvme-size", default=virtual.DEFAULT_NVME_SIZE, show_default=True,
+              help="virtual eGPU: size of its NVMe function's (sparse) storage")
+@passthrough_options
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[-- EXTRA QEMU ARGS]")
 def run(
     name: str | None, arch: str, cpus: int, memory: str, disks: tuple[str, ...],
     ssh_port: int | None, headless: bool, detach: bool, dry_run: bool, as_json: bool,
-    selftest: bool, qemu: str | None, accel: str | None, quiet: bool, extra: tuple[str, ...],
+    selftest: bool, qemu: str | None, accel: str | None, quiet: bool, nvme_size: str,
+    engine: str, passthrough: str | None, no_tso: bool, bind: bool, ioreg: Path | None,
+    sysfs: Path | None, systemextensions: Path | None, extra: tuple[str, ...],
 ) -> None:
-    """Boot a VM (the built-in guest unless an image is given)."""
+    """Boot a VM (the built-in guest unless an image is given).
+
+    With no real eGPU on the host, the VM gets the virtual eGPU (engine user).
+    """
     check_arch(arch)
     if cpus < 1:
         raise UsageError("--cpus must be at least 1")
@@ -86,17 +101,24 @@ def run(
     if detach and selftest:
         raise UsageError("--self-test waits for the guest; it cannot --detach")
     vm_name = store.check_name(name or (SELFTEST_NAME if selftest else DEFAULT_NAME))
+    parse_size(nvme_size)
+    gpu = run_passthrough(engine, passthrough, ioreg=ioreg, sysfs=sysfs,
+                          systemextensions=systemextensions, no_tso=no_tso, bind=bind)
+    for notice in gpu.notices:
+        if not as_json:
+            output.notice(notice)
     progress = output.BarProgress(quiet=quiet or as_json)
     info = _engine_for(qemu, dry_run=dry_run, progress=progress)
     guest = _guest_for(arch, dry_run=dry_run, progress=progress)
     request = lifecycle.RunRequest(
         name=vm_name, arch=arch, cpus=cpus, memory_mib=memory_mib, disks=disks,
-        ssh_port=ssh_port, accel=accel, selftest=selftest, extra=extra,
+        ssh_port=ssh_port, accel=accel, selftest=selftest, extra=extra, gpu=gpu,
+        nvme_size=nvme_size, bind=bind,
     )
     plan = lifecycle.plan_run(request, info, guest, check_host=not dry_run)
     if dry_run:
         if as_json:
-            output.emit_json({"argv": plan.argv})
+            output.emit_json({"argv": plan.argv, "gpu": gpu.to_json()})
         else:
             output.out.print(shlex.join(plan.argv), markup=False)
         return
@@ -116,11 +138,14 @@ def _finish_selftest(name: str, as_json: bool) -> None:
     except EgpuError:
         lifecycle.stop(name, force=True)
         raise
-    text = store.VmDir(name).serial_log.read_bytes().decode(errors="replace")
+    vm = store.VmDir(name)
+    text = vm.serial_log.read_bytes().decode(errors="replace")
     result = guest_protocol.parse_selftest(text)
     if result is None:
         why = "; ".join(status.problems) or "the guest printed no self-test result"
         result = guest_protocol.SelfTestResult(ok=False, error=why)
+    if vm.read_config().servers:
+        result = _with_screen_check(result, vm.file(store.LAST_SCREEN))
     if as_json:
         output.emit_json(result.as_dict())
     else:
@@ -132,6 +157,21 @@ def _finish_selftest(name: str, as_json: bool) -> None:
         output.out.print("self-test " + ("passed" if result.ok else "FAILED"))
     if not result.ok:
         sys.exit(1)
+
+
+def _with_screen_check(
+    result: guest_protocol.SelfTestResult, screen: Path
+) -> guest_protocol.SelfTestResult:
+    """Add the host's own display check: what the virtual display showed last is not blank."""
+    try:
+        with Image.open(screen) as image:
+            blank = is_blank(image)
+            detail = f"{image.width}x{image.height} " + ("blank" if blank else "drawn")
+    except OSError as e:
+        blank, detail = True, f"no screenshot of the display ({e.strerror or e})"
+    check = guest_protocol.CheckResult("screenshot", not blank, detail)
+    return guest_protocol.SelfTestResult(
+        ok=result.ok and not blank, checks=(*result.checks, check), error=result.error)
 
 
 def _attach(name: str) -> None:
@@ -236,8 +276,26 @@ def stop(name: str, timeout: float, force: bool) -> None:
     output.notice(f"VM {name!r} {after.state}")
 
 
+@click.command()
+@click.argument("name")
+@click.option("--output", "-o", "out", required=True, type=click.Path(dir_okay=False,
+              path_type=Path), help="PNG file to write")
+def screenshot(name: str, out: Path) -> None:
+    """Write what a VM's virtual display shows to a PNG file."""
+    vm = store.VmDir(name).require()
+    status = inspect(vm, lifecycle.ready_marker())
+    display = next((s for s in status.servers if s.get("name") == "display"), None)
+    request = screenshot_request_of(display.get("options")) if display else None
+    if display is None or request is None:
+        raise UsageError(f"VM {name!r} has no virtual display (run it with --passthrough virtual)")
+    if status.state != "running":
+        raise VMError(f"VM {name!r} is {status.state}; screenshots need it running")
+    request_screenshot(int(display["pid"]), request, out)
+    output.notice(f"wrote {out}")
+
+
 def register(group: click.Group) -> None:
     """Add this module's commands to the root group."""
-    for command in (run, status, list_vms, logs, stop):
+    for command in (run, status, list_vms, logs, stop, screenshot):
         group.add_command(command)
 

@@ -11,15 +11,19 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from egpu.engine.argv import Disk, VmSpec, build_argv, parse_disk_option
+from egpu.engine import virtual
+from egpu.engine.argv import Disk, Firmware, VmSpec, build_argv, parse_disk_option
+from egpu.engine.passthrough import RunPassthrough
 from egpu.engine.qemu import EngineInfo, check_arch
-from egpu.errors import ConflictError, UsageError, VMError
+from egpu.errors import ConflictError, EngineError, HostError, ImageError, UsageError, VMError
 from egpu.guest import assets
 from egpu.guest import protocol as guest_protocol
 from egpu.guest.assets import GuestAssets
+from egpu.host import vfio_bind
+from egpu.images.firmware import ensure_vars, find_firmware
 from egpu.paths import dirs
 from egpu.vm import qmp, store
 from egpu.vm.status import VmStatus, inspect, last_line, process_alive
@@ -46,6 +50,9 @@ class RunRequest:
     accel: str | None = None
     selftest: bool = False
     extra: tuple[str, ...] = ()
+    gpu: RunPassthrough | None = None  # resolved --engine / --passthrough; None: no GPU
+    bind: bool = False  # engine vfio: move the functions to vfio-pci for this run
+    nvme_size: str = virtual.DEFAULT_NVME_SIZE
 
 
 @dataclass(frozen=True)
@@ -152,9 +159,20 @@ def plan_run(
     if request.ssh_port is not None:
         check_port_free(request.ssh_port)
     accel = choose_accel(info, arch, request.accel)
+    gpu_engine = request.gpu.engine if request.gpu else "none"
+    card = None
+    if gpu_engine == "user":
+        if check_host and "vfio-user-pci" not in info.devices.get(arch, ()):
+            raise EngineError(
+                f"QEMU {info.version_text} has no vfio-user-pci device for the virtual eGPU",
+                hint="QEMU >= 10.1 is needed; 'egpu engine --provision' installs one",
+            )
+        card = virtual.virtual_egpu_plan(
+            vm.servers_dir, nvme_backing=vm.file(store.NVME_BACKING), nvme_size=request.nvme_size)
+    checks = guest_protocol.BASE_CHECKS + (card.checks if card else ())
     append = guest_protocol.kernel_cmdline(
         guest, selftest=request.selftest, cpus=request.cpus, memory_mib=request.memory_mib,
-        checks=guest_protocol.BASE_CHECKS,
+        checks=checks,
     )
     spec = VmSpec(
         name=request.name, arch=arch, cpus=request.cpus, memory_mib=request.memory_mib,
@@ -163,14 +181,44 @@ def plan_run(
         kernel=guest.kernel, initrd=guest.initramfs, append=append,
         disks=disks, ssh_port=request.ssh_port, extra=request.extra,
     )
+    if card is not None:
+        spec = card.apply(spec)
+    elif request.gpu is not None and request.gpu.plan is not None:
+        if request.gpu.plan.needs_firmware:
+            spec = replace(spec, firmware=_firmware(info, vm, arch, check_host))
+        spec = request.gpu.plan.apply(spec)
     argv = build_argv(info.engine.qemu(arch), spec)
+    servers = [_server_entry(s) for s in card.servers] if card else []
     config = store.VmConfig(
         name=request.name, arch=arch, cpus=request.cpus, memory_mib=request.memory_mib,
-        accel=accel, engine=f"none ({info.engine.source} QEMU {info.version_text})",
+        accel=spec.accel, engine=f"{gpu_engine} ({info.engine.source} QEMU {info.version_text})",
         qemu_version=info.version_text, argv=argv, env=info.engine.env(),
-        ssh_port=request.ssh_port, selftest=request.selftest,
+        ssh_port=request.ssh_port, selftest=request.selftest, servers=servers,
+        bind_functions=list(request.gpu.plan.functions)
+        if request.bind and request.gpu and request.gpu.plan and gpu_engine == "vfio" else [],
     )
     return RunPlan(vm=vm, spec=spec, config=config, argv=argv)
+
+
+def _server_entry(server: virtual.DeviceServer) -> dict[str, object]:
+    """How the supervisor starts one device server (a process of its own: a crash there is
+    reported, never taken down with QEMU)."""
+    argv = [sys.executable, "-m", "egpu", "vfio-user", "serve",
+            "--socket", str(server.socket), "--function", server.name]
+    for option in server.options:
+        argv += ["-o", option]
+    return {**server.to_json(), "argv": argv}
+
+
+def _firmware(info: EngineInfo, vm: store.VmDir, arch: str, check_host: bool) -> Firmware:
+    """UEFI code from the engine and this VM's own vars file (made at start)."""
+    try:
+        code = find_firmware(info.engine.firmware_dirs(), arch).code
+    except ImageError:
+        if check_host:
+            raise
+        code = Path(f"/usr/share/qemu/edk2-{arch}-code.fd")  # a dry run elsewhere: nominal
+    return Firmware(code=code, vars=vm.file(store.EFI_VARS))
 
 
 def start(plan: RunPlan) -> VmStatus:
@@ -189,16 +237,40 @@ def start(plan: RunPlan) -> VmStatus:
         vm.clear_runtime()
     try:
         vm.create()
+        if plan.config.servers:
+            vm.servers_dir.mkdir(mode=0o700, exist_ok=True)
+        if plan.spec.firmware is not None and not plan.spec.firmware.vars.exists():
+            ensure_vars(find_firmware([plan.spec.firmware.code.parent], plan.spec.arch),
+                        plan.spec.firmware.vars)
         vm.write_config(plan.config)
+        if plan.config.bind_functions:
+            vfio_bind.ensure_vfio_pci()
+            record = vfio_bind.bind_to_vfio(plan.config.bind_functions)
+            store.write_json(vm.file(store.VFIO_BIND), record.to_json())
         vm.serial_log.write_bytes(b"")
         vm.file(store.QEMU_LOG).write_bytes(b"")
         _spawn_supervisor(vm)
         return wait_started(vm)
     except BaseException:
         _kill_run(vm)
+        restore_bindings(vm)
         if created:
             vm.remove()
         raise
+
+
+def restore_bindings(vm: store.VmDir) -> list[str]:
+    """Give functions moved to vfio-pci for this VM back to their drivers; returns problems."""
+    path = vm.file(store.VFIO_BIND)
+    if not path.exists():
+        return []
+    try:
+        record = vfio_bind.BindRecord.from_json(json.loads(path.read_text()))
+    except (OSError, ValueError, HostError) as e:
+        return [f"cannot read {path}: {e}"]
+    problems = vfio_bind.restore(record)
+    path.unlink(missing_ok=True)
+    return problems
 
 
 def _spawn_supervisor(vm: store.VmDir) -> None:
@@ -283,6 +355,7 @@ def stop(name: str, *, timeout: float = DEFAULT_STOP_TIMEOUT_S, force: bool = Fa
     sup_pid = vm.read_pid(store.SUPERVISOR_PID)
     if not _wait_gone(sup_pid, str(vm.path), SUPERVISOR_EXIT_WAIT_S):
         _signal_pid(sup_pid, signal.SIGKILL)
+    restore_bindings(vm)  # normally the supervisor did it; a no-op then
     if vm.read_json(store.EXIT_RECORD) is None:
         # the supervisor was gone too: record the stop ourselves so it does not read as a crash
         store.write_json(vm.file(store.EXIT_RECORD), {

@@ -31,11 +31,15 @@ STOP_REQUEST = "stop-requested"  # written by `stop` before it acts, so a kill r
 SERVERS_DIR = "servers"  # device-server sockets and logs (engine user)
 OVERLAY = "overlay.qcow2"
 EFI_VARS = "efivars.fd"
+NVME_BACKING = "egpu-nvme.img"  # the virtual eGPU's NVMe storage (sparse; kept across runs)
+LAST_SCREEN = "last-screen.png"  # what the virtual display showed when QEMU ended
+VFIO_BIND = "vfio-bind.json"  # functions egpu moved to vfio-pci, and their previous drivers
 
 # Files that belong to one run; removed before the next run starts.
 SERVERS_RECORD = "servers.json"  # device-server pids and exit statuses
 RUNTIME_FILES = (
     SUPERVISOR_PID, QEMU_PID, QMP_SOCKET, CONSOLE_SOCKET, EXIT_RECORD, STOP_REQUEST, SERVERS_RECORD,
+    LAST_SCREEN,
 )
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
@@ -70,6 +74,7 @@ class VmConfig:
     selftest: bool = False
     image: str | None = None
     servers: list[dict[str, Any]] = field(default_factory=list)  # device servers to start
+    bind_functions: list[str] = field(default_factory=list)  # --bind: move these to vfio-pci
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

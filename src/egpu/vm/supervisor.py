@@ -20,7 +20,11 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from egpu.devices.display import request_screenshot
+from egpu.engine.virtual import screenshot_request_of
+from egpu.errors import EgpuError
 from egpu.vm import qmp, store
+from egpu.vm.lifecycle import restore_bindings
 
 POLL_S = 0.1
 SERVER_SOCKET_WAIT_S = 15.0
@@ -38,6 +42,7 @@ class Supervisor:
         self.servers: list[tuple[dict[str, Any], subprocess.Popen[bytes]]] = []
         self.server_failure: str | None = None
         self.terminating = False
+        self.warnings: list[str] = []
 
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
         self.terminating = True
@@ -47,7 +52,7 @@ class Supervisor:
     def _record_servers(self) -> None:
         store.write_json(self.vm.file(store.SERVERS_RECORD), [
             {"name": s["name"], "socket": s["socket"], "pid": p.pid,
-             "returncode": p.poll(), "log": s.get("log")}
+             "returncode": p.poll(), "log": s.get("log"), "options": s.get("options", [])}
             for s, p in self.servers
         ])
 
@@ -114,9 +119,21 @@ class Supervisor:
             if powerdown_sent is not None and time.monotonic() - powerdown_sent > POWERDOWN_GRACE_S:
                 self.qemu.terminate()
                 powerdown_sent = None
+        self.keep_last_screen()
         self.stop_servers()
+        self.warnings += restore_bindings(self.vm)
         self._write_exit(self.qemu.returncode, started)
         return 0
+
+    def keep_last_screen(self) -> None:
+        """Ask a live display server for the last picture the guest showed (post-mortem)."""
+        for spec, proc in self.servers:
+            request = screenshot_request_of(spec.get("options"))
+            if request is None or proc.poll() is not None:
+                continue
+            with contextlib.suppress(EgpuError):
+                request_screenshot(proc.pid, request, self.vm.file(store.LAST_SCREEN),
+                                   last_visible=True)
 
     def _powerdown(self) -> None:
         with contextlib.suppress(Exception):
@@ -131,6 +148,7 @@ class Supervisor:
             "stop_requested": self.vm.file(store.STOP_REQUEST).exists() or self.terminating,
             "server_failure": self.server_failure,
             "error": error,
+            "warnings": self.warnings,
         }
         store.write_json(self.vm.file(store.EXIT_RECORD), record)
 
