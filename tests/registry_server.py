@@ -433,3 +433,112 @@ def engine_tool(name: str) -> tuple[list[str], dict[str, str]]:
     except EngineError:
         engine = Engine("private", FALLBACK_ROOT / "usr/bin", root=FALLBACK_ROOT)
     return engine.program(name), engine.env()
+
+
+# -- a token-gated front for the registry -------------------------------------------------------
+
+GATE_TOKEN = "egpu-test-token"
+GATE_SERVICE = "egpu-test"
+FORWARDED_HEADERS = ("content-type", "content-length", "content-range", "docker-content-digest")
+
+
+class TokenGate:
+    """An HTTP front that demands a bearer token, as GHCR does, and forwards to the registry.
+
+    ``/token`` hands out the token (only to ``user``:``password`` when those are set);
+    ``fail_next`` answers that many API requests with 503 first; ``redirect_blobs`` answers
+    blob requests with a redirect to that URL.
+    """
+
+    def __init__(self, upstream: str, *, user: str | None = None, password: str | None = None):
+        import base64
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        gate = self
+        self.upstream = upstream
+        self.basic = (
+            "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode() if user else None
+        )
+        self.fail_next = 0
+        self.redirect_blobs: str | None = None
+        self.token_requests: list[dict[str, str]] = []
+        self.unauthorized = 0
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _send(
+                self, status: int, body: bytes = b"", headers: dict[str, str] | None = None
+            ) -> None:
+                self.send_response(status)
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                if "content-length" not in {k.lower() for k in (headers or {})}:
+                    self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def do_GET(self) -> None:
+                from urllib.parse import parse_qsl, urlsplit
+
+                url = urlsplit(self.path)
+                if url.path == "/token":
+                    gate.token_requests.append(dict(parse_qsl(url.query)))
+                    if gate.basic and self.headers.get("Authorization") != gate.basic:
+                        self._send(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}')
+                        return
+                    self._send(
+                        200,
+                        json.dumps({"token": GATE_TOKEN}).encode(),
+                        {"Content-Type": "application/json"},
+                    )
+                    return
+                if self.headers.get("Authorization") != f"Bearer {GATE_TOKEN}":
+                    gate.unauthorized += 1
+                    repo = url.path.removeprefix("/v2/").rsplit("/", 2)[0]
+                    realm = f"http://{self.headers['Host']}/token"
+                    self._send(
+                        401,
+                        b"",
+                        {
+                            "WWW-Authenticate": (
+                                f'Bearer realm="{realm}",service="{GATE_SERVICE}",'
+                                f'scope="repository:{repo}:pull"'
+                            )
+                        },
+                    )
+                    return
+                if gate.fail_next > 0:
+                    gate.fail_next -= 1
+                    self._send(503, b"busy")
+                    return
+                if gate.redirect_blobs and "/blobs/" in url.path:
+                    self._send(307, b"", {"Location": gate.redirect_blobs})
+                    return
+                headers = {
+                    k: v for k, v in self.headers.items() if k.lower() in ("accept", "range")
+                }
+                with httpx.stream(
+                    "GET", f"http://{gate.upstream}{self.path}", headers=headers, timeout=30
+                ) as r:
+                    out = {k: v for k, v in r.headers.items() if k.lower() in FORWARDED_HEADERS}
+                    self.send_response(r.status_code)
+                    for k, v in out.items():
+                        self.send_header(k, v)
+                    self.end_headers()
+                    for chunk in r.iter_raw():
+                        self.wfile.write(chunk)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def host(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
