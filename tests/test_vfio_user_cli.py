@@ -75,3 +75,59 @@ def test_public_socket_dir_is_refused(egpu_home: Path) -> None:
     )
     assert proc.returncode == 1 and "not private" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_serve_display_answers_screenshot_requests(egpu_home: Path) -> None:
+    from egpu.devices.display import request_screenshot
+
+    base = Path(tempfile.mkdtemp(prefix="vu", dir="/tmp"))
+    sock_path = base / "fn0.sock"
+    request = base / "shot.req"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "egpu", "vfio-user", "serve", "--socket", str(sock_path),
+         "--function", "display", "-o", f"screenshot_request={request}"],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_socket(sock_path, proc)
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.connect(str(sock_path))
+        client = VfioUserClient(s)
+        client.negotiate()
+        assert client.region_read(7, 0, 4) == struct.pack("<HH", 0x1234, 0x1111)  # bochs IDs
+        request_screenshot(proc.pid, request, base / "out.png", timeout=30)
+        assert (base / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        s.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def test_serve_nvme_with_a_backing_file(egpu_home: Path) -> None:
+    base = Path(tempfile.mkdtemp(prefix="vu", dir="/tmp"))
+    sock_path = base / "fn1.sock"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "egpu", "vfio-user", "serve", "--socket", str(sock_path),
+         "--function", "nvme", "-o", f"backing={base / 'disk.img'}", "-o", "size=16M"],
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_for_socket(sock_path, proc)
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.connect(str(sock_path))
+        client = VfioUserClient(s)
+        client.negotiate()
+        class_code = client.region_read(7, 9, 3)
+        assert class_code == bytes([0x02, 0x08, 0x01])  # NVMe: mass storage, NVM, NVMe
+        s.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

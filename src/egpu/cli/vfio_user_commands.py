@@ -12,11 +12,13 @@ import click
 from egpu.cli import output
 from egpu.devices import DEVICE_MODULES, create_device
 from egpu.devices.base import DeviceBackend
+from egpu.devices.display import DisplayFunction, serve_screenshots
 from egpu.errors import UsageError
 from egpu.vfio_user.sample_device import create as create_sample
 from egpu.vfio_user.server import VfioUserServer
 
 FUNCTIONS = (*DEVICE_MODULES, "sample")
+SCREENSHOT_OPTION = "screenshot_request"  # the display option naming the request file
 
 
 def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -53,9 +55,14 @@ def serve(socket_path: Path, function: str, options: tuple[str, ...], verbose: b
     """Serve one PCI function on SOCKET until SIGTERM/SIGINT (clients may come and go)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
-    device = build_device(function, _parse_options(options))
+    parsed = _parse_options(options)
+    device = build_device(function, parsed)
     server = VfioUserServer(device, socket_path)
     server.listen()
+    request = parsed.get(SCREENSHOT_OPTION)
+    if isinstance(device, DisplayFunction) and request:
+        # `egpu screenshot` asks this process for a PNG by signal (devices/display.py).
+        serve_screenshots(device, Path(request))
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         server.stop()
