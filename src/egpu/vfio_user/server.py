@@ -503,6 +503,10 @@ class _Connection:
         truncated = bool(msg_flags & _MSG_CTRUNC)
         if fds or truncated:
             self._fd_marks.append((self._end - 1, fds, truncated))
+            # Fds wait here until their message is complete; a client that keeps sending fds
+            # with fragments of one endless message would otherwise exhaust our fd table.
+            if sum(len(m[1]) for m in self._fd_marks) > 2 * self.dispatcher.caps.max_msg_fds:
+                raise p.ConnectionFault("too many fds pending for incomplete messages")
 
     def next_message(self) -> _Message:
         """The next whole message from the socket (raises EOFError, ConnectionFault, OSError)."""
