@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from egpu.errors import ImageError
+from egpu.errors import ImageError, NotFoundError, UsageError
+from egpu.images.disk import plan_boot_disk, prepare_boot_disk
 from egpu.images.firmware import UefiFirmware, ensure_vars, find_firmware
 from egpu.images.overlay import (
     create_argv,
@@ -282,3 +283,47 @@ def test_firmware_lookup_errors(tmp_path: Path) -> None:
     assert find_firmware([tmp_path / "none", tmp_path], "x86_64") == UefiFirmware(
         tmp_path / "OVMF_CODE_4M.fd", tmp_path / "OVMF_VARS_4M.fd"
     )
+
+
+# -- the boot disk of `run --image` / `run --base` --------------------------------------------
+
+
+def test_boot_disk_from_base(
+    tmp_path: Path, tool: tuple[list[str], dict[str, str]], bases: list[Path]
+) -> None:
+    with pytest.raises(UsageError):
+        plan_boot_disk(tmp_path / "o.qcow2")
+    with pytest.raises(UsageError):
+        plan_boot_disk(tmp_path / "o.qcow2", image="r.io/x", base=str(bases[0]))
+    with pytest.raises(NotFoundError, match="no such file"):
+        plan_boot_disk(tmp_path / "o.qcow2", base=str(tmp_path / "missing.qcow2"))
+    raw = tmp_path / "user.raw"
+    raw.write_bytes(bytes(1024 * 1024))
+    plan = plan_boot_disk(tmp_path / "vm" / "overlay.qcow2", base=str(raw))
+    done, action = prepare_boot_disk(plan, tool[0], tool[1])
+    assert action == "created" and done.base_format == "raw"
+    assert disk_info(tool[0], done.overlay, tool[1]).backing_file == str(raw)
+    assert raw.read_bytes() == bytes(1024 * 1024)  # the user's disk is never written
+
+
+def test_boot_disk_from_image(
+    home: Path, registry: Registry, tool: tuple[list[str], dict[str, str]], bases: list[Path]
+) -> None:
+    first = push_reference_image(registry.host, "egpu/boot", "v1", bases[0].read_bytes())
+    overlay = dirs().vms / "vm1" / vm_store.OVERLAY
+    plan = plan_boot_disk(overlay, image=first.ref)
+    assert not plan.cached and plan.ref == first.ref
+    done, action = prepare_boot_disk(plan, tool[0], tool[1])  # pulls, then creates the overlay
+    store = ImageStore()
+    assert action == "created" and done.base == store.blob_path(Digest.parse(first.disk_digest))
+    assert read_backing_file(overlay) == done.base
+
+    again = plan_boot_disk(overlay, image=first.ref)
+    assert again.cached and prepare_boot_disk(again, tool[0], tool[1])[1] == "kept"
+
+    # A newer build is pulled: the next run rebases the overlay onto it.
+    second = push_reference_image(registry.host, "egpu/boot", "v1", bases[1].read_bytes())
+    assert egpu("pull", "--quiet", second.ref).returncode == 0
+    done, action = prepare_boot_disk(plan_boot_disk(overlay, image=second.ref), tool[0], tool[1])
+    assert action == "rebased"
+    assert read_backing_file(overlay) == store.blob_path(Digest.parse(second.disk_digest))

@@ -19,23 +19,40 @@ from egpu.errors import ImageError
 from egpu.images.qcow2 import read_backing_file
 
 QCOW2 = "qcow2"
+# Formats a base may have: what the images are (qcow2) and what users often have (raw).
+BASE_FORMATS = (QCOW2, "raw")
 QEMU_IMG_TIMEOUT = 600.0
 MAX_INFO_OUTPUT = 1024 * 1024
 
 
-def create_argv(qemu_img: Sequence[str], base: Path, overlay: Path) -> list[str]:
+def create_argv(
+    qemu_img: Sequence[str], base: Path, overlay: Path, base_format: str = QCOW2
+) -> list[str]:
     """``qemu-img create`` of a qcow2 overlay backed by ``base`` (same virtual size)."""
-    return [*qemu_img, "create", "-q", "-f", QCOW2, "-F", QCOW2, "-b", str(base), str(overlay)]
+    fmt = _format(base_format)
+    return [*qemu_img, "create", "-q", "-f", QCOW2, "-F", fmt, "-b", str(base), str(overlay)]
 
 
 def rebase_argv(
-    qemu_img: Sequence[str], new_base: Path, overlay: Path, *, unsafe: bool = False
+    qemu_img: Sequence[str],
+    new_base: Path,
+    overlay: Path,
+    *,
+    base_format: str = QCOW2,
+    unsafe: bool = False,
 ) -> list[str]:
     """``qemu-img rebase`` of an overlay onto ``new_base`` (safe mode compares old and new)."""
-    argv = [*qemu_img, "rebase", "-q", "-f", QCOW2, "-F", QCOW2, "-b", str(new_base)]
+    fmt = _format(base_format)
+    argv = [*qemu_img, "rebase", "-q", "-f", QCOW2, "-F", fmt, "-b", str(new_base)]
     if unsafe:
         argv.append("-u")
     return [*argv, str(overlay)]
+
+
+def _format(fmt: str) -> str:
+    if fmt not in BASE_FORMATS:
+        raise ImageError(f"a base image must be qcow2 or raw, not {fmt}")
+    return fmt
 
 
 def info_argv(qemu_img: Sequence[str], path: Path) -> list[str]:
@@ -90,7 +107,11 @@ def disk_info(
 
 
 def create_overlay(
-    qemu_img: Sequence[str], base: Path, overlay: Path, env: Mapping[str, str] | None = None
+    qemu_img: Sequence[str],
+    base: Path,
+    overlay: Path,
+    env: Mapping[str, str] | None = None,
+    base_format: str = QCOW2,
 ) -> Path:
     """Create ``overlay`` on ``base``; built under a temporary name, renamed when complete."""
     base = base.absolute()
@@ -98,7 +119,8 @@ def create_overlay(
     tmp = overlay.with_name(f".{overlay.name}.tmp")
     tmp.unlink(missing_ok=True)
     try:
-        _run(create_argv(qemu_img, base, tmp), env, f"cannot create overlay {overlay}")
+        argv = create_argv(qemu_img, base, tmp, base_format)
+        _run(argv, env, f"cannot create overlay {overlay}")
         os.replace(tmp, overlay)
     finally:
         tmp.unlink(missing_ok=True)
@@ -106,7 +128,11 @@ def create_overlay(
 
 
 def rebase_overlay(
-    qemu_img: Sequence[str], new_base: Path, overlay: Path, env: Mapping[str, str] | None = None
+    qemu_img: Sequence[str],
+    new_base: Path,
+    overlay: Path,
+    env: Mapping[str, str] | None = None,
+    base_format: str = QCOW2,
 ) -> None:
     """Point ``overlay`` at ``new_base``, keeping the guest's writes (safe rebase).
 
@@ -119,18 +145,23 @@ def rebase_overlay(
             f"cannot rebase {overlay}: its old base {old} is gone",
             hint="reset the VM to start over from the new image",
         )
-    _run(rebase_argv(qemu_img, new_base.absolute(), overlay), env, f"cannot rebase {overlay}")
+    argv = rebase_argv(qemu_img, new_base.absolute(), overlay, base_format=base_format)
+    _run(argv, env, f"cannot rebase {overlay}")
 
 
 def ensure_overlay(
-    qemu_img: Sequence[str], base: Path, overlay: Path, env: Mapping[str, str] | None = None
+    qemu_img: Sequence[str],
+    base: Path,
+    overlay: Path,
+    env: Mapping[str, str] | None = None,
+    base_format: str = QCOW2,
 ) -> str:
     """The overlay for a VM on ``base``: create it, rebase it, or keep it; says which it did."""
     if not overlay.exists():
-        create_overlay(qemu_img, base, overlay, env)
+        create_overlay(qemu_img, base, overlay, env, base_format)
         return "created"
     current = read_backing_file(overlay)
     if current is not None and os.path.realpath(current) == os.path.realpath(base):
         return "kept"
-    rebase_overlay(qemu_img, base, overlay, env)
+    rebase_overlay(qemu_img, base, overlay, env, base_format)
     return "rebased"
