@@ -18,7 +18,9 @@ ARCHES = ("aarch64", "x86_64")
 
 
 def boot(cli: Cli, name: str, arch: str = "aarch64", *extra: str) -> dict[str, object]:
-    proc = cli("run", "--name", name, "--arch", arch, "--accel", "tcg", "--detach", *extra)
+    # the plain lifecycle, without a GPU (the virtual eGPU has tests of its own)
+    proc = cli("run", "--name", name, "--arch", arch, "--accel", "tcg", "--detach",
+               "--engine", "none", *extra)
     assert proc.returncode == 0, proc.stderr
     return cli.wait_for(name, lambda s: s["guest_ready"], timeout=90)
 
@@ -56,7 +58,7 @@ def test_boot_status_list_logs_stop(cli: Cli, arch: str) -> None:
 
 def test_same_name_twice_is_refused(cli: Cli) -> None:
     boot(cli, "dup")
-    second = cli("run", "--name", "dup", "--accel", "tcg", "--detach")
+    second = cli("run", "--name", "dup", "--accel", "tcg", "--detach", "--engine", "none")
     assert second.returncode == 1
     assert "already running" in second.stderr and len(second.stderr.strip().splitlines()) == 1
     cli("stop", "dup", "--force", check=True)
@@ -74,7 +76,7 @@ def test_killed_qemu_reads_as_crashed_and_run_restarts(cli: Cli) -> None:
 
 
 def test_cli_killed_while_attached_then_stop_from_new_cli(cli: Cli) -> None:
-    attached = cli.popen("run", "--name", "orphan", "--accel", "tcg",
+    attached = cli.popen("run", "--name", "orphan", "--accel", "tcg", "--engine", "none",
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     try:
@@ -89,7 +91,7 @@ def test_cli_killed_while_attached_then_stop_from_new_cli(cli: Cli) -> None:
 
 
 def test_ctrl_c_in_attached_mode_shuts_down_cleanly(cli: Cli) -> None:
-    attached = cli.popen("run", "--name", "att", "--accel", "tcg",
+    attached = cli.popen("run", "--name", "att", "--accel", "tcg", "--engine", "none",
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
     cli.wait_for("att", lambda s: s["guest_ready"], timeout=90)
@@ -103,7 +105,8 @@ def test_ctrl_c_in_attached_mode_shuts_down_cleanly(cli: Cli) -> None:
 
 
 def test_guest_poweroff_reads_as_stopped(cli: Cli) -> None:
-    result = cli("run", "--self-test", "--name", "st", "--accel", "tcg", "--json", timeout=300)
+    result = cli("run", "--self-test", "--name", "st", "--accel", "tcg", "--json",
+                 "--engine", "none", timeout=300)
     assert '"checks"' in result.stdout, result.stderr  # the guest ran its checks and powered off
     final = cli.status("st")
     assert final["state"] == "stopped" and final["exit"]["returncode"] == 0

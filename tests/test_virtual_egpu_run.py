@@ -1,0 +1,94 @@
+"""`egpu run` with the virtual eGPU: device servers started, watched and stopped with the VM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from tests.conftest import Cli
+
+from egpu.devices.display import is_blank
+
+pytestmark = pytest.mark.qemu
+
+
+@pytest.mark.parametrize("arch", ["aarch64", "x86_64"])
+def test_self_test_with_the_virtual_egpu(cli: Cli, arch: str) -> None:
+    proc = cli("run", "--self-test", "--json", "--arch", arch, "--accel", "tcg",
+               "--passthrough", "virtual", "--nvme-size", "64M", timeout=400)
+    result = json.loads(proc.stdout)
+    checks = {c["name"]: c for c in result["checks"]}
+    assert set(checks) >= {"pci", "memory", "cpus", "nvme", "display", "screenshot"}, checks
+    assert result["ok"] is True and proc.returncode == 0, result
+    assert "read back identical" in checks["nvme"]["detail"]
+    vm = cli.home / "data" / "vms" / "selftest"
+    # the servers stopped with the VM and are reported as such
+    status = cli.status("selftest")
+    assert status["state"] == "stopped"
+    assert {s["name"] for s in status["servers"]} == {"display", "nvme"}
+    for server in status["servers"]:
+        assert server["returncode"] is not None and not Path(f"/proc/{server['pid']}").exists()
+    assert (vm / "egpu-nvme.img").stat().st_size == 64 << 20
+
+
+def test_running_vm_servers_screenshot_and_server_crash(cli: Cli, tmp_path: Path) -> None:
+    assert cli("run", "--name", "card", "--accel", "tcg", "--detach", "--passthrough",
+               "virtual", "--nvme-size", "64M").returncode == 0
+    status = cli.wait_for("card", lambda s: s["guest_ready"], timeout=120)
+    servers = {s["name"]: s for s in status["servers"]}
+    assert set(servers) == {"display", "nvme"}
+    for s in servers.values():
+        assert s["returncode"] is None and Path(f"/proc/{s['pid']}").exists()
+        sock = Path(s["socket"])
+        assert (sock.is_socket() and sock.stat().st_mode & 0o777 == 0o600) or sock.is_socket()
+        assert sock.parent.stat().st_mode & 0o777 == 0o700
+
+    shot = tmp_path / "screen.png"
+    cli("screenshot", "card", "-o", str(shot), check=True)
+    with Image.open(shot) as image:
+        assert image.size[0] > 0 and not is_blank(image)  # the guest's console is drawn
+
+    # a device server dies under the running guest: reported, never hidden; VM stopped
+    os.kill(int(servers["nvme"]["pid"]), signal.SIGKILL)
+    final = cli.wait_for("card", lambda s: s["state"] in ("stopped", "crashed"), timeout=60)
+    assert final["state"] == "crashed"
+    assert any("device server nvme" in p for p in final["problems"]), final["problems"]
+    assert not Path(f"/proc/{servers['display']['pid']}").exists()
+    assert not Path(f"/proc/{status['pid']}").exists()
+
+
+def test_stop_stops_the_servers(cli: Cli) -> None:
+    assert cli("run", "--name", "st2", "--accel", "tcg", "--detach", "--passthrough",
+               "virtual", "--nvme-size", "64M").returncode == 0
+    status = cli.wait_for("st2", lambda s: s["guest_ready"], timeout=120)
+    pids = [int(s["pid"]) for s in status["servers"]]
+    cli("stop", "st2", check=True)
+    deadline = time.monotonic() + 10
+    while any(Path(f"/proc/{p}").exists() for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(Path(f"/proc/{p}").exists() for p in pids)
+    assert cli.status("st2")["state"] == "stopped"
+
+
+def test_dry_run_shows_the_card(cli: Cli) -> None:
+    out = cli.json("run", "--dry-run", "--passthrough", "virtual")
+    argv = out["argv"]
+    assert out["gpu"]["engine"] == "user"
+    assert "memory-backend-memfd,id=ram0,size=512M,share=on" in argv
+    devices = [json.loads(a) for a in argv if a.startswith('{"driver":"vfio-user-pci"')]
+    assert [d["addr"] for d in devices] == ["0x10.0", "0x10.1"]
+    assert devices[0]["multifunction"] is True and "multifunction" not in devices[1]
+    assert "egpu.checks=pci,memory,cpus,nvme,display" in argv[argv.index("-append") + 1]
+
+
+def test_screenshot_of_vm_without_display(cli: Cli) -> None:
+    assert cli("run", "--name", "plain", "--accel", "tcg", "--detach",
+               "--engine", "none").returncode == 0
+    proc = cli("screenshot", "plain", "-o", "/tmp/never.png")
+    assert proc.returncode == 2 and "has no virtual display" in proc.stderr
+    cli("stop", "plain", "--force", check=True)
