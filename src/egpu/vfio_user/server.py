@@ -52,6 +52,7 @@ _FD_SIZE = array.array("i").itemsize
 _READ_REPLY_BASE = p.HEADER_SIZE + p.REGION_ACCESS.size
 _NO_FDS: list[int] = []  # shared, never mutated
 _CMD_REGION_READ = int(p.Command.REGION_READ)  # enum member lookups cost on the hot path
+_CMD_REGION_WRITE = int(p.Command.REGION_WRITE)
 _HEADER_PACK = p.HEADER.pack
 _BAD_COMMAND_FLAGS = ~p.KNOWN_HEADER_FLAGS | p.FLAG_ERROR
 # Plain ints: socket's IntFlag members cost an enum call per use on the hot path.
@@ -356,15 +357,21 @@ class Dispatcher:
                             p.TYPE_REPLY, 0) + payload + data, _NO_FDS
 
     def _region_write(self, msg_id: int, payload: Payload, fds: list[int]) -> Reply:
-        self._need(payload, p.REGION_ACCESS.size)
+        # Hot path too (doorbells): _check_count/_check_region inlined, same order.
+        if len(payload) < p.REGION_ACCESS.size:
+            self._need(payload, p.REGION_ACCESS.size)
         offset, index, count = p.REGION_ACCESS.unpack_from(payload)
-        self._check_count(count)
+        if count > self.caps.max_data_xfer_size:
+            raise p.ProtocolError(errno.E2BIG, f"count {count} exceeds max_data_xfer_size")
         if len(payload) != p.REGION_ACCESS.size + count:
             raise p.ProtocolError(errno.EINVAL, "REGION_WRITE data length != count")
-        self._check_region(index, offset, count, write=True)
+        regions = self._regions
+        info = regions[index] if index < len(regions) else None
+        if info is None or offset + count > info[0] or not info[2]:
+            self._check_region(index, offset, count, write=True)
         self.device.region_write(index, offset, bytes(payload[p.REGION_ACCESS.size :]))
-        body = bytes(payload[: p.REGION_ACCESS.size])
-        return p.reply_header(msg_id, p.Command.REGION_WRITE, len(body)) + body, []
+        return _HEADER_PACK(msg_id, _CMD_REGION_WRITE, _READ_REPLY_BASE, p.TYPE_REPLY, 0
+                            ) + payload[: p.REGION_ACCESS.size], _NO_FDS
 
     def _region_write_multi(self, msg_id: int, payload: Payload, fds: list[int]) -> Reply:
         if not self.session.write_multiple:
