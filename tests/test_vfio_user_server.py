@@ -405,6 +405,15 @@ def test_rule_region_permission(h: Harness) -> None:
                  errno.EACCES)
 
 
+def test_dma_unmap_all(client: VfioUserClient, h: Harness, ram: int) -> None:
+    client.dma_map(0x0, 0x10000, ram)
+    client.dma_map(0x20000, 0x10000, ram)
+    expect_errno(client, p.Command.DMA_UNMAP, p.DMA_UNMAP.pack(24, p.DMA_UNMAP_FLAG_ALL, 0,
+                                                               0x10000), errno.EINVAL)
+    client.request(p.Command.DMA_UNMAP, p.DMA_UNMAP.pack(24, p.DMA_UNMAP_FLAG_ALL, 0, 0))
+    assert h.server.memory.ranges() == ()
+
+
 def test_dma_map_refusals(client: VfioUserClient, ram: int) -> None:
     client.dma_map(0x10000, 0x10000, ram)
     expect_errno(client, p.Command.DMA_MAP, p.DMA_MAP.pack(32, RW, 0, 0x18000, 0x10000),

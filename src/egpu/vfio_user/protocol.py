@@ -134,6 +134,9 @@ DMA_FLAG_READ = 1 << 0
 DMA_FLAG_WRITE = 1 << 1
 DMA_MAP_KNOWN_FLAGS = DMA_FLAG_READ | DMA_FLAG_WRITE
 
+# DMA_UNMAP flags (linux/vfio.h; the dirty-bitmap flag 1 is not supported)
+DMA_UNMAP_FLAG_ALL = 1 << 1
+
 # DEVICE_GET_INFO flags (linux/vfio.h)
 DEVICE_FLAGS_RESET = 1 << 0
 DEVICE_FLAGS_PCI = 1 << 1

@@ -213,8 +213,18 @@ class Dispatcher:
     def _dma_unmap(self, msg_id: int, payload: Payload, fds: list[int]) -> Reply:
         self._need(payload, p.DMA_UNMAP.size)
         _argsz, flags, address, size = p.DMA_UNMAP.unpack_from(payload)
-        if flags:
+        if flags & ~p.DMA_UNMAP_FLAG_ALL:
             raise p.ProtocolError(errno.EINVAL, f"unknown DMA_UNMAP flags {flags:#x}")
+        body = bytes(payload[: p.DMA_UNMAP.size])
+        if flags & p.DMA_UNMAP_FLAG_ALL:
+            # QEMU's vfio-user container sends this when it drops every mapping; as in the
+            # kernel, the range fields must then be zero.
+            if address or size:
+                raise p.ProtocolError(errno.EINVAL, "DMA_UNMAP of all with a range")
+            for rng in self.memory.ranges():
+                self.device.dma_unmapped(rng)
+                self.memory.remove(rng.iova, rng.size)
+            return p.reply_header(msg_id, p.Command.DMA_UNMAP, len(body)) + body, []
         match = [r for r in self.memory.ranges() if r.iova == address and r.size == size]
         if not match:
             raise p.ProtocolError(errno.ENOENT, f"no DMA map is exactly {address:#x}+{size:#x}")
@@ -222,7 +232,6 @@ class Dispatcher:
         # reference is left when the reply goes out (spec: DMA_UNMAP).
         self.device.dma_unmapped(match[0])
         self.memory.remove(address, size)
-        body = bytes(payload[: p.DMA_UNMAP.size])
         return p.reply_header(msg_id, p.Command.DMA_UNMAP, len(body)) + body, []
 
     def _device_get_info(self, msg_id: int, payload: Payload, fds: list[int]) -> Reply:
