@@ -461,6 +461,8 @@ class TokenGate:
         )
         self.fail_next = 0
         self.redirect_blobs: str | None = None
+        self.ignore_range = False  # answer Range requests with the whole blob (200)
+        self.manifest_override: bytes | None = None  # serve this for every manifest request
         self.token_requests: list[dict[str, str]] = []
         self.unauthorized = 0
 
@@ -513,12 +515,18 @@ class TokenGate:
                     gate.fail_next -= 1
                     self._send(503, b"busy")
                     return
+                if gate.manifest_override is not None and "/manifests/" in url.path:
+                    self._send(
+                        200,
+                        gate.manifest_override,
+                        {"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
+                    )
+                    return
                 if gate.redirect_blobs and "/blobs/" in url.path:
                     self._send(307, b"", {"Location": gate.redirect_blobs})
                     return
-                headers = {
-                    k: v for k, v in self.headers.items() if k.lower() in ("accept", "range")
-                }
+                forward = ("accept",) if gate.ignore_range else ("accept", "range")
+                headers = {k: v for k, v in self.headers.items() if k.lower() in forward}
                 with httpx.stream(
                     "GET", f"http://{gate.upstream}{self.path}", headers=headers, timeout=30
                 ) as r:
@@ -530,7 +538,13 @@ class TokenGate:
                     for chunk in r.iter_raw():
                         self.wfile.write(chunk)
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            daemon_threads = True
+
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # a client that hangs up early (as pull does on a too-large manifest)
+
+        self._server = Server(("127.0.0.1", 0), Handler)
         self.port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
         self._thread.start()
