@@ -186,3 +186,40 @@ def test_fds_piling_up_on_an_unfinished_message_close_the_connection() -> None:
     finally:
         os.close(efd)
         sock.close()
+
+
+def test_remote_dma_is_chunked_by_the_client_limit() -> None:
+    server = VfioUserServer(SampleFunction())
+    ours, theirs = socket.socketpair()
+    ours.settimeout(10)
+    t = threading.Thread(target=server.serve_connection, args=(theirs,), daemon=True)
+    t.start()
+    try:
+        client = VfioUserClient(ours)
+        client.negotiate({"max_data_xfer_size": 1000})
+        guest = bytearray(os.urandom(4096))
+        client.remote_memory[0x7000_0000] = guest
+        client.dma_map(0x7000_0000, len(guest))
+        seen: list[int] = []
+        serve_dma = client._serve_dma
+
+        def spy(m: object) -> None:
+            seen.append(p.DMA_ACCESS.unpack_from(m.payload)[1])  # type: ignore[attr-defined]
+            serve_dma(m)  # type: ignore[arg-type]
+
+        client._serve_dma = spy  # type: ignore[method-assign]
+        from egpu.vfio_user.sample_device import (
+            DMA_TO_DEVICE,
+            REG_DMA_ADDR,
+            REG_DMA_CMD,
+            REG_DMA_LEN,
+        )
+        client.region_write(0, REG_DMA_ADDR, struct.pack("<Q", 0x7000_0000))
+        client.region_write(0, REG_DMA_LEN, struct.pack("<Q", 4096))
+        client.region_write(0, REG_DMA_CMD, struct.pack("<Q", DMA_TO_DEVICE))
+        assert client.region_read(2, 0, 4096) == bytes(guest)
+        assert seen and max(seen) <= 1000 and sum(seen) == 4096
+    finally:
+        ours.close()
+        t.join(10)
+        theirs.close()

@@ -672,7 +672,14 @@ class _RemoteDma:
 
     def __init__(self) -> None:
         self.connection: _Connection | None = None
-        self.max_xfer = p.DEFAULT_MAX_DATA_XFER_SIZE
+        self.dispatcher: Dispatcher | None = None
+
+    @property
+    def max_xfer(self) -> int:
+        """The client's max_data_xfer_size: our DMA_READ/WRITE must not exceed it (spec)."""
+        if self.dispatcher is None:
+            return p.DEFAULT_MAX_DATA_XFER_SIZE
+        return self.dispatcher.session.client.max_data_xfer_size
 
     def _conn(self) -> _Connection:
         if self.connection is None:
@@ -752,6 +759,7 @@ class VfioUserServer:
         device.attach(self.memory, self.interrupts)
         self.dispatcher = Dispatcher(device, self.memory, self.interrupts, self.description,
                                      capabilities)
+        self._remote.dispatcher = self.dispatcher
         self._listener: socket.socket | None = None
         self._client: socket.socket | None = None
         self._stop = threading.Event()
@@ -803,7 +811,6 @@ class VfioUserServer:
                 except OSError:
                     continue
                 log.info("client connected")
-                self._remote.max_xfer = p.DEFAULT_MAX_DATA_XFER_SIZE
                 try:
                     self.serve_connection(client)
                 finally:
