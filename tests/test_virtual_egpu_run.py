@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 
@@ -48,10 +49,21 @@ def test_running_vm_servers_screenshot_and_server_crash(cli: Cli, tmp_path: Path
         assert (sock.is_socket() and sock.stat().st_mode & 0o777 == 0o600) or sock.is_socket()
         assert sock.parent.stat().st_mode & 0o777 == 0o700
 
+    # type into the guest's serial shell: draw a line on its framebuffer console
+    console = cli.home / "data" / "vms" / "card" / "console.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(console))
+        s.sendall(b"\necho egpu-was-here > /dev/tty1\n")
     shot = tmp_path / "screen.png"
-    cli("screenshot", "card", "-o", str(shot), check=True)
-    with Image.open(shot) as image:
-        assert image.size[0] > 0 and not is_blank(image)  # the guest's console is drawn
+    deadline = time.monotonic() + 30
+    while True:
+        cli("screenshot", "card", "-o", str(shot), check=True)
+        with Image.open(shot) as image:
+            assert image.size == (1024, 768)
+            if not is_blank(image):
+                break
+        assert time.monotonic() < deadline, "the guest's text never reached the screen"
+        time.sleep(0.5)
 
     # a device server dies under the running guest: reported, never hidden; VM stopped
     os.kill(int(servers["nvme"]["pid"]), signal.SIGKILL)
