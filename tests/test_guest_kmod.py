@@ -127,3 +127,28 @@ def test_order_respects_every_edge_of_a_random_dag(edges: dict[int, set[int]],
         for d in available[m].depends:
             assert pos[d] < pos[m]
     assert {f"m{w}" for w in wanted} <= set(order)
+
+
+def test_load_groups_splits_independent_chains_and_keeps_order() -> None:
+    available = mods(nvme="nvme_core", nvme_core="", bochs="drm", drm="", evdev="",
+                     ttm="drm")
+    order = kmod.load_order(["nvme", "bochs", "evdev", "ttm"], available, frozenset())
+    groups = kmod.load_groups(order, available)
+    assert groups == [["nvme_core", "nvme"], ["drm", "bochs", "ttm"], ["evdev"]]
+
+
+@given(st.dictionaries(st.integers(0, 15), st.sets(st.integers(0, 15), max_size=3), max_size=16))
+def test_load_groups_partition_the_order_without_cross_dependencies(
+        edges: dict[int, set[int]]) -> None:
+    available = {f"m{i}": kmod.ModInfo(f"m{i}", tuple(f"m{d}" for d in sorted(ds) if d < i), ())
+                 for i, ds in edges.items()}
+    for i in range(16):
+        available.setdefault(f"m{i}", kmod.ModInfo(f"m{i}", (), ()))
+    order = kmod.load_order(sorted(available), available, frozenset())
+    groups = kmod.load_groups(order, available)
+    assert sorted(m for g in groups for m in g) == sorted(order)
+    where = {m: k for k, g in enumerate(groups) for m in g}
+    for g in groups:
+        assert g == [m for m in order if m in set(g)]
+        for m in g:
+            assert all(where[d] == where[m] for d in available[m].depends)

@@ -5,7 +5,7 @@ Cache layout (``dirs().guest``)::
     apt/                     private apt root (trixie, arm64 + amd64) used only while building
     .lock                    held while building
     <arch>/vmlinuz           the Debian kernel image
-    <arch>/initramfs.gz      busybox-static, the init, the checks, the modules in load order
+    <arch>/initramfs.gz      busybox-static, the init, the checks, the modules (load order)
     <arch>/manifest.json     build key, kernel version, module load order, source packages
 
 A build happens in ``.<arch>.build-*`` and is renamed into place only when complete; the build
@@ -39,9 +39,10 @@ from egpu.progress import Progress, SilentProgress
 DEBIAN_ARCH = {"aarch64": "arm64", "x86_64": "amd64"}
 SUITES = ("trixie",)
 BUSYBOX_PACKAGE = "busybox-static"
-# Modules the guest loads at boot, for this and later work; their dependency closure comes
-# along. Entries built into a kernel are skipped (on Debian 6.12: virtio_console on both,
-# the ACPI button on arm64).
+# Modules the guest loads, for this and later work; their dependency closure comes along.
+# Entries built into a kernel are skipped (on Debian 6.12: virtio_console on both, the ACPI
+# button on arm64). Those in AFTER_READY load right after the ready marker (before any check),
+# since no device of the built-in guest needs them at boot: about 0.7 s less to ready under TCG.
 GUEST_MODULES = (
     "virtio_blk", "virtio_net", "virtio_rng", "virtio_console",
     "nvme",                      # the virtual eGPU's DMA function
@@ -52,8 +53,9 @@ GUEST_MODULES = (
     "ext4",                      # a root filesystem for later full-image boots
     "vfio_pci",                  # passthrough inside the guest (nested tests)
 )
+AFTER_READY = frozenset({"ext4", "vfio_pci"})
 # Bump when the initramfs layout changes in a way the key below cannot see.
-BUILD_FORMAT = 1
+BUILD_FORMAT = 3
 MANIFEST = "manifest.json"
 KERNEL_FILE = "vmlinuz"
 INITRAMFS_FILE = "initramfs.gz"
@@ -62,6 +64,7 @@ CHECKS_DIR = "checks"
 # where things go inside the initramfs
 GUEST_MODULE_DIR = "lib/modules"
 GUEST_MODULE_LIST = "etc/egpu/modules"
+GUEST_LATER_MODULE_LIST = "etc/egpu/modules.later"
 GUEST_CHECKS_DIR = "checks"
 # Linux device numbers (Documentation/admin-guide/devices.txt)
 DEV_CONSOLE = (5, 1)
@@ -93,7 +96,8 @@ def _guest_files() -> dict[str, bytes]:
 
 def build_key(arch: str) -> str:
     """A digest of everything that decides the build apart from the Debian packages."""
-    h = hashlib.sha256(f"{BUILD_FORMAT}\0{arch}\0{','.join(GUEST_MODULES)}".encode())
+    modules = ",".join(GUEST_MODULES) + "/" + ",".join(sorted(AFTER_READY))
+    h = hashlib.sha256(f"{BUILD_FORMAT}\0{arch}\0{modules}".encode())
     for name, data in _guest_files().items():
         h.update(f"\0{name}\0{len(data)}\0".encode() + data)
     return h.hexdigest()
@@ -236,6 +240,8 @@ def _assemble(arch: str, tree: Path, out: Path) -> dict[str, object]:
     modules = _ModuleTree(moddir / "kernel")
     try:
         order = kmod.load_order(GUEST_MODULES, modules, builtin)
+        first = kmod.load_order([m for m in GUEST_MODULES if m not in AFTER_READY], modules,
+                                builtin)
     except ValueError as e:
         raise GuestError(str(e)) from e
     busybox = tree / "usr/bin/busybox"
@@ -255,9 +261,14 @@ def _assemble(arch: str, tree: Path, out: Path) -> dict[str, object]:
         entries.append(cpio.regular(name, data, perm=0o755))
     for name in order:
         entries.append(cpio.regular(f"{GUEST_MODULE_DIR}/{name}.ko", modules.data(name)))
-    entries.append(cpio.regular(GUEST_MODULE_LIST, "".join(f"{n}\n" for n in order).encode()))
+    # one line per group of modules that depend on each other; groups load concurrently
+    later = [m for m in order if m not in first]
+    for path, stage in ((GUEST_MODULE_LIST, first), (GUEST_LATER_MODULE_LIST, later)):
+        groups = kmod.load_groups(stage, modules)
+        entries.append(cpio.regular(path, "".join(" ".join(g) + "\n" for g in groups).encode()))
     entries.append(cpio.regular("etc/egpu/kernel-version", f"{version}\n".encode()))
 
     shutil.copyfile(kernels[0], out / KERNEL_FILE)
     (out / INITRAMFS_FILE).write_bytes(cpio.gzip_archive(entries))
-    return {"arch": arch, "kernel_version": version, "modules": order}
+    return {"arch": arch, "kernel_version": version, "modules": order,
+            "modules_after_ready": later}

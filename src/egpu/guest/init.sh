@@ -1,10 +1,10 @@
 #!/bin/sh
 # /init of egpu's built-in guest (busybox). Protocol with the host: egpu/guest/protocol.py.
 #
-# 1. mount the kernel filesystems, load the modules listed in /etc/egpu/modules (already in
-#    dependency order, decompressed on the host), bring up networking if there is any;
+# 1. mount the kernel filesystems, load the modules listed in /etc/egpu/modules (decompressed
+#    on the host, in dependency order), bring up networking if there is any;
 # 2. export each kernel command-line setting egpu.<key>=<value> as EGPU_<KEY>;
-# 3. print the ready marker;
+# 3. print the ready marker, then load /etc/egpu/modules.later (nothing at boot needs them);
 # 4. with egpu.selftest=1: run every /checks/*.sh in order, print one EGPU-SELFTEST line, power off;
 #    otherwise: hand PID 1 to busybox init (a respawning shell on the console, acpid turning the
 #    power button -- ACPI on x86_64, the virt machine's GPIO key on aarch64 -- into a clean
@@ -43,9 +43,19 @@ for arg in $(cat /proc/cmdline); do
 done
 set +f
 
-while read -r mod; do
-    insmod "/lib/modules/$mod.ko" || echo "egpu-init: cannot load module $mod"
-done < /etc/egpu/modules
+# A module list has one line per group of interdependent modules, in load order; the groups
+# load side by side (module loading is CPU-bound under TCG and the guest has several vCPUs).
+load_modules() {
+    while read -r group; do
+        (
+            for mod in $group; do
+                insmod "/lib/modules/$mod.ko" || echo "egpu-init: cannot load module $mod"
+            done
+        ) &
+    done < "$1"
+    wait
+}
+load_modules /etc/egpu/modules
 
 ip link set lo up
 cat > /run/udhcpc.sh <<'EOF'
@@ -120,6 +130,7 @@ to_json() {
 
 if [ "$EGPU_SELFTEST" = 1 ]; then
     printf '\n%s\n' "$READY_MARKER"
+    load_modules /etc/egpu/modules.later
     result=$(run_checks | to_json)
     # keep kernel messages off the console while the result line goes out
     echo 1 > /proc/sys/kernel/printk
@@ -146,6 +157,7 @@ if ls /dev/input/event* >/dev/null 2>&1; then
 fi
 # (the marker goes on a line of its own even if something left the cursor mid-line)
 printf '\n%s\n' "$READY_MARKER"
+load_modules /etc/egpu/modules.later &
 
 # busybox init as PID 1 from here: a respawning shell on the console, clean shutdown
 cat > /etc/inittab <<'EOF'
