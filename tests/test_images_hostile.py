@@ -102,3 +102,20 @@ def test_proxy_counts_bytes(registry: Registry) -> None:
         assert len(DISK) < proxy.served < len(DISK) + 4096
     finally:
         proxy.close()
+
+
+def test_bad_kept_partial_is_replaced(home: Path, registry: Registry) -> None:
+    """Resuming onto bytes that were wrong fails verification once, then one fresh download."""
+    pushed = push_plain_image(registry.host, "egpu/badpartial", "v1", DISK)
+    proxy = CountingProxy(registry.host)
+    try:
+        store = ImageStore()
+        partial = store.partial_path(Digest.parse(pushed.disk_digest))
+        partial.parent.mkdir(parents=True)
+        partial.write_bytes(b"\xee" * 1000)
+        result = pull(f"{proxy.host}/egpu/badpartial:v1")
+        assert result.path.read_bytes() == DISK
+        assert proxy.range_requests() == ["bytes=1000-"]  # resumed first, then started over
+        assert 2 * len(DISK) - 1000 <= proxy.served < 2 * len(DISK) - 1000 + 16 * 1024  # + headers
+    finally:
+        proxy.close()

@@ -226,6 +226,19 @@ class RegistryClient:
         that ignores Range makes it start over. ImageError on a digest mismatch (the partial
         file is then removed) or when the download keeps failing (then it is kept).
         """
+        resumed = partial.exists() and partial.stat().st_size > 0
+        try:
+            self._download(digest, size, partial, progress, label)
+        except _DigestMismatch as e:
+            if not resumed:
+                raise ImageError(e.message) from None
+            # The kept bytes may be what was bad (a partial from an older, broken run):
+            # one fresh download decides.
+            self._download(digest, size, partial, progress, label)
+
+    def _download(
+        self, digest: Digest, size: int, partial: Path, progress: Progress, label: str
+    ) -> None:
         url = f"{self.base}/blobs/{digest}"
         partial.parent.mkdir(parents=True, exist_ok=True)
         state = _Download(size=size)
@@ -262,7 +275,7 @@ class RegistryClient:
             progress.finish()
         if state.hasher.hexdigest() != digest.hex:
             partial.unlink(missing_ok=True)
-            raise ImageError(
+            raise _DigestMismatch(
                 f"corrupted blob: {label} has sha256:{state.hasher.hexdigest()}, "
                 f"expected {digest}; the bad download was removed"
             )
@@ -307,6 +320,10 @@ class RegistryClient:
                 state.have += len(chunk)
                 progress.advance(len(chunk))
             out.flush()
+
+
+class _DigestMismatch(ImageError):
+    """A finished download whose bytes do not hash to the digest asked for."""
 
 
 @dataclass
