@@ -102,11 +102,13 @@ def run(
         raise UsageError("--self-test waits for the guest; it cannot --detach")
     vm_name = store.check_name(name or (SELFTEST_NAME if selftest else DEFAULT_NAME))
     parse_size(nvme_size)
+    # cheap checks first: bad input must fail before anything is downloaded or built
+    for disk in disks:
+        lifecycle.assumed_disk(disk)
+    if ssh_port is not None:
+        lifecycle.check_port_free(ssh_port)
     gpu = run_passthrough(engine, passthrough, ioreg=ioreg, sysfs=sysfs,
                           systemextensions=systemextensions, no_tso=no_tso, bind=bind)
-    for notice in gpu.notices:
-        if not as_json:
-            output.notice(notice)
     progress = output.BarProgress(quiet=quiet or as_json)
     info = _engine_for(qemu, dry_run=dry_run, progress=progress)
     guest = _guest_for(arch, dry_run=dry_run, progress=progress)
@@ -116,6 +118,9 @@ def run(
         nvme_size=nvme_size, bind=bind,
     )
     plan = lifecycle.plan_run(request, info, guest, check_host=not dry_run)
+    if not as_json:
+        for notice in gpu.notices:
+            output.notice(notice)
     if dry_run:
         if as_json:
             output.emit_json({"argv": plan.argv, "gpu": gpu.to_json()})
