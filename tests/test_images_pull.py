@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -364,3 +365,37 @@ def test_disk_full(small_cache: Path, registry: Registry, disks: list[bytes]) ->
     assert proc.returncode == 1
     assert proc.stderr.startswith("error: disk full"), proc.stderr
     assert "run the pull again" in proc.stderr
+
+
+def test_progress_bar_on_a_terminal(
+    home: Path, registry: Registry, proxy: CountingProxy, disks: list[bytes]
+) -> None:
+    """On a terminal the pull draws a bar with size, rate and ETA (rich, on stderr)."""
+    import pty
+
+    push_plain_image(registry.host, "egpu/tty", "v1", disks[0])
+    proxy.reset(delay=0.02)
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "egpu", "pull", f"{proxy.host}/egpu/tty:v1"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=follower,
+        env={**os.environ, "COLUMNS": "120", "TERM": "xterm"},
+    )
+    os.close(follower)
+    seen = b""
+    while True:
+        try:
+            chunk = os.read(leader, 65536)
+        except OSError:  # EIO once the child closed its end
+            break
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert proc.wait(timeout=60) == 0
+    text = seen.decode(errors="replace")
+    assert "plain.qcow2" in text and "/3.5 MB" in text  # label and size
+    assert "MB/s" in text or "kB/s" in text  # rate
+    assert "0:00:0" in text  # time remaining
