@@ -63,8 +63,8 @@ def spec(**kw: object) -> VmSpec:
 def test_argv_shared_memory_and_devices() -> None:
     argv = build_argv(["qemu"], spec(memory_backend="memfd-shared",
                                      devices=(("-device", "vfio-user-pci,socket=/s"),)))
-    assert "memory-backend-memfd,id=ram0,size=512M,share=on" in argv
-    assert argv[argv.index("-machine") + 1] == "virt,highmem=on,memory-backend=ram0"
+    assert "memory-backend-memfd,id=pc.ram,size=512M,share=on" in argv
+    assert argv[argv.index("-machine") + 1] == "virt,highmem=on,memory-backend=pc.ram"
     assert argv.index("vfio-user-pci,socket=/s") > argv.index("-netdev")
 
 

@@ -53,8 +53,8 @@ def test_apple_golden() -> None:
         "-accel", "hvf,tso=on",
         "-cpu", "host",
         "-smp", "8,sockets=1,cores=8,threads=1",
-        "-object", "memory-backend-ram,id=ram0,size=14336M,prealloc=on,share=off",
-        "-machine", "virt,highmem=on,memory-backend=ram0", "-m", "14336M",
+        "-object", "memory-backend-ram,id=pc.ram,size=14336M,prealloc=on,share=off",
+        "-machine", "virt,highmem=on,memory-backend=pc.ram", "-m", "14336M",
         "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=/fw/AAVMF_CODE.fd",
         "-drive", "if=pflash,format=raw,unit=1,file=/v/efivars.fd",
         "-drive", "file=/v/overlay.qcow2,format=qcow2,if=none,id=disk0,discard=unmap,"

@@ -91,7 +91,7 @@ def test_dry_run_shows_the_card(cli: Cli) -> None:
     out = cli.json("run", "--dry-run", "--passthrough", "virtual")
     argv = out["argv"]
     assert out["gpu"]["engine"] == "user"
-    assert "memory-backend-memfd,id=ram0,size=512M,share=on" in argv
+    assert "memory-backend-memfd,id=pc.ram,size=512M,share=on" in argv
     devices = [json.loads(a) for a in argv if a.startswith('{"driver":"vfio-user-pci"')]
     assert [d["addr"] for d in devices] == ["0x10.0", "0x10.1"]
     assert devices[0]["multifunction"] is True and "multifunction" not in devices[1]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import platform
 import shlex
 import sys
 import threading
@@ -44,7 +45,12 @@ def _status_row(s: VmStatus) -> list[object]:
 STATUS_COLUMNS = ("NAME", "STATE", "PID", "READY", "ARCH", "CPUS", "MEMORY", "ENGINE")
 
 
-def _engine_for(qemu: str | None, *, dry_run: bool, progress: output.BarProgress) -> EngineInfo:
+def _engine_for(
+    qemu: str | None, gpu_engine: str, *, dry_run: bool, progress: output.BarProgress
+) -> EngineInfo:
+    if dry_run and gpu_engine == "apple" and platform.system() != "Darwin" and not qemu:
+        # this host's QEMU is not the one a Mac runs: show the command by program name
+        return placeholder_info()
     if dry_run:
         # a dry run starts nothing and downloads nothing, so it works without any engine
         try:
@@ -110,7 +116,7 @@ def run(
     gpu = run_passthrough(engine, passthrough, ioreg=ioreg, sysfs=sysfs,
                           systemextensions=systemextensions, no_tso=no_tso, bind=bind)
     progress = output.BarProgress(quiet=quiet or as_json)
-    info = _engine_for(qemu, dry_run=dry_run, progress=progress)
+    info = _engine_for(qemu, gpu.engine, dry_run=dry_run, progress=progress)
     guest = _guest_for(arch, dry_run=dry_run, progress=progress)
     request = lifecycle.RunRequest(
         name=vm_name, arch=arch, cpus=cpus, memory_mib=memory_mib, disks=disks,

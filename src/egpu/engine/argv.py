@@ -20,6 +20,7 @@ _UNIT_MIB = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
 MIN_MEMORY_MIB = 64
 MAX_MEMORY_MIB = 1 << 22  # 4 TiB
 MAX_CPUS = 512
+RAM_BACKEND_ID = "pc.ram"  # the reference launcher's name for it (REFERENCE.md section 4)
 
 Accel = Literal["tcg", "kvm", "hvf"]
 MemoryBackend = Literal["plain", "memfd-shared", "prealloc"]
@@ -116,11 +117,12 @@ def build_argv(qemu: Sequence[str], spec: VmSpec) -> list[str]:
     if spec.memory_backend != "plain":
         # fd-backed shared RAM lets a vfio-user server map guest memory (DMA_MAP carries fds)
         if spec.memory_backend == "memfd-shared":
-            backend = f"memory-backend-memfd,id=ram0,size={mem},share=on"
+            backend = f"memory-backend-memfd,id={RAM_BACKEND_ID},size={mem},share=on"
         else:
-            backend = f"memory-backend-ram,id=ram0,size={mem},prealloc=on,share=off"
+            backend = (f"memory-backend-ram,id={RAM_BACKEND_ID},size={mem},"
+                       "prealloc=on,share=off")
         argv += ["-object", backend]
-        machine.append("memory-backend=ram0")
+        machine.append(f"memory-backend={RAM_BACKEND_ID}")
     argv += ["-machine", ",".join(machine), "-m", mem]
 
     if spec.firmware is not None:
