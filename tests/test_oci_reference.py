@@ -160,3 +160,15 @@ def test_arbitrary_text_never_crashes(text: str) -> None:
     for part in ref.repository.split("/"):
         assert part not in ("", ".", "..")
     assert not any(c in str(ref) for c in " ?#\\\n")
+
+
+def test_default_image_is_the_reference_docker_profile() -> None:
+    from egpu.images.pull import DEFAULT_IMAGE
+
+    ref = parse_reference(DEFAULT_IMAGE)
+    assert (ref.registry, ref.repository, ref.tag) == (
+        "ghcr.io",
+        "scottjg/qemu-vfio-apple-images",
+        "docker-latest",
+    )
+    assert not ref.is_loopback  # so it is fetched over HTTPS only
