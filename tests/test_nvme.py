@@ -41,6 +41,8 @@ IOSQ, IOCQ = RAM_BASE + 2 * PAGE, RAM_BASE + 4 * PAGE
 DATA = RAM_BASE + (1 << 20)  # data buffers from here
 LISTS = RAM_BASE + (3 << 20)  # PRP lists from here
 QUEUE_DEPTH = 32
+REMOTE_BASE = 0x9000_0000  # memory without an fd: reached through the client
+REMOTE_SIZE = 64 << 10
 
 
 class Guest:
@@ -56,6 +58,9 @@ class Guest:
         self.memory.add(RAM_BASE, RAM_SIZE, DmaProt.READ | DmaProt.WRITE, self.fd)
         self.memory.add(ROM_BASE, ROM_SIZE, DmaProt.READ, rom_fd)
         os.close(rom_fd)
+        self.remote = bytearray(REMOTE_SIZE)  # guest memory reached by DMA_READ/WRITE messages
+        self.memory.remote = self
+        self.memory.add(REMOTE_BASE, REMOTE_SIZE, DmaProt.READ | DmaProt.WRITE)
         self.irqs: list[int] = []
         self.backing = NvmeBacking(tmp_path / "disk.img", blocks * 512)
         self.ctrl = NvmeController(self.memory, self.irqs.append, self.backing, max_io_queues=4)
@@ -65,12 +70,22 @@ class Guest:
         self.sizes: dict[int, tuple[int, int, int, int]] = {}  # qid -> sq base, size, cq base, size
 
     def close(self) -> None:
+        # The server's order: the device drops its pins (dma_unmapped), then the table unmaps.
+        self.ctrl.pinned.unpin_all()
         self.memory.clear()
         self.ram.close()
         os.close(self.fd)
         self.backing.close()
 
     # -- memory -----------------------------------------------------------------------------
+
+    def dma_read(self, address: int, count: int) -> bytes:
+        off = address - REMOTE_BASE
+        return bytes(self.remote[off:off + count])
+
+    def dma_write(self, address: int, data: bytes) -> None:
+        off = address - REMOTE_BASE
+        self.remote[off:off + len(data)] = data
 
     def poke(self, addr: int, data: bytes) -> None:
         off = addr - RAM_BASE
@@ -397,6 +412,29 @@ def test_io_errors(guest: Guest) -> None:
         spec.INVALID_FIELD  # SGL requested
     assert guest.io(make_command(IoOpcode.FLUSH, 14, nsid=1)) == spec.SUCCESS
     assert guest.io(make_command(IoOpcode.DATASET_MANAGEMENT, 15, nsid=1)) == spec.SUCCESS
+
+
+def test_data_in_memory_without_fd_and_across_mappings(guest: Guest) -> None:
+    guest.setup_io()
+    payload = os.urandom(4096)
+    guest.remote[0x1000:0x2000] = payload
+    assert guest.io(rw(IoOpcode.WRITE, 1, 0, 8, REMOTE_BASE + 0x1000)) == spec.SUCCESS
+    assert guest.io(rw(IoOpcode.READ, 2, 0, 8, REMOTE_BASE + 0x3000)) == spec.SUCCESS
+    assert bytes(guest.remote[0x3000:0x4000]) == payload
+    # Pages in two different mappings (one shared, one remote) in one command.
+    assert guest.io(rw(IoOpcode.READ, 3, 0, 8, RAM_BASE + RAM_SIZE - 0x800,
+                       REMOTE_BASE)) == spec.SUCCESS
+    assert guest.peek(RAM_BASE + RAM_SIZE - 0x800, 0x800) + bytes(guest.remote[:0x800]) == \
+        payload
+
+
+def test_unmapping_a_range_drops_the_pin_first(guest: Guest) -> None:
+    guest.setup_io()
+    rom = next(r for r in guest.memory.ranges() if r.iova == ROM_BASE)
+    guest.ctrl.pinned.unpin(rom)
+    guest.memory.remove(ROM_BASE, ROM_SIZE)  # would wait forever if a pin were left
+    assert guest.io(rw(IoOpcode.WRITE, 1, 0, 1, ROM_BASE)) == spec.DATA_TRANSFER_ERROR
+    assert guest.io(rw(IoOpcode.READ, 2, 0, 1, DATA)) == spec.SUCCESS
 
 
 def test_write_zeroes(guest: Guest) -> None:

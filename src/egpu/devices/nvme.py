@@ -38,6 +38,7 @@ from egpu.devices.base import (
     RegionIndex,
 )
 from egpu.devices.nvme_spec import AdminOpcode, Command, Feature, Identify, IoOpcode, LogPage
+from egpu.devices.pinned import PinnedGuestMemory
 from egpu.dma import DmaError, DmaRange, GuestMemory
 from egpu.errors import DeviceServerError, UsageError
 from egpu.pci import BarKind, ConfigSpace, MsixLayout
@@ -67,7 +68,11 @@ ZERO_CHUNK = 1 << 20
 
 _FEATURE_IDS = frozenset(int(f) for f in Feature)
 
-DoorbellWrite = tuple[int, bool]  # queue id, True for a completion-queue head
+DoorbellWrite = tuple[int, bool]
+# A completion entry written in two stores, the phase tag's dword last (see _post).
+CQE_HEAD = struct.Struct("<IIHH")
+CQE_TAIL = struct.Struct("<HH")
+CQE_TAIL_OFFSET = CQE_HEAD.size  # queue id, True for a completion-queue head
 
 
 @dataclass(slots=True)
@@ -173,6 +178,7 @@ class NvmeController:
         if not 1 <= max_io_queues <= MAX_IO_QUEUES:
             raise UsageError(f"NVMe queue count {max_io_queues} outside 1..{MAX_IO_QUEUES}")
         self.memory = memory
+        self.pinned = PinnedGuestMemory(memory)
         self.raise_irq = raise_irq
         self.backing = backing
         self.max_io_queues = max_io_queues
@@ -364,13 +370,20 @@ class NvmeController:
         while sq.head != sq.tail and self.ready and self.bus_master:
             if (cq.tail + 1) % cq.size == cq.head:
                 break  # completion queue full: resumes when the host frees a slot
-            try:
-                self.memory.readinto(sq.base + sq.head * spec.SQE_SIZE, entry)
-            except DmaError as e:
-                self._fatal(f"SQ {sq.qid} entry unreachable: {e}")
-                break
+            address = sq.base + sq.head * spec.SQE_SIZE
+            window: memoryview | bytearray | None = self.pinned.window(address, spec.SQE_SIZE,
+                                                                       False)
+            if window is None:
+                try:
+                    self.memory.readinto(address, entry)
+                except DmaError as e:
+                    self._fatal(f"SQ {sq.qid} entry unreachable: {e}")
+                    break
+                window = entry
+            # One unpack copies the entry: the guest changing it meanwhile cannot make us see
+            # two different values of a field (no double fetch).
+            cmd = Command._make(spec.SQE.unpack_from(window))
             sq.head = sq.head + 1 if sq.head + 1 < sq.size else 0
-            cmd = Command.unpack(entry)
             result = self._admin(cmd) if admin else self._io(cmd)
             if result is None:
                 continue  # an Asynchronous Event Request: completes when an event happens
@@ -385,13 +398,20 @@ class NvmeController:
 
     def _post(self, cq: CompletionQueue, sq: SubmissionQueue, cid: int, st: int, dw0: int
               ) -> bool:
-        spec.CQE.pack_into(self._cqe, 0, dw0 & 0xFFFFFFFF, 0, sq.head, sq.qid, cid,
-                           st << 1 | cq.phase)
-        try:
-            self.memory.write(cq.base + cq.tail * spec.CQE_SIZE, self._cqe)
-        except DmaError as e:
-            self._fatal(f"CQ {cq.qid} entry unreachable: {e}")
-            return False
+        address = cq.base + cq.tail * spec.CQE_SIZE
+        window = self.pinned.window(address, spec.CQE_SIZE, True)
+        if window is not None:
+            # The dword holding the phase tag goes last: the host polls it to see a new entry.
+            CQE_HEAD.pack_into(window, 0, dw0 & 0xFFFFFFFF, 0, sq.head, sq.qid)
+            CQE_TAIL.pack_into(window, CQE_TAIL_OFFSET, cid, st << 1 | cq.phase)
+        else:
+            spec.CQE.pack_into(self._cqe, 0, dw0 & 0xFFFFFFFF, 0, sq.head, sq.qid, cid,
+                               st << 1 | cq.phase)
+            try:
+                self.memory.write(address, self._cqe)
+            except DmaError as e:
+                self._fatal(f"CQ {cq.qid} entry unreachable: {e}")
+                return False
         cq.tail += 1
         if cq.tail == cq.size:
             cq.tail = 0
@@ -634,12 +654,15 @@ class NvmeController:
             chained = needed > room
             take = room - 1 if chained else needed
             count = take + 1 if chained else take
-            try:
-                self.memory.readinto(list_addr, memoryview(buf)[:count * 8])
-            except DmaError as e:
-                self._hostile(f"PRP list at {list_addr:#x} unreachable: {e}")
-                return spec.DATA_TRANSFER_ERROR
-            entries = struct.unpack_from(f"<{count}Q", buf)
+            source: memoryview | bytearray | None = self.pinned.window(list_addr, count * 8, False)
+            if source is None:
+                try:
+                    self.memory.readinto(list_addr, memoryview(buf)[:count * 8])
+                except DmaError as e:
+                    self._hostile(f"PRP list at {list_addr:#x} unreachable: {e}")
+                    return spec.DATA_TRANSFER_ERROR
+                source = buf
+            entries = struct.unpack_from(f"<{count}Q", source)
             for entry in entries[:take]:
                 if entry & spec.PAGE_MASK:
                     return spec.INVALID_PRP_OFFSET
@@ -709,8 +732,16 @@ class NvmeController:
 
     def _read(self, segments: list[tuple[int, int]], offset: int) -> int:
         fd = self.backing.fd
+        window = self.pinned.window
         try:
             for addr, n in segments:
+                w = window(addr, n, True)
+                if w is not None:
+                    got = os.preadv(fd, [w], offset)
+                    if got < n:
+                        w[got:] = bytes(n - got)
+                    offset += n
+                    continue
                 try:
                     with self.memory.view(addr, n, writable=True) as v:
                         got = os.preadv(fd, [v], offset)
@@ -730,8 +761,14 @@ class NvmeController:
 
     def _write(self, segments: list[tuple[int, int]], offset: int) -> int:
         fd = self.backing.fd
+        window = self.pinned.window
         try:
             for addr, n in segments:
+                w = window(addr, n, False)
+                if w is not None:
+                    _pwrite_all(fd, w, offset)
+                    offset += n
+                    continue
                 try:
                     with self.memory.view(addr, n) as v:
                         _pwrite_all(fd, v, offset)
@@ -832,8 +869,17 @@ class NvmeFunction(PciFunction):
         if self._controller is not None:
             self._controller.bus_master = bool(self.config.command & PciCommand.BUS_MASTER)
 
+    def dma_mapped(self, dma_range: DmaRange) -> None:
+        """Pin a view of the new range for zero-copy queue and data access."""
+        self.controller.pinned.pin(dma_range)
+
     def dma_unmapped(self, dma_range: DmaRange) -> None:
-        """Nothing to drop: the controller holds no views between callbacks."""
+        """Drop the pinned view before the server unmaps the range."""
+        self.controller.pinned.unpin(dma_range)
+
+    def client_disconnected(self) -> None:
+        """The client's maps are gone (their pins were dropped by dma_unmapped)."""
+        self.controller.pinned.unpin_all()
 
     def reset(self) -> None:
         """Function-level or device reset: controller back to power-on state."""
