@@ -667,7 +667,11 @@ class NvmeController:
                 if entry & spec.PAGE_MASK:
                     return spec.INVALID_PRP_OFFSET
                 n = remaining if remaining < spec.PAGE_SIZE else spec.PAGE_SIZE
-                self._append(segments, entry, n)
+                last_addr, last_n = segments[-1]
+                if last_addr + last_n == entry:  # physically contiguous: one segment
+                    segments[-1] = (last_addr, last_n + n)
+                else:
+                    segments.append((entry, n))
                 remaining -= n
             needed -= take
             if chained:
@@ -730,22 +734,39 @@ class NvmeController:
             self.counters[3] += 1
         return st, 0
 
+    def _windows(self, segments: list[tuple[int, int]], write: bool) -> list[memoryview] | None:
+        """Direct windows for every segment, or None when one is not inside a pinned range."""
+        views = []
+        start = end = 0
+        view = memoryview(b"")
+        for addr, n in segments:
+            if not (start <= addr and addr + n <= end):
+                # Scatter lists mostly stay in one range: look up only when leaving it.
+                found = self.pinned.lookup(addr, n, write)
+                if found is None:
+                    return None
+                start, end, view = found
+            offset = addr - start
+            views.append(view[offset:offset + n])
+        return views
+
     def _read(self, segments: list[tuple[int, int]], offset: int) -> int:
         fd = self.backing.fd
-        window = self.pinned.window
         try:
+            views = self._windows(segments, True)
+            if views is not None:
+                # One system call for the whole scatter list (<= MDTS pages, below IOV_MAX).
+                got = os.preadv(fd, views, offset)
+                for v in views:  # the file shrank under us: the rest reads as zeros
+                    if got < len(v):
+                        v[max(got, 0):] = bytes(len(v) - max(got, 0))
+                    got -= len(v)
+                return spec.SUCCESS
             for addr, n in segments:
-                w = window(addr, n, True)
-                if w is not None:
-                    got = os.preadv(fd, [w], offset)
-                    if got < n:
-                        w[got:] = bytes(n - got)
-                    offset += n
-                    continue
                 try:
                     with self.memory.view(addr, n, writable=True) as v:
                         got = os.preadv(fd, [v], offset)
-                        if got < n:  # the file shrank under us: the rest reads as zeros
+                        if got < n:
                             v[got:] = bytes(n - got)
                 except DmaError:
                     # Not one fd-backed mapping (remote memory, or split across maps): copy.
@@ -761,19 +782,17 @@ class NvmeController:
 
     def _write(self, segments: list[tuple[int, int]], offset: int) -> int:
         fd = self.backing.fd
-        window = self.pinned.window
         try:
+            views = self._windows(segments, False)
+            if views is not None:
+                _pwritev_all(fd, views, offset)
+                return spec.SUCCESS
             for addr, n in segments:
-                w = window(addr, n, False)
-                if w is not None:
-                    _pwrite_all(fd, w, offset)
-                    offset += n
-                    continue
                 try:
                     with self.memory.view(addr, n) as v:
-                        _pwrite_all(fd, v, offset)
+                        _pwritev_all(fd, [v], offset)
                 except DmaError:
-                    _pwrite_all(fd, memoryview(self.memory.read(addr, n)), offset)
+                    _pwritev_all(fd, [memoryview(self.memory.read(addr, n))], offset)
                 offset += n
         except DmaError as e:
             self._hostile(f"write DMA failed: {e}")
@@ -788,7 +807,7 @@ class NvmeController:
         try:
             while length:
                 n = min(length, len(zeros))
-                _pwrite_all(self.backing.fd, zeros[:n], offset)
+                _pwritev_all(self.backing.fd, [zeros[:n]], offset)
                 offset += n
                 length -= n
         except OSError as e:
@@ -797,12 +816,18 @@ class NvmeController:
         return spec.SUCCESS
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
-    while len(data):
-        n = os.pwritev(fd, [data], offset)
+def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
+    """Write every byte of ``views`` at ``offset``, resuming after short writes."""
+    while views:
+        n = os.pwritev(fd, views, offset)
         if n <= 0:
             raise OSError(errno.EIO, "short write")
-        data, offset = data[n:], offset + n
+        offset += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views = views[1:]
+        if views and n:
+            views = [views[0][n:], *views[1:]]
 
 
 # -- the PCI function ---------------------------------------------------------------------------

@@ -57,6 +57,13 @@ class PinnedGuestMemory:
             pin[4].close()
         self._pins = []
 
+    def lookup(self, address: int, count: int, write: bool) -> tuple[int, int, memoryview] | None:
+        """(start, end, view) of the pinned range holding ``count`` bytes at ``address``."""
+        for start, end, view, writable, _ in self._pins:
+            if start <= address and address + count <= end:
+                return (start, end, view) if writable or not write else None
+        return None
+
     def window(self, address: int, count: int, write: bool) -> memoryview | None:
         """A view of ``count`` bytes at ``address`` inside one pinned range, or None."""
         for start, end, view, writable, _ in self._pins:
