@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -327,3 +328,23 @@ def test_boot_disk_from_image(
     done, action = prepare_boot_disk(plan_boot_disk(overlay, image=second.ref), tool[0], tool[1])
     assert action == "rebased"
     assert read_backing_file(overlay) == store.blob_path(Digest.parse(second.disk_digest))
+
+
+def test_reset_refuses_a_live_vm(
+    home: Path, tool: tuple[list[str], dict[str, str]], bases: list[Path]
+) -> None:
+    vm = make_vm("busy", bases[0], tool)
+    # A process that looks like this VM's QEMU (its command line names the QMP socket).
+    fake_qemu = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", str(vm.qmp_socket)]
+    )
+    try:
+        vm.file(vm_store.QEMU_PID).write_text(str(fake_qemu.pid))
+        proc = egpu("reset", "busy", "--yes")
+        assert proc.returncode == 1
+        assert proc.stderr.startswith("error: VM 'busy' is starting")
+        assert "egpu stop busy" in proc.stderr
+        assert vm.file(vm_store.OVERLAY).exists()
+    finally:
+        fake_qemu.kill()
+        fake_qemu.wait()

@@ -3,6 +3,7 @@ errors, resume after a cut connection and after a killed process, concurrent pul
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -306,7 +307,7 @@ def test_killed_pull_resumes(
 ) -> None:
     push_plain_image(registry.host, "egpu/killed", "v1", disks[0])
     ref = f"{proxy.host}/egpu/killed:v1"
-    proxy.reset(delay=0.02)  # slow enough to kill it in the middle
+    proxy.reset(delay=0.05)  # slow enough (~3 s) to kill it in the middle
     proc = egpu_popen("pull", "--quiet", ref)
     store = ImageStore()
     wait_for_partial(store, 256 * 1024, proc)
@@ -346,17 +347,23 @@ def test_concurrent_pulls_share_one_download(
 # -- disk full --------------------------------------------------------------------------------
 
 
-@pytest.fixture
-def small_cache(home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """An image cache on a 2 MiB tmpfs (the tests run as root, as ./run-tests does)."""
-    mnt = home / "small"
+@contextlib.contextmanager
+def tmpfs_cache(home: Path, monkeypatch: pytest.MonkeyPatch, mib: int) -> Iterator[Path]:
+    """An image cache on a small tmpfs (the tests run as root, as ./run-tests does)."""
+    mnt = home / f"tmpfs-{mib}"
     mnt.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={mib}m", "tmpfs", str(mnt)], check=True)
     monkeypatch.setenv(CACHE_ENV, str(mnt))
     try:
         yield mnt
     finally:
         subprocess.run(["umount", str(mnt)], check=True)
+
+
+@pytest.fixture
+def small_cache(home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    with tmpfs_cache(home, monkeypatch, 2) as mnt:
+        yield mnt
 
 
 def test_disk_full(small_cache: Path, registry: Registry, disks: list[bytes]) -> None:
@@ -399,3 +406,40 @@ def test_progress_bar_on_a_terminal(
     assert "plain.qcow2" in text and "/3.5 MB" in text  # label and size
     assert "MB/s" in text or "kB/s" in text  # rate
     assert "0:00:0" in text  # time remaining
+
+
+def test_disk_filling_up_mid_download_keeps_the_partial(
+    home: Path,
+    registry: Registry,
+    proxy: CountingProxy,
+    disks: list[bytes],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Space runs out while the blob streams in: a clear error, the bytes so far kept, and
+    the next pull (after space was freed) resumes from them."""
+    push_plain_image(registry.host, "egpu/fills", "v1", disks[0])
+    ref = f"{proxy.host}/egpu/fills:v1"
+    with tmpfs_cache(home, monkeypatch, 8) as mnt:
+        proxy.reset(delay=0.05)
+        proc = egpu_popen("pull", "--quiet", ref)
+        store = ImageStore()
+        wait_for_partial(store, 256 * 1024, proc)
+        filler = mnt / "filler"
+        # Something else takes all the space that is left (unbuffered: close cannot fail).
+        with open(filler, "wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(bytes(64 * 1024))
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 1
+        assert err.startswith("error: disk full while writing"), err
+        assert "run the pull again" in err
+        (partial,) = partial_files(store)
+        kept = partial.stat().st_size
+        assert 0 < kept < len(disks[0])
+        filler.unlink()
+        proxy.reset()
+        done = egpu("pull", "--quiet", ref)
+        assert done.returncode == 0, done.stderr
+        assert proxy.range_requests() == [f"bytes={kept}-"]
+        record = store.get_ref(ref)
+        assert record is not None and store.blob_path(record.disk).read_bytes() == disks[0]
