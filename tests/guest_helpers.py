@@ -66,6 +66,12 @@ class GuestRun:
             time.sleep(0.05)
         raise AssertionError(f"timed out; console:\n{self.console}")
 
+    def type(self, text: str) -> None:
+        """Type on the guest's serial console."""
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(text.encode())
+        self.proc.stdin.flush()
+
     def wait_exit(self, timeout: float = BOOT_TIMEOUT_S) -> int:
         return self.proc.wait(timeout)
 
@@ -104,7 +110,7 @@ def boot(assets: GuestAssets, tmp: Path, *, cpus: int = 2, memory_mib: int = 512
                              memory_mib=claim_memory_mib or memory_mib, checks=checks)
     engine = find_engine()
     argv = qemu_argv(engine, assets, tmp, cpus=cpus, memory_mib=memory_mib, cmdline=cmdline)
-    proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT,
                             env={**os.environ, **engine.env()})
     run = GuestRun(proc, tmp / "qmp.sock")

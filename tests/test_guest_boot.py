@@ -11,6 +11,7 @@ from egpu.guest.protocol import ARCHES, find_ready, parse_selftest
 from guest_helpers import boot, shared_cache
 
 pytestmark = pytest.mark.qemu
+PROMPT = "/ # "
 POWERDOWN_TIMEOUT_S = 60  # far above the ~2.5 s it takes; only a hang gets near it
 # a different shape per arch, so a check that passes by accident on defaults shows up
 SHAPES = {"aarch64": (2, 384), "x86_64": (1, 640)}
@@ -59,9 +60,19 @@ def test_selftest_fails_exactly_the_checks_whose_expectation_is_wrong(
     assert f"expected {mem * 2} MiB" in details["memory"]
 
 
-def test_ready_then_system_powerdown_stops_it_cleanly(guest: GuestAssets, vmdir: Path) -> None:
+def test_console_shell_respawns_and_system_powerdown_stops_it_cleanly(
+        guest: GuestAssets, vmdir: Path) -> None:
     with boot(guest, vmdir, selftest=False) as run:
         run.wait_console(find_ready)
+        # an interactive shell on the console (arithmetic so the echo of the command differs)
+        run.type("echo answer=$((6*7))\n")
+        run.wait_console(lambda t: "answer=42" in t)
+        prompts = run.console.count(PROMPT)
+        run.type("exit\n")
+        # busybox init gives the console a new shell (input typed before it starts is dropped)
+        run.wait_console(lambda t: t.count(PROMPT) > prompts)
+        run.type("echo answer=$((7*8))\n")
+        run.wait_console(lambda t: "answer=56" in t)
         run.qmp("system_powerdown")
         assert run.wait_exit(POWERDOWN_TIMEOUT_S) == 0
         text = run.console
