@@ -1,1 +1,19 @@
-"""images layer (see DESIGN.md)."""
+"""images layer (see DESIGN.md): OCI pulls, the content-addressed cache, overlays, firmware.
+
+Modules, pure cores first:
+
+* ``reference`` — ``parse_reference`` (``registry/repository[:tag|@sha256:digest]``), ``Digest``.
+* ``manifest`` — manifest/index parsing, ``select_layout`` (reference layout or plain qcow2),
+  ``parse_metadata`` (the reference layout's JSON layer).
+* ``auth`` — WWW-Authenticate challenges, credentials from podman/docker auth files.
+* ``qcow2`` — the qcow2 header's backing-file name (which base an overlay uses).
+* ``registry`` — ``RegistryClient``: token auth, retries, resumable verified blob downloads.
+* ``store`` — ``ImageStore``: blobs by digest, one record per reference, ``images``/``prune``;
+  ``overlay_bases`` maps VM directories to the bases their overlays use.
+* ``pull`` — ``pull(ref)`` and ``resolve_cached(ref)``; ``DEFAULT_IMAGE``.
+* ``overlay`` — qemu-img argv builders and ``ensure_overlay`` (create / keep / safe rebase).
+* ``disk`` — ``plan_boot_disk`` / ``prepare_boot_disk``: what ``run --image/--base`` calls.
+* ``firmware`` — ``find_firmware`` (edk2 code + vars template), ``ensure_vars`` (per-VM copy).
+
+Nothing here prints: progress goes to an ``egpu.progress.Progress``, failures are ImageError.
+"""
