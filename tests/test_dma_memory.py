@@ -195,3 +195,19 @@ def test_accesses_succeed_exactly_when_fully_mapped(
         mem.clear()
     finally:
         os.close(fd)
+
+
+def test_buffer_types_on_fast_and_split_paths(memfd: int) -> None:
+    mem = GuestMemory()
+    mem.add(0, MIB, RW, memfd, 0)
+    mem.add(MIB, MIB, RW, memfd, 2 * MIB)
+    for base in (0x100, MIB - 6):  # inside one mapping, then across two
+        words = memoryview(bytearray(range(12))).cast("I")  # not a byte view
+        mem.write(base, words)
+        assert mem.read(base, 12) == bytes(range(12))
+        mem.write(base, memoryview(b"abcdefghijkl")[2:8])
+        out = bytearray(16)
+        mem.readinto(base, memoryview(out)[4:10])
+        assert out[4:10] == b"cdefgh"
+        mem.readinto(base, out)
+        assert out[:6] == b"cdefgh"

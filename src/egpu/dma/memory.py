@@ -17,8 +17,7 @@ import mmap
 import os
 import stat
 import threading
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Protocol
 
 from egpu.errors import DeviceServerError
@@ -76,14 +75,40 @@ class DmaRange:
         return self.iova + self.size
 
 
-@dataclass(eq=False)
 class _Mapping:
-    range: DmaRange
-    mm: mmap.mmap | None
-    view: memoryview | None
-    pins: int = 0
-    dead: bool = False
-    released: threading.Condition = field(default_factory=threading.Condition)
+    """A table entry; plain attributes because every DMA access reads them."""
+
+    __slots__ = ("end", "iova", "mm", "pins", "prot", "range", "view")
+
+    def __init__(self, rng: DmaRange, mm: mmap.mmap | None, view: memoryview | None) -> None:
+        self.range = rng
+        self.iova = rng.iova
+        self.end = rng.end
+        self.prot = int(rng.prot)  # an int: IntFlag arithmetic is slow on the access path
+        self.mm = mm
+        self.view = view
+        self.pins = 0
+
+
+_READ = int(DmaProt.READ)
+_WRITE = int(DmaProt.WRITE)
+
+
+class _PinnedView:
+    """Context manager of :meth:`GuestMemory.view`: keeps its mapping alive until exit."""
+
+    __slots__ = ("_mapping", "_memory", "_views")
+
+    def __init__(self, memory: GuestMemory, mapping: _Mapping, *views: memoryview) -> None:
+        self._memory, self._mapping, self._views = memory, mapping, views
+
+    def __enter__(self) -> memoryview:
+        return self._views[-1]
+
+    def __exit__(self, *_exc: object) -> None:
+        for v in reversed(self._views):
+            v.release()
+        self._memory._unpin(self._mapping)
 
 
 class GuestMemory:
@@ -91,6 +116,7 @@ class GuestMemory:
 
     def __init__(self, remote: RemoteDma | None = None) -> None:
         self._lock = threading.Lock()
+        self._unpinned = threading.Condition(self._lock)
         self._starts: list[int] = []  # sorted iova of each mapping, parallel to _maps
         self._maps: list[_Mapping] = []
         self.remote = remote
@@ -131,7 +157,7 @@ class GuestMemory:
         rng = DmaRange(iova, size, prot, fd is not None)
         with self._lock:
             i = bisect.bisect_right(self._starts, iova)
-            overlaps = (i > 0 and self._maps[i - 1].range.end > iova) or (
+            overlaps = (i > 0 and self._maps[i - 1].end > iova) or (
                 i < len(self._maps) and self._starts[i] < iova + size
             )
             if overlaps:
@@ -166,13 +192,11 @@ class GuestMemory:
             self._release(m)
         return [m.range for m in maps]
 
-    @staticmethod
-    def _release(m: _Mapping) -> None:
+    def _release(self, m: _Mapping) -> None:
         # Every reference is dropped before DMA_UNMAP is answered (vfio-user spec): wait until
         # views handed out by ``view()`` are returned, then close the mapping.
-        with m.released:
-            m.dead = True
-            m.released.wait_for(lambda: m.pins == 0)
+        with self._unpinned:
+            self._unpinned.wait_for(lambda: m.pins == 0)
         if m.view is not None:
             m.view.release()
         if m.mm is not None:
@@ -181,6 +205,12 @@ class GuestMemory:
             with contextlib.suppress(BufferError):
                 m.mm.close()
 
+    def _unpin(self, m: _Mapping) -> None:
+        with self._lock:  # the lock behind _unpinned
+            m.pins -= 1
+            if m.pins == 0:
+                self._unpinned.notify_all()
+
     def ranges(self) -> tuple[DmaRange, ...]:
         """The mapped ranges, in address order."""
         with self._lock:
@@ -188,7 +218,19 @@ class GuestMemory:
 
     # -- device side --------------------------------------------------------------------------
 
-    def _find(self, address: int, count: int, need: DmaProt) -> list[tuple[_Mapping, int, int]]:
+    def _hit(self, address: int, count: int, need: int) -> tuple[_Mapping, int] | None:
+        """The fd-backed mapping holding all of ``address..+count`` with ``need``, if one does.
+
+        The common case (one mapping, shared memory); anything else takes :meth:`_find`.
+        """
+        i = bisect.bisect_right(self._starts, address) - 1
+        if i >= 0 and address >= 0 and count >= 0:
+            m = self._maps[i]
+            if address + count <= m.end and m.prot & need == need and m.view is not None:
+                return m, address - m.iova
+        return None
+
+    def _find(self, address: int, count: int, need: int) -> list[tuple[_Mapping, int, int]]:
         """Split ``address..+count`` into (mapping, offset, length) pieces or raise."""
         if count < 0 or address < 0:
             raise DmaAccessError(f"DMA access {address:#x}+{count:#x} is invalid")
@@ -199,15 +241,13 @@ class GuestMemory:
             if i < 0 or i >= len(self._maps):
                 break
             m = self._maps[i]
-            if not m.range.iova <= pos < m.range.end:
+            if not m.iova <= pos < m.end:
                 break
-            if not m.range.prot & need:
-                raise DmaAccessError(
-                    f"DMA {need.name.lower() if need.name else 'access'} of {pos:#x} not "
-                    "permitted by its mapping"
-                )
-            n = min(end, m.range.end) - pos
-            pieces.append((m, pos - m.range.iova, n))
+            if m.prot & need != need:
+                what = "write" if need == _WRITE else "read"
+                raise DmaAccessError(f"DMA {what} of {pos:#x} not permitted by its mapping")
+            n = min(end, m.end) - pos
+            pieces.append((m, pos - m.iova, n))
             pos += n
             i += 1
         if pos < end:
@@ -218,69 +258,85 @@ class GuestMemory:
 
     def read(self, address: int, count: int) -> bytes:
         """Copy ``count`` bytes of guest memory at ``address``."""
+        with self._lock:
+            hit = self._hit(address, count, _READ)
+            if hit is not None:
+                m, off = hit
+                assert m.view is not None
+                return m.view[off : off + count].tobytes()
         out = bytearray(count)
         self.readinto(address, out)
         return bytes(out)
 
     def readinto(self, address: int, buffer: bytearray | memoryview) -> None:
         """Fill ``buffer`` from guest memory at ``address``."""
+        if isinstance(buffer, bytearray) or (buffer.format == "B" and buffer.ndim == 1):
+            n = len(buffer)
+            with self._lock:
+                hit = self._hit(address, n, _READ)
+                if hit is not None:
+                    m, off = hit
+                    assert m.view is not None
+                    buffer[:n] = m.view[off : off + n]
+                    return
         dest = memoryview(buffer).cast("B")
         remote: list[tuple[int, int, int]] = []
         with self._lock:
             pos = 0
-            for m, off, n in self._find(address, len(dest), DmaProt.READ):
+            for m, off, n in self._find(address, len(dest), _READ):
                 if m.view is not None:
                     dest[pos : pos + n] = m.view[off : off + n]
                 else:
-                    remote.append((m.range.iova + off, pos, n))
+                    remote.append((m.iova + off, pos, n))
                 pos += n
         for addr, pos, n in remote:
             dest[pos : pos + n] = self._remote().dma_read(addr, n)
 
     def write(self, address: int, data: bytes | bytearray | memoryview) -> None:
         """Store ``data`` into guest memory at ``address``."""
+        if not isinstance(data, memoryview) or (data.format == "B" and data.ndim == 1):
+            n = len(data)
+            with self._lock:
+                hit = self._hit(address, n, _WRITE)
+                if hit is not None:
+                    m, off = hit
+                    assert m.view is not None
+                    m.view[off : off + n] = data
+                    return
         src = memoryview(data).cast("B")
         remote: list[tuple[int, bytes]] = []
         with self._lock:
             pos = 0
-            for m, off, n in self._find(address, len(src), DmaProt.WRITE):
+            for m, off, n in self._find(address, len(src), _WRITE):
                 if m.view is not None:
                     m.view[off : off + n] = src[pos : pos + n]
                 else:
-                    remote.append((m.range.iova + off, bytes(src[pos : pos + n])))
+                    remote.append((m.iova + off, bytes(src[pos : pos + n])))
                 pos += n
         for addr, chunk in remote:
             self._remote().dma_write(addr, chunk)
 
-    @contextlib.contextmanager
-    def view(self, address: int, count: int, *, writable: bool = False) -> Iterator[memoryview]:
+    def view(self, address: int, count: int, *, writable: bool = False) -> _PinnedView:
         """Zero-copy memoryview of ``count`` bytes at ``address`` inside one fd-backed mapping.
 
-        The mapping stays alive (an unmap waits) until the ``with`` block exits; do not keep the
-        view afterwards. Raises DmaAccessError when the range is unmapped, crosses mappings or
-        has no fd.
+        Use as ``with memory.view(addr, n) as v:``; the mapping stays alive (an unmap waits)
+        until the block exits; do not keep the view afterwards. Raises DmaAccessError when the
+        range is unmapped, crosses mappings or has no fd.
         """
-        need = DmaProt.WRITE if writable else DmaProt.READ
         with self._lock:
-            pieces = self._find(address, count, need)
-            if len(pieces) != 1 or pieces[0][0].view is None:
+            hit = self._hit(address, count, _WRITE if writable else _READ)
+            if hit is None:
+                self._find(address, count, _WRITE if writable else _READ)  # the precise error
                 raise DmaAccessError(
                     f"DMA range {address:#x}+{count:#x} is not inside one shared-memory mapping"
                 )
-            m, off, n = pieces[0]
+            m, off = hit
             assert m.view is not None
-            with m.released:
-                m.pins += 1
-            sub = m.view[off : off + n]
-        out = sub if writable else sub.toreadonly()
-        try:
-            yield out
-        finally:
-            out.release()
-            sub.release()
-            with m.released:
-                m.pins -= 1
-                m.released.notify_all()
+            m.pins += 1
+        sub = m.view[off : off + count]
+        if writable:
+            return _PinnedView(self, m, sub)
+        return _PinnedView(self, m, sub, sub.toreadonly())
 
     def _remote(self) -> RemoteDma:
         if self.remote is None:
