@@ -1,7 +1,17 @@
 """The vfio-user server: framing, fds, validation and dispatch to a DeviceBackend.
 
-Threat model (DESIGN.md trust zones): the client end of the socket (QEMU, or anything that can
-reach the private socket) is untrusted for every byte it sends. Each request is checked in
+Threat model. Trust zones and where each crossing is checked:
+
+- guest (runs arbitrary code from its first instruction) -> device model: every address the guest
+  programs (DMA targets, queue bases) goes through :class:`egpu.dma.GuestMemory`, which refuses
+  anything outside what the client mapped; indices and sizes in guest-written registers are the
+  device model's to check (devices/*.py), masked rather than honoured when out of range.
+- vfio-user client (QEMU, or anything that can open the 0600 socket in its 0700 directory) ->
+  this server: untrusted for every byte and fd it sends; checked here, below.
+- device server -> host: the server holds only its socket, the client's mapped memory and the
+  files the host tool gave it (backing files, shared memory it created).
+
+Each client request is checked in
 :meth:`Dispatcher.handle`'s per-command decoder, in one place and in this order, before any
 allocation or device call: message length >= struct size; count <= negotiated maximum; payload
 length == count; index < number (strictly); offset + count <= size; then device state. Unknown
