@@ -242,12 +242,16 @@ def test_data_and_display_survive_a_guest_reboot_aarch64(card: Card) -> None:
     console = Console(argv, {**os.environ, **engine.env()})
     try:
         console.wait_for(protocol.READY_MARKER)
+        # 1024 separate 4 KiB writes (O_DIRECT: each one is a command through the device)
         first = console.run(
             "dd if=/dev/urandom of=/tmp/a bs=1M count=4 2>/dev/null;"
-            " dd if=/tmp/a of=/dev/nvme0n1 bs=1M seek=2 conv=fsync 2>/dev/null;"
+            " dd if=/tmp/a of=/dev/nvme0n1 bs=4k seek=512 oflag=direct 2>/dev/null; sync;"
             " sha256sum /tmp/a")
         written = re.search(r"\b([0-9a-f]{64})\b", first)
         assert written, first
+        with open(card.backing, "rb") as f:
+            f.seek(2 * MIB)
+            assert hashlib.sha256(f.read(4 * MIB)).hexdigest() == written.group(1)
         # While the guest runs, the display shows its console (the shell prompt at least).
         shot = card.dir / "running.png"
         request_screenshot(card.display.pid, card.screenshot_request, shot, timeout=20)
@@ -262,7 +266,8 @@ def test_data_and_display_survive_a_guest_reboot_aarch64(card: Card) -> None:
         again = console.run(
             "for i in $(seq 100); do [ -b /dev/nvme0n1 ] && [ -c /dev/fb0 ] && break;"
             " usleep 100000; done; echo 3 > /proc/sys/vm/drop_caches;"
-            " dd if=/dev/nvme0n1 bs=1M skip=2 count=4 2>/dev/null | sha256sum; ls /dev/fb0")
+            " dd if=/dev/nvme0n1 bs=4k skip=512 count=1024 iflag=direct 2>/dev/null | sha256sum;"
+            " ls /dev/fb0")
         assert written.group(1) in again, again
         assert "/dev/fb0" in again
         console.proc.stdin.write(b"poweroff -f\n")
