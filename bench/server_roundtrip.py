@@ -82,7 +82,7 @@ def measure(server_argv: list[str], sock: Path, client: Path, ops: int) -> Sampl
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ops", type=int, default=30000)
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
     args = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="egpu-bench-"))
     os.chmod(work, 0o700)

@@ -223,6 +223,7 @@ class ConfigSpace:
         interrupt_pin: int = 1,
     ) -> None:
         self._data = bytearray(CONFIG_SPACE_SIZE)
+        self._view = memoryview(self._data)  # the buffer never resizes
         self._wmask = bytearray(CONFIG_SPACE_SIZE)
         self._w1cmask = bytearray(CONFIG_SPACE_SIZE)
         self._bars: dict[int, Bar] = {}
@@ -399,7 +400,7 @@ class ConfigSpace:
 
     def read(self, offset: int, count: int) -> bytes:
         """Bytes ``offset .. offset+count``; the caller has checked the range."""
-        return bytes(self._data[offset : offset + count])
+        return self._view[offset : offset + count].tobytes()  # one copy (hot: guest probing)
 
     def write(self, offset: int, data: bytes) -> None:
         """Apply a software write: only writable bits change, RW1C bits clear on a one."""

@@ -64,7 +64,14 @@ _NO_FDS: list[int] = []  # shared, never mutated
 _CMD_REGION_READ = int(p.Command.REGION_READ)  # enum member lookups cost on the hot path
 _CMD_REGION_WRITE = int(p.Command.REGION_WRITE)
 _HEADER_PACK = p.HEADER.pack
+_HEADER_UNPACK_FROM = p.HEADER.unpack_from
+_HEADER_SIZE = p.HEADER_SIZE
+_ACCESS_UNPACK_FROM = p.REGION_ACCESS.unpack_from
+_ACCESS_SIZE = p.REGION_ACCESS.size
 _BAD_COMMAND_FLAGS = ~p.KNOWN_HEADER_FLAGS | p.FLAG_ERROR
+_FLAG_TYPE_MASK = p.FLAG_TYPE_MASK
+_FLAG_NO_REPLY = p.FLAG_NO_REPLY
+_TYPE_REPLY = p.TYPE_REPLY
 # Plain ints: socket's IntFlag members cost an enum call per use on the hot path.
 _MSG_CTRUNC = int(socket.MSG_CTRUNC)
 _MSG_CMSG_CLOEXEC = int(socket.MSG_CMSG_CLOEXEC)
@@ -100,6 +107,8 @@ class Dispatcher:
         self.description = description
         self.caps = capabilities
         self.session = _Session()
+        self._negotiated = False  # mirrors session.negotiated for the hot path
+        self._max_xfer = capabilities.max_data_xfer_size
         self.max_message = p.HEADER_SIZE + p.REGION_ACCESS.size + capabilities.max_data_xfer_size
         # Region table flattened for the hot path: index -> (size, readable, writable).
         self._regions: list[tuple[int, bool, bool] | None] = [
@@ -132,7 +141,7 @@ class Dispatcher:
         closed by the caller (handlers that keep an fd replace it with -1)."""
         try:
             handler = self._handlers.get(command)
-            if flags & _BAD_COMMAND_FLAGS or handler is None or not self.session.negotiated:
+            if flags & _BAD_COMMAND_FLAGS or handler is None or not self._negotiated:
                 self._check_envelope(command, flags, handler)
             assert handler is not None
             return handler(msg_id, payload, fds)
@@ -201,6 +210,7 @@ class Dispatcher:
             write_multiple=self.caps.write_multiple and client.write_multiple,
         )
         self.session = _Session(True, client, ours.write_multiple)
+        self._negotiated = True
         body = p.VERSION.pack(p.PROTOCOL_MAJOR, p.PROTOCOL_MINOR) + ours.to_json()
         return p.reply_header(msg_id, p.Command.VERSION, len(body)) + body, []
 
@@ -359,11 +369,11 @@ class Dispatcher:
     def _region_read(self, msg_id: int, payload: Payload, fds: list[int]) -> Reply:
         # The hot path (config-space reads while a guest probes): the same checks as
         # _check_count/_check_region, inlined, in the same order.
-        if len(payload) != p.REGION_ACCESS.size:
-            self._need(payload, p.REGION_ACCESS.size)
+        if len(payload) != _ACCESS_SIZE:
+            self._need(payload, _ACCESS_SIZE)
             raise p.ProtocolError(errno.EINVAL, "REGION_READ carries data")
-        offset, index, count = p.REGION_ACCESS.unpack_from(payload)
-        if count > self.caps.max_data_xfer_size:
+        offset, index, count = _ACCESS_UNPACK_FROM(payload)
+        if count > self._max_xfer:
             raise p.ProtocolError(errno.E2BIG, f"count {count} exceeds max_data_xfer_size")
         regions = self._regions
         info = regions[index] if index < len(regions) else None
@@ -373,24 +383,24 @@ class Dispatcher:
         if len(data) != count:
             raise DeviceServerError(f"device returned {len(data)} bytes for {count}")
         return _HEADER_PACK(msg_id, _CMD_REGION_READ, _READ_REPLY_BASE + count,
-                            p.TYPE_REPLY, 0) + payload + data, _NO_FDS
+                            _TYPE_REPLY, 0) + payload + data, _NO_FDS
 
     def _region_write(self, msg_id: int, payload: Payload, fds: list[int]) -> Reply:
         # Hot path too (doorbells): _check_count/_check_region inlined, same order.
-        if len(payload) < p.REGION_ACCESS.size:
-            self._need(payload, p.REGION_ACCESS.size)
-        offset, index, count = p.REGION_ACCESS.unpack_from(payload)
-        if count > self.caps.max_data_xfer_size:
+        if len(payload) < _ACCESS_SIZE:
+            self._need(payload, _ACCESS_SIZE)
+        offset, index, count = _ACCESS_UNPACK_FROM(payload)
+        if count > self._max_xfer:
             raise p.ProtocolError(errno.E2BIG, f"count {count} exceeds max_data_xfer_size")
-        if len(payload) != p.REGION_ACCESS.size + count:
+        if len(payload) != _ACCESS_SIZE + count:
             raise p.ProtocolError(errno.EINVAL, "REGION_WRITE data length != count")
         regions = self._regions
         info = regions[index] if index < len(regions) else None
         if info is None or offset + count > info[0] or not info[2]:
             self._check_region(index, offset, count, write=True)
-        self.device.region_write(index, offset, bytes(payload[p.REGION_ACCESS.size :]))
-        return _HEADER_PACK(msg_id, _CMD_REGION_WRITE, _READ_REPLY_BASE, p.TYPE_REPLY, 0
-                            ) + payload[: p.REGION_ACCESS.size], _NO_FDS
+        self.device.region_write(index, offset, bytes(payload[_ACCESS_SIZE:]))
+        return _HEADER_PACK(msg_id, _CMD_REGION_WRITE, _READ_REPLY_BASE, _TYPE_REPLY, 0
+                            ) + payload[:_ACCESS_SIZE], _NO_FDS
 
     def _region_write_multi(self, msg_id: int, payload: Payload, fds: list[int]) -> Reply:
         if not self.session.write_multiple:
@@ -455,6 +465,7 @@ class Dispatcher:
         except Exception:
             log.exception("device failed on disconnect")
         self.session = _Session()
+        self._negotiated = False
 
 
 # One framed message: msg_id, command, flags, errno, payload (may alias the receive buffer),
@@ -487,6 +498,7 @@ class _Connection:
         # (buffer position of the last byte of a read, its fds, truncated) in arrival order
         self._fd_marks: collections.deque[tuple[int, list[int], bool]] = collections.deque()
         self._deferred: collections.deque[_Message] = collections.deque()
+        self._max_message = dispatcher.max_message
         self._waiters: dict[int, tuple[threading.Event, list[tuple[p.Header, bytes]]]] = {}
         self._closed = False
 
@@ -536,24 +548,25 @@ class _Connection:
 
     def next_message(self) -> _Message:
         """The next whole message from the socket (raises EOFError, ConnectionFault, OSError)."""
-        header = p.HEADER
         while True:
-            avail = self._end - self._start
-            if avail >= p.HEADER_SIZE:
-                msg_id, command, size, flags, error = header.unpack_from(self._buf, self._start)
-                if not p.HEADER_SIZE <= size <= self.dispatcher.max_message:
+            first = self._start
+            avail = self._end - first
+            if avail >= _HEADER_SIZE:
+                msg_id, command, size, flags, error = _HEADER_UNPACK_FROM(self._buf, first)
+                if not _HEADER_SIZE <= size <= self._max_message:
                     raise p.ConnectionFault(f"message size {size} out of bounds")
                 if avail >= size:
-                    first = self._start
-                    self._start = first + size
+                    self._start = end = first + size
+                    payload = self._view[first + _HEADER_SIZE : end]
+                    marks = self._fd_marks
+                    if not marks or marks[0][0] >= end:
+                        return msg_id, command, flags, error, payload, _NO_FDS, False
                     fds: list[int] = []
                     truncated = False
-                    marks = self._fd_marks
-                    while marks and marks[0][0] < self._start:
+                    while marks and marks[0][0] < end:
                         _pos, mark_fds, mark_trunc = marks.popleft()
                         fds.extend(mark_fds)
                         truncated |= mark_trunc
-                    payload = self._view[first + p.HEADER_SIZE : first + size]
                     return msg_id, command, flags, error, payload, fds, truncated
                 self._make_room(size)
             self._fill()
@@ -579,12 +592,12 @@ class _Connection:
             while True:
                 msg = self._deferred.popleft() if self._deferred else self.next_message()
                 msg_id, command, flags, _error, payload, fds, truncated = msg
-                if flags & p.FLAG_TYPE_MASK or fds or truncated:
+                if flags & _FLAG_TYPE_MASK or fds or truncated:
                     self._process_unusual(msg)
                     continue
                 # Hot path: a plain command without fds.
                 reply, out_fds = handle(msg_id, command, flags, payload, fds)
-                if flags & p.FLAG_NO_REPLY:
+                if flags & _FLAG_NO_REPLY:
                     continue
                 if out_fds:
                     self.send(reply, out_fds)
