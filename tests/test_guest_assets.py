@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import stat
@@ -12,7 +13,7 @@ import pytest
 
 from egpu.debpkg import MIRROR_ENV
 from egpu.errors import GuestError
-from egpu.guest import assets, cpio, kmod
+from egpu.guest import assets, bzimage, cpio, kmod
 from egpu.guest.protocol import ARCHES
 from egpu.paths import CACHE_ENV
 from guest_helpers import shared_cache
@@ -33,6 +34,17 @@ def members(a: assets.GuestAssets) -> dict[str, cpio.Entry]:
 
 def test_assets_are_complete(built: assets.GuestAssets) -> None:
     assert built.kernel.stat().st_size > 1 << 20
+    assert built.kernel_image is not None and built.kernel_image.name == assets.KERNEL_FILE
+    if built.arch == "x86_64":
+        # direct boot takes the PVH ELF unwrapped from the bzImage, firmware the bzImage
+        elf = built.kernel.read_bytes()
+        assert bzimage.has_pvh_entry(elf)
+        assert built.kernel_image.read_bytes()[0x202:0x206] == b"HdrS"
+    else:
+        assert built.kernel == built.kernel_image
+    with shared_cache():
+        planned = assets.planned_guest(built.arch)
+    assert planned == dataclasses.replace(built, kernel_version="", modules=())
     assert built.kernel_version.startswith("6.12.")
     assert built.console == {"aarch64": "ttyAMA0", "x86_64": "ttyS0"}[built.arch]
     m = members(built)
@@ -119,10 +131,12 @@ def test_partial_or_stale_cache_is_not_used(tmp_path: Path, monkeypatch: pytest.
     # no manifest: an interrupted copy, never a hit
     assert assets._load_cached(built.arch, assets.build_key(built.arch)) is None
     (d / assets.INITRAMFS_FILE).write_bytes(b"x")
-    (d / assets.MANIFEST).write_text(json.dumps(
-        {"key": "old", "kernel_version": "6.12.0", "modules": []}))
+    good = {"key": assets.build_key(built.arch), "kernel_version": "6.12.0", "modules": [],
+            "kernel": assets.KERNEL_FILE}
+    (d / assets.MANIFEST).write_text(json.dumps({**good, "key": "old"}))
     assert assets._load_cached(built.arch, assets.build_key(built.arch)) is None
-    (d / assets.MANIFEST).write_text(json.dumps(
-        {"key": assets.build_key(built.arch), "kernel_version": "6.12.0", "modules": []}))
+    (d / assets.MANIFEST).write_text(json.dumps({**good, "kernel": "../../etc/passwd"}))
+    assert assets._load_cached(built.arch, assets.build_key(built.arch)) is None
+    (d / assets.MANIFEST).write_text(json.dumps(good))
     hit = assets._load_cached(built.arch, assets.build_key(built.arch))
     assert hit is not None and hit.kernel == d / assets.KERNEL_FILE

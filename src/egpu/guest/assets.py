@@ -4,7 +4,8 @@ Cache layout (``dirs().guest``)::
 
     apt/                     private apt root (trixie, arm64 + amd64) used only while building
     .lock                    held while building
-    <arch>/vmlinuz           the Debian kernel image
+    <arch>/vmlinuz           the Debian kernel image (EFI stub: what firmware and bootloaders load)
+    <arch>/vmlinux           x86_64 only: the ELF inside vmlinuz, booted directly by QEMU (PVH)
     <arch>/initramfs.gz      busybox-static, the init, the checks, the modules (load order)
     <arch>/manifest.json     build key, kernel version, module load order, source packages
 
@@ -31,7 +32,7 @@ from filelock import FileLock
 
 from egpu import debpkg
 from egpu.errors import EgpuError, GuestError
-from egpu.guest import cpio, kmod
+from egpu.guest import bzimage, cpio, kmod
 from egpu.guest.protocol import ARCHES, console_for
 from egpu.paths import dirs
 from egpu.progress import Progress, SilentProgress
@@ -55,9 +56,10 @@ GUEST_MODULES = (
 )
 AFTER_READY = frozenset({"ext4", "vfio_pci"})
 # Bump when the initramfs layout changes in a way the key below cannot see.
-BUILD_FORMAT = 3
+BUILD_FORMAT = 4
 MANIFEST = "manifest.json"
 KERNEL_FILE = "vmlinuz"
+PVH_KERNEL_FILE = "vmlinux"
 INITRAMFS_FILE = "initramfs.gz"
 INIT_SCRIPT = "init.sh"
 CHECKS_DIR = "checks"
@@ -74,7 +76,11 @@ _IMAGE_PACKAGE = re.compile(r"^linux-image-\d[\w.+~-]*$")
 
 @dataclass(frozen=True)
 class GuestAssets:
-    """A built guest: kernel and initramfs paths, console device, what went into it."""
+    """A built guest: what to give QEMU's ``-kernel``/``-initrd``, its console, its contents.
+
+    ``kernel`` is the fastest file for QEMU's direct kernel boot (on x86_64 the PVH ELF);
+    ``kernel_image`` is the distribution's image, for firmware (UEFI) and bootloader boots.
+    """
 
     arch: str
     kernel: Path
@@ -82,6 +88,15 @@ class GuestAssets:
     console: str
     kernel_version: str
     modules: tuple[str, ...]
+    kernel_image: Path | None = None
+
+
+def planned_guest(arch: str) -> GuestAssets:
+    """Where the guest's files are or will be, without building anything (for dry runs)."""
+    d = dirs().guest / arch
+    kernel = PVH_KERNEL_FILE if arch == "x86_64" else KERNEL_FILE
+    return GuestAssets(arch, d / kernel, d / INITRAMFS_FILE, console_for(arch), "", (),
+                       d / KERNEL_FILE)
 
 
 def _guest_files() -> dict[str, bytes]:
@@ -109,11 +124,16 @@ def _load_cached(arch: str, key: str) -> GuestAssets | None:
         m = json.loads((d / MANIFEST).read_text())
         if m.get("key") != key:
             return None
-        assets = GuestAssets(arch, d / KERNEL_FILE, d / INITRAMFS_FILE, console_for(arch),
-                             str(m["kernel_version"]), tuple(str(x) for x in m["modules"]))
+        kernel = str(m["kernel"])
+        if kernel not in (KERNEL_FILE, PVH_KERNEL_FILE):
+            return None
+        assets = GuestAssets(arch, d / kernel, d / INITRAMFS_FILE, console_for(arch),
+                             str(m["kernel_version"]), tuple(str(x) for x in m["modules"]),
+                             d / KERNEL_FILE)
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return assets if assets.kernel.is_file() and assets.initramfs.is_file() else None
+    files = (assets.kernel, assets.initramfs, assets.kernel_image)
+    return assets if all(f is not None and f.is_file() for f in files) else None
 
 
 def ensure_guest(arch: str, progress: Progress | None = None) -> GuestAssets:
@@ -269,6 +289,15 @@ def _assemble(arch: str, tree: Path, out: Path) -> dict[str, object]:
     entries.append(cpio.regular("etc/egpu/kernel-version", f"{version}\n".encode()))
 
     shutil.copyfile(kernels[0], out / KERNEL_FILE)
+    kernel = KERNEL_FILE
+    if arch == "x86_64":
+        try:
+            elf = bzimage.extract_vmlinux(kernels[0].read_bytes())
+        except ValueError as e:
+            raise GuestError(f"cannot unwrap the x86_64 kernel: {e}") from e
+        if bzimage.has_pvh_entry(elf):
+            (out / PVH_KERNEL_FILE).write_bytes(elf)
+            kernel = PVH_KERNEL_FILE
     (out / INITRAMFS_FILE).write_bytes(cpio.gzip_archive(entries))
-    return {"arch": arch, "kernel_version": version, "modules": order,
+    return {"arch": arch, "kernel_version": version, "kernel": kernel, "modules": order,
             "modules_after_ready": later}
