@@ -445,6 +445,11 @@ def test_write_zeroes(guest: Guest) -> None:
     with open(guest.backing.path, "rb") as f:
         data = f.read(4096)
     assert data == b"\xAA" * 1024 + bytes(2048) + b"\xAA" * 1024
+    # A large range is deallocated, not written: the backing file stays sparse.
+    assert guest.io(make_command(IoOpcode.WRITE_ZEROES, 3, nsid=1, cdw10=0, cdw12=4095)) == 0
+    assert os.stat(guest.backing.path).st_blocks == 0
+    assert guest.io(rw(IoOpcode.READ, 4, 0, 8, DATA)) == 0
+    assert guest.peek(DATA, 4096) == bytes(4096)
 
 
 def test_completion_queue_full_pauses_until_head_moves(guest: Guest) -> None:

@@ -18,10 +18,12 @@ master abort, until the driver resets it.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
 import struct
+import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -732,6 +734,13 @@ class NvmeController:
             st = self._write(segments, offset)
             self.counters[1] += length
             self.counters[3] += 1
+            if st == spec.SUCCESS and cmd.cdw12 & spec.RW_FUA:
+                # Force Unit Access: durable before completion, past the volatile cache.
+                try:
+                    os.fdatasync(self.backing.fd)
+                except OSError as e:
+                    log.warning("nvme: FUA sync of %s failed: %s", self.backing.path, e)
+                    return spec.INTERNAL_ERROR, 0
         return st, 0
 
     def _windows(self, segments: list[tuple[int, int]], write: bool) -> list[memoryview] | None:
@@ -803,6 +812,8 @@ class NvmeController:
         return spec.SUCCESS
 
     def _write_zeroes(self, offset: int, length: int) -> int:
+        if punch_hole(self.backing.fd, offset, length):
+            return spec.SUCCESS  # the range reads as zeros and the file stays sparse
         zeros = memoryview(bytes(min(length, ZERO_CHUNK)))
         try:
             while length:
@@ -814,6 +825,25 @@ class NvmeController:
             log.warning("nvme: write zeroes to %s failed: %s", self.backing.path, e)
             return spec.INTERNAL_ERROR
         return spec.SUCCESS
+
+
+_FALLOC_FL_KEEP_SIZE = 0x01  # linux/falloc.h
+_FALLOC_FL_PUNCH_HOLE = 0x02
+_libc: ctypes.CDLL | None = None
+
+
+def punch_hole(fd: int, offset: int, length: int) -> bool:
+    """Deallocate a range of a file (it then reads as zeros); False when unsupported."""
+    global _libc
+    if sys.platform != "linux":
+        return False
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    fallocate = _libc.fallocate
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fallocate.restype = ctypes.c_int
+    result: int = fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
+    return result == 0
 
 
 def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:

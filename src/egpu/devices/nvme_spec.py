@@ -141,6 +141,9 @@ class IoOpcode(enum.IntEnum):
     DATASET_MANAGEMENT = 0x09
 
 
+RW_FUA = 1 << 30  # Read/Write CDW12: Force Unit Access
+
+
 class Identify(enum.IntEnum):
     """Identify CNS values (spec 5.15)."""
 
