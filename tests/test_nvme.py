@@ -414,6 +414,29 @@ def test_io_errors(guest: Guest) -> None:
     assert guest.io(make_command(IoOpcode.DATASET_MANAGEMENT, 15, nsid=1)) == spec.SUCCESS
 
 
+def test_deallocate_punches_holes_after_checking_every_range(guest: Guest) -> None:
+    guest.setup_io()
+    guest.poke(DATA, os.urandom(4096))
+    for lba in (0, 8, 16):
+        assert guest.io(rw(IoOpcode.WRITE, lba, lba, 8, DATA)) == 0
+    blocks = os.stat(guest.backing.path).st_blocks
+    ranges = spec.DSM_RANGE.pack(0, 8, 0) + spec.DSM_RANGE.pack(0, 8, 4095)  # 2nd is too far
+    guest.poke(LISTS, ranges)
+    dsm = make_command(IoOpcode.DATASET_MANAGEMENT, 1, nsid=1, prp1=LISTS, cdw10=1,
+                       cdw11=spec.DSM_DEALLOCATE)
+    assert guest.io(dsm) == spec.LBA_OUT_OF_RANGE
+    assert os.stat(guest.backing.path).st_blocks == blocks  # nothing punched
+    guest.poke(LISTS, spec.DSM_RANGE.pack(0, 8, 0) + spec.DSM_RANGE.pack(0, 8, 16))
+    assert guest.io(dsm) == spec.SUCCESS
+    with open(guest.backing.path, "rb") as f:
+        data = f.read(24 * 512)
+    assert data[:4096] == bytes(4096) and data[8192:] == bytes(4096)
+    assert data[4096:8192] != bytes(4096)
+    dsm_bad_list = make_command(IoOpcode.DATASET_MANAGEMENT, 2, nsid=1, prp1=0x1000,
+                                cdw10=255, cdw11=spec.DSM_DEALLOCATE)
+    assert guest.io(dsm_bad_list) == spec.DATA_TRANSFER_ERROR
+
+
 def test_data_in_memory_without_fd_and_across_mappings(guest: Guest) -> None:
     guest.setup_io()
     payload = os.urandom(4096)

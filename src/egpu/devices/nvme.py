@@ -706,9 +706,7 @@ class NvmeController:
                 return spec.INTERNAL_ERROR, 0
             return spec.SUCCESS, 0
         if op == IoOpcode.DATASET_MANAGEMENT:
-            # Deallocate is advisory and the namespace reports no deallocated-read behaviour
-            # (DLFEAT 0), so keeping the data is a correct implementation.
-            return (spec.SUCCESS if cmd.nsid == 1 else spec.INVALID_NAMESPACE), 0
+            return (self._deallocate(cmd) if cmd.nsid == 1 else spec.INVALID_NAMESPACE), 0
         if op not in (IoOpcode.READ, IoOpcode.WRITE, IoOpcode.WRITE_ZEROES):
             return spec.INVALID_OPCODE, 0
         if cmd.nsid != 1:
@@ -809,6 +807,37 @@ class NvmeController:
         except OSError as e:
             log.warning("nvme: write to %s failed: %s", self.backing.path, e)
             return spec.INTERNAL_ERROR
+        return spec.SUCCESS
+
+    def _deallocate(self, cmd: Command) -> int:
+        """Dataset Management: punch the deallocated ranges out of the backing file.
+
+        Deallocation is advisory and the namespace reports no deallocated-read behaviour
+        (DLFEAT 0), so a range that cannot be punched simply keeps its data.
+        """
+        if not cmd.cdw11 & spec.DSM_DEALLOCATE:
+            return spec.SUCCESS  # only attributes (access hints): nothing to do
+        count = (cmd.cdw10 & 0xFF) + 1
+        size = count * spec.DSM_RANGE.size
+        segments = self.prp_segments(cmd.prp1, cmd.prp2, size)
+        if isinstance(segments, int):
+            return segments
+        ranges = bytearray()
+        try:
+            for addr, n in segments:
+                ranges += self.memory.read(addr, n)
+        except DmaError as e:
+            self._hostile(f"DSM range list unreachable: {e}")
+            return spec.DATA_TRANSFER_ERROR
+        shift = self.backing.lba_shift
+        decoded = [spec.DSM_RANGE.unpack_from(ranges, i * spec.DSM_RANGE.size)
+                   for i in range(count)]
+        # Check every range before touching any: a bad one fails the command as a whole.
+        if any(slba + nlb > self.backing.blocks for _attr, nlb, slba in decoded):
+            return spec.LBA_OUT_OF_RANGE
+        for _attr, nlb, slba in decoded:
+            if nlb:
+                punch_hole(self.backing.fd, slba << shift, nlb << shift)
         return spec.SUCCESS
 
     def _write_zeroes(self, offset: int, length: int) -> int:

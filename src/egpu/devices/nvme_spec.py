@@ -142,6 +142,8 @@ class IoOpcode(enum.IntEnum):
 
 
 RW_FUA = 1 << 30  # Read/Write CDW12: Force Unit Access
+DSM_DEALLOCATE = 1 << 2  # Dataset Management CDW11: AD
+DSM_RANGE = struct.Struct("<IIQ")  # context attributes, length in blocks, starting LBA
 
 
 class Identify(enum.IntEnum):
