@@ -103,13 +103,14 @@ def qemu_argv(engine: Engine, assets: GuestAssets, tmp: Path, *, cpus: int, memo
 def boot(assets: GuestAssets, tmp: Path, *, cpus: int = 2, memory_mib: int = 512,
          selftest: bool = False, checks: Sequence[str] | None = BASE_CHECKS,
          claim_cpus: int | None = None,
-         claim_memory_mib: int | None = None) -> Iterator[GuestRun]:
+         claim_memory_mib: int | None = None, extra: Sequence[str] = ()) -> Iterator[GuestRun]:
     """Boot the guest; ``claim_*`` put different expectations on its command line than the
     machine really has (to see a check fail). QEMU is killed on the way out if still running."""
     cmdline = kernel_cmdline(assets, selftest=selftest, cpus=claim_cpus or cpus,
                              memory_mib=claim_memory_mib or memory_mib, checks=checks)
     engine = find_engine()
-    argv = qemu_argv(engine, assets, tmp, cpus=cpus, memory_mib=memory_mib, cmdline=cmdline)
+    argv = qemu_argv(engine, assets, tmp, cpus=cpus, memory_mib=memory_mib, cmdline=cmdline,
+                     extra=extra)
     proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT,
                             env={**os.environ, **engine.env()})
