@@ -187,6 +187,17 @@ def push_manifest(host: str, repo: str, tag: str, manifest: dict[str, Any]) -> s
     return sha256_digest(body)
 
 
+def manifest_descriptor(registry: Registry, repo: str, digest: str) -> dict[str, Any]:
+    """The descriptor of a manifest already in the registry (for building an index)."""
+    r = httpx.get(
+        f"{registry.url}/v2/{repo}/manifests/{digest}",
+        headers={"Accept": OCI_MANIFEST},
+        timeout=30,
+    )
+    assert r.status_code == 200, r.text
+    return {"mediaType": OCI_MANIFEST, "digest": digest, "size": len(r.content)}
+
+
 def descriptor(media_type: str, data: bytes, **annotations: str) -> dict[str, Any]:
     d: dict[str, Any] = {"mediaType": media_type, "digest": sha256_digest(data), "size": len(data)}
     if annotations:
@@ -350,7 +361,12 @@ class CountingProxy:
             self.requests.clear()
 
     def close(self) -> None:
+        """Stop accepting and wait for the accept thread, so no stale thread can ever accept on
+        a reused descriptor (closing alone does not wake a blocked accept on Linux)."""
         self._stop.set()
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)
+        self._thread.join(timeout=10)
         self._server.close()
 
     def _accept(self) -> None:

@@ -23,14 +23,20 @@ from egpu.images.registry import RegistryClient
 from egpu.images.store import ImageStore
 from egpu.paths import CACHE_ENV
 from registry_server import (
+    OCI_INDEX,
+    QCOW2,
     CountingProxy,
     Registry,
+    descriptor,
     egpu,
     egpu_popen,
     engine_tool,
     home,
     make_qcow2,
+    manifest_descriptor,
+    push_blob,
     push_layers,
+    push_manifest,
     push_plain_image,
     push_reference_image,
     registry,
@@ -105,6 +111,8 @@ def test_pull_reference_layout_with_cli(home: Path, registry: Registry, disks: l
             "path": str(path),
             "size": len(disks[0]),
             "used_by": [],
+            "file_name": "ubuntu-docker.qcow2",
+            "features": ["docker"],
         }
     ]
     table = egpu("images").stdout
@@ -443,3 +451,45 @@ def test_disk_filling_up_mid_download_keeps_the_partial(
         assert proxy.range_requests() == [f"bytes={kept}-"]
         record = store.get_ref(ref)
         assert record is not None and store.blob_path(record.disk).read_bytes() == disks[0]
+
+
+def test_pull_through_an_index_picks_arm64(
+    home: Path, registry: Registry, disks: list[bytes]
+) -> None:
+    """A multi-platform OCI index: the arm64 entry is the one pulled (the Mac's architecture)."""
+    amd = push_plain_image(registry.host, "egpu/multi", "amd64", disks[0])
+    arm = push_plain_image(registry.host, "egpu/multi", "arm64", disks[1])
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": [
+            {
+                **manifest_descriptor(registry, "egpu/multi", amd.manifest_digest),
+                "platform": {"os": "linux", "architecture": "amd64"},
+            },
+            {
+                **manifest_descriptor(registry, "egpu/multi", arm.manifest_digest),
+                "platform": {"os": "linux", "architecture": "arm64"},
+            },
+        ],
+    }
+    index_digest = push_manifest(registry.host, "egpu/multi", "latest", index)
+    result = pull(f"{registry.host}/egpu/multi:latest")
+    assert result.path.read_bytes() == disks[1]
+    assert str(result.manifest_digest) == arm.manifest_digest
+    assert index_digest != arm.manifest_digest
+
+
+def test_pull_docker_schema2_manifest(home: Path, registry: Registry, disks: list[bytes]) -> None:
+    config = b"{}"
+    push_blob(registry.host, "egpu/docker", config)
+    disk_digest = push_blob(registry.host, "egpu/docker", disks[0])
+    manifest = {
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.docker.distribution.manifest.v2+json",
+        "config": descriptor("application/vnd.docker.container.image.v1+json", config),
+        "layers": [descriptor(QCOW2, disks[0])],
+    }
+    push_manifest(registry.host, "egpu/docker", "v1", manifest)
+    result = pull(f"{registry.host}/egpu/docker:v1")
+    assert str(result.disk_digest) == disk_digest and result.path.read_bytes() == disks[0]

@@ -91,6 +91,8 @@ class CachedImage:
     path: Path
     size: int
     used_by: tuple[str, ...] = ()
+    file_name: str | None = None
+    features: tuple[str, ...] = ()  # from the image's JSON layer (docker, desktop, ...)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -100,6 +102,8 @@ class CachedImage:
             "path": str(self.path),
             "size": self.size,
             "used_by": list(self.used_by),
+            "file_name": self.file_name,
+            "features": list(self.features),
         }
 
 
@@ -219,7 +223,19 @@ class ImageStore:
                 continue
             listed.add(r.disk_digest)
             used = tuple(users.get(r.disk_digest, ()))
-            out.append(CachedImage(r.ref, r.manifest_digest, r.disk_digest, path, r.size, used))
+            features = (r.metadata or {}).get("features") or []
+            out.append(
+                CachedImage(
+                    r.ref,
+                    r.manifest_digest,
+                    r.disk_digest,
+                    path,
+                    r.size,
+                    used,
+                    r.file_name,
+                    tuple(str(f) for f in features if isinstance(f, str)),
+                )
+            )
         for disk, vms in sorted(users.items()):
             if disk not in listed:
                 path = self.blob_path(Digest.parse(disk))
