@@ -135,6 +135,9 @@ if [ "$EGPU_SELFTEST" = 1 ]; then
     # keep kernel messages off the console while the result line goes out
     echo 1 > /proc/sys/kernel/printk
     printf '\n%s %s\n' "$SELFTEST_MARKER" "$result"
+    # The line sits in the tty buffer until the UART takes it; power off only after that.
+    # Setting any mode makes busybox stty call tcsetattr(TCSADRAIN), which waits for it.
+    stty -F /dev/console opost
     sync
     poweroff -f
 fi
