@@ -79,13 +79,21 @@ def egpu_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     shutil.rmtree(home, ignore_errors=True)
 
 
-def _stop_leftovers(home: Path) -> None:
-    """Kill whatever a failed test left running under its home."""
+def _recorded_pids(home: Path) -> Iterator[int]:
     for pidfile in home.glob("data/vms/*/*.pid"):
+        with contextlib.suppress(OSError, ValueError):
+            yield int(pidfile.read_text().split()[0])
+    for record in home.glob("data/vms/*/servers.json"):
+        with contextlib.suppress(OSError, ValueError):
+            yield from (int(s["pid"]) for s in json.loads(record.read_text()))
+
+
+def _stop_leftovers(home: Path) -> None:
+    """Kill whatever a failed test left running under its home (QEMU, supervisor, servers)."""
+    for pid in list(_recorded_pids(home)):
         try:
-            pid = int(pidfile.read_text())
             cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
+        except OSError:
             continue
         if str(home).encode() in cmdline:
             with contextlib.suppress(ProcessLookupError):

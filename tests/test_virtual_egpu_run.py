@@ -9,6 +9,7 @@ import socket
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from PIL import Image
 from tests.conftest import Cli
@@ -104,3 +105,26 @@ def test_screenshot_of_vm_without_display(cli: Cli) -> None:
     proc = cli("screenshot", "plain", "-o", "/tmp/never.png")
     assert proc.returncode == 2 and "has no virtual display" in proc.stderr
     cli("stop", "plain", "--force", check=True)
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (orphans here go to an init that may not reap them)."""
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_stop_after_the_supervisor_died(cli: Cli) -> None:
+    assert cli("run", "--name", "lost", "--accel", "tcg", "--detach", "--passthrough",
+               "virtual", "--nvme-size", "64M").returncode == 0
+    status = cli.wait_for("lost", lambda s: s["guest_ready"], timeout=120)
+    vm = cli.home / "data" / "vms" / "lost"
+    os.kill(int((vm / "supervisor.pid").read_text().split()[0]), signal.SIGKILL)
+    # QEMU and the servers outlive their supervisor: the VM still runs and can be stopped
+    assert cli.status("lost")["state"] == "running"
+    cli("stop", "lost", check=True)
+    final = cli.status("lost")
+    assert final["state"] == "stopped"
+    pids = [int(status["pid"]), *(int(s["pid"]) for s in status["servers"])]
+    assert not any(running(p) for p in pids)

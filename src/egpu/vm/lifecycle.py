@@ -259,6 +259,19 @@ def start(plan: RunPlan) -> VmStatus:
         raise
 
 
+def stop_orphaned_servers(vm: store.VmDir) -> None:
+    """End device servers a dead supervisor left behind (normally it stops them itself)."""
+    for server in vm.read_json_list(store.SERVERS_RECORD):
+        pid, started = server.get("pid"), server.get("started")
+        if not isinstance(pid, int) or not isinstance(started, float):
+            continue
+        ref = store.ProcessRef(pid, started)
+        if ref.alive():
+            _signal(ref, signal.SIGTERM)
+            if not _wait_gone(ref, STOP_SIGTERM_WAIT_S):
+                _signal(ref, signal.SIGKILL)
+
+
 def restore_bindings(vm: store.VmDir) -> list[str]:
     """Give functions moved to vfio-pci for this VM back to their drivers; returns problems."""
     path = vm.file(store.VFIO_BIND)
@@ -282,7 +295,7 @@ def _spawn_supervisor(vm: store.VmDir) -> None:
             close_fds=True,
         )
     # recorded here too, so a status taken before the supervisor runs reads "starting"
-    vm.file(store.SUPERVISOR_PID).write_text(f"{proc.pid}\n")
+    vm.write_pid(store.SUPERVISOR_PID, proc.pid)
 
 
 def wait_started(vm: store.VmDir, timeout: float = START_TIMEOUT_S) -> VmStatus:
@@ -303,16 +316,17 @@ def _failure_text(vm: store.VmDir, status: VmStatus) -> str:
             or "; ".join(status.problems) or "unknown error")
 
 
-def _signal_pid(pid: int | None, sig: int) -> None:
-    if pid is None:
+def _signal(ref: store.ProcessRef | None, sig: int) -> None:
+    """Signal a recorded process if it is still that process."""
+    if ref is None or not ref.alive():
         return
     with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
+        os.kill(ref.pid, sig)
 
 
-def _wait_gone(pid: int | None, mention: str, timeout: float) -> bool:
+def _wait_gone(ref: store.ProcessRef | None, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while process_alive(pid, mention):
+    while process_alive(ref):
         if time.monotonic() > deadline:
             return False
         time.sleep(POLL_S)
@@ -321,13 +335,11 @@ def _wait_gone(pid: int | None, mention: str, timeout: float) -> bool:
 
 def _kill_run(vm: store.VmDir) -> None:
     """Best-effort teardown of a half-started run."""
-    qemu_pid = vm.read_pid(store.QEMU_PID)
-    sup_pid = vm.read_pid(store.SUPERVISOR_PID)
-    if process_alive(qemu_pid, str(vm.qmp_socket)):
-        _signal_pid(qemu_pid, signal.SIGKILL)
-    if process_alive(sup_pid, str(vm.path)):
-        _signal_pid(sup_pid, signal.SIGTERM)
-        _wait_gone(sup_pid, str(vm.path), SUPERVISOR_EXIT_WAIT_S)
+    stop_orphaned_servers(vm)
+    _signal(vm.read_process(store.QEMU_PID), signal.SIGKILL)
+    sup = vm.read_process(store.SUPERVISOR_PID)
+    _signal(sup, signal.SIGTERM)
+    _wait_gone(sup, SUPERVISOR_EXIT_WAIT_S)
 
 
 def stop(name: str, *, timeout: float = DEFAULT_STOP_TIMEOUT_S, force: bool = False) -> VmStatus:
@@ -337,24 +349,24 @@ def stop(name: str, *, timeout: float = DEFAULT_STOP_TIMEOUT_S, force: bool = Fa
     if status.state not in ("running", "starting"):
         return status
     vm.file(store.STOP_REQUEST).write_text(f"{time.time()}\n")
-    qemu_pid = vm.read_pid(store.QEMU_PID)
-    mention = str(vm.qmp_socket)
+    qemu = vm.read_process(store.QEMU_PID)
     gone = False
     if not force and vm.qmp_socket.exists():
         try:
             qmp.execute(vm.qmp_socket, "system_powerdown")
-            gone = _wait_gone(qemu_pid, mention, timeout)
+            gone = _wait_gone(qemu, timeout)
         except VMError:
             gone = False
     if not gone:
-        _signal_pid(qemu_pid, signal.SIGTERM)
-        gone = _wait_gone(qemu_pid, mention, STOP_SIGTERM_WAIT_S)
+        _signal(qemu, signal.SIGTERM)
+        gone = _wait_gone(qemu, STOP_SIGTERM_WAIT_S)
     if not gone:
-        _signal_pid(qemu_pid, signal.SIGKILL)
-        _wait_gone(qemu_pid, mention, STOP_SIGTERM_WAIT_S)
-    sup_pid = vm.read_pid(store.SUPERVISOR_PID)
-    if not _wait_gone(sup_pid, str(vm.path), SUPERVISOR_EXIT_WAIT_S):
-        _signal_pid(sup_pid, signal.SIGKILL)
+        _signal(qemu, signal.SIGKILL)
+        _wait_gone(qemu, STOP_SIGTERM_WAIT_S)
+    sup = vm.read_process(store.SUPERVISOR_PID)
+    if not _wait_gone(sup, SUPERVISOR_EXIT_WAIT_S):
+        _signal(sup, signal.SIGKILL)
+    stop_orphaned_servers(vm)
     restore_bindings(vm)  # normally the supervisor did it; a no-op then
     if vm.read_json(store.EXIT_RECORD) is None:
         # the supervisor was gone too: record the stop ourselves so it does not read as a crash

@@ -6,8 +6,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import psutil
-
 from egpu.vm import qmp, store
 
 State = Literal["starting", "running", "stopped", "crashed"]
@@ -15,17 +13,9 @@ READY_SCAN_LIMIT = 4 << 20  # bytes of console log scanned for the ready marker
 STATUS_QMP_TIMEOUT_S = 1.0
 
 
-def process_alive(pid: int | None, must_mention: str) -> bool:
-    """True when ``pid`` runs and its command line mentions ``must_mention`` (no pid reuse)."""
-    if pid is None:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        if proc.status() == psutil.STATUS_ZOMBIE:
-            return False
-        return any(must_mention in arg for arg in proc.cmdline())
-    except (psutil.Error, OSError):
-        return False
+def process_alive(ref: store.ProcessRef | None) -> bool:
+    """True while the recorded process runs."""
+    return ref is not None and ref.alive()
 
 
 def log_contains(path: Path, needle: bytes, limit: int = READY_SCAN_LIMIT) -> bool:
@@ -97,10 +87,11 @@ def derive_state(
 def inspect(vm: store.VmDir, ready_marker: bytes) -> VmStatus:
     """Status of an existing VM (NotFoundError when it never existed)."""
     config = vm.read_config()
-    qemu_pid = vm.read_pid(store.QEMU_PID)
-    sup_pid = vm.read_pid(store.SUPERVISOR_PID)
-    qemu_alive = process_alive(qemu_pid, str(vm.qmp_socket))
-    sup_alive = process_alive(sup_pid, str(vm.path))
+    qemu = vm.read_process(store.QEMU_PID)
+    sup = vm.read_process(store.SUPERVISOR_PID)
+    qemu_pid = qemu.pid if qemu else None
+    qemu_alive = process_alive(qemu)
+    sup_alive = process_alive(sup)
     # QEMU creates its QMP socket once its monitor is up; the run state comes from QMP itself
     # (None when the monitor is busy with another client, which still means QEMU is up)
     qmp_up = qemu_alive and vm.qmp_socket.exists()
@@ -108,7 +99,7 @@ def inspect(vm: store.VmDir, ready_marker: bytes) -> VmStatus:
     exit_record = None if qemu_alive else vm.read_json(store.EXIT_RECORD)
     state = derive_state(
         exit_record=exit_record, qemu_alive=qemu_alive, supervisor_alive=sup_alive,
-        pid_recorded=qemu_pid is not None or sup_pid is not None, qmp_up=qmp_up,
+        pid_recorded=qemu is not None or sup is not None, qmp_up=qmp_up,
     )
     problems: list[str] = []
     if exit_record and exit_record.get("server_failure"):

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
+
 from egpu.errors import NotFoundError, UsageError, VMError
 from egpu.paths import dirs
 
@@ -45,6 +47,7 @@ RUNTIME_FILES = (
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
 # sun_path is 108 bytes on Linux (104 on macOS); keep every socket path under the smaller.
 MAX_SOCKET_PATH = 103
+START_SLACK_S = 0.05  # psutil start times are rounded to clock ticks
 
 
 def check_name(name: str) -> str:
@@ -146,11 +149,26 @@ class VmDir:
         write_json(self.file(CONFIG), config.to_json())
 
     def read_pid(self, which: str) -> int | None:
+        ref = self.read_process(which)
+        return ref.pid if ref else None
+
+    def read_process(self, which: str) -> ProcessRef | None:
+        """The process a pid file names (``PID [START_TIME]``), or None."""
         try:
-            text = self.file(which).read_text().strip()
+            fields = self.file(which).read_text().split()
         except OSError:
             return None
-        return int(text) if text.isdigit() else None
+        if not fields or not fields[0].isdigit():
+            return None
+        try:
+            started = float(fields[1]) if len(fields) > 1 else None
+        except ValueError:
+            started = None
+        return ProcessRef(int(fields[0]), started)
+
+    def write_pid(self, which: str, pid: int) -> None:
+        """Record a process by pid and start time, so a reused pid is never taken for it."""
+        self.file(which).write_text(f"{pid} {ProcessRef.of(pid).started}\n")
 
     def read_json(self, name: str) -> dict[str, Any] | None:
         try:
@@ -174,6 +192,35 @@ class VmDir:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class ProcessRef:
+    """A process identified by pid and start time (pids are reused; start times are not)."""
+
+    pid: int
+    started: float | None = None
+
+    @classmethod
+    def of(cls, pid: int) -> ProcessRef:
+        try:
+            return cls(pid, psutil.Process(pid).create_time())
+        except psutil.Error:
+            return cls(pid, None)
+
+    def alive(self) -> bool:
+        """True while this very process runs (a zombie counts as gone).
+
+        Identity is by start time, not command line: right after a fork the child's
+        /proc/PID/cmdline can still be empty.
+        """
+        try:
+            proc = psutil.Process(self.pid)
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return False
+            return self.started is None or abs(proc.create_time() - self.started) < START_SLACK_S
+        except psutil.Error:
+            return False
 
 
 def write_json(path: Path, data: Any) -> None:

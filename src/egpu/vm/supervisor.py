@@ -25,9 +25,10 @@ from egpu.engine.virtual import screenshot_request_of
 from egpu.errors import EgpuError
 from egpu.vm import qmp, store
 from egpu.vm.lifecycle import restore_bindings
+from egpu.vm.status import last_line
 
 POLL_S = 0.1
-SERVER_SOCKET_WAIT_S = 15.0
+SERVER_SOCKET_WAIT_S = 30.0  # a cold Python start on a loaded 2-core host
 SERVER_STOP_S = 3.0
 POWERDOWN_GRACE_S = 10.0
 
@@ -52,6 +53,7 @@ class Supervisor:
     def _record_servers(self) -> None:
         store.write_json(self.vm.file(store.SERVERS_RECORD), [
             {"name": s["name"], "socket": s["socket"], "pid": p.pid,
+             "started": s.get("started"),
              "returncode": p.poll(), "log": s.get("log"), "options": s.get("options", [])}
             for s, p in self.servers
         ])
@@ -62,13 +64,15 @@ class Supervisor:
             log = open(spec["log"], "ab") if spec.get("log") else subprocess.DEVNULL  # noqa: SIM115
             proc = subprocess.Popen(spec["argv"], stdin=subprocess.DEVNULL, stdout=log,
                                     stderr=subprocess.STDOUT, env=env)
-            self.servers.append((spec, proc))
+            self.servers.append(({**spec, "started": store.ProcessRef.of(proc.pid).started}, proc))
         self._record_servers()
         deadline = time.monotonic() + SERVER_SOCKET_WAIT_S
         for spec, proc in self.servers:
             while not Path(spec["socket"]).exists():
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    raise RuntimeError(f"device server {spec['name']} did not start")
+                    why = last_line(Path(spec["log"])) if spec.get("log") else ""
+                    raise RuntimeError(f"device server {spec['name']} did not start"
+                                       + (f": {why}" if why else ""))
                 time.sleep(0.02)
 
     def stop_servers(self) -> None:
@@ -94,7 +98,7 @@ class Supervisor:
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        self.vm.file(store.SUPERVISOR_PID).write_text(f"{os.getpid()}\n")
+        self.vm.write_pid(store.SUPERVISOR_PID, os.getpid())
         started = time.time()
         try:
             self.start_servers()
@@ -107,7 +111,7 @@ class Supervisor:
                 self.config.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, **self.config.env},
             )
-        self.vm.file(store.QEMU_PID).write_text(f"{self.qemu.pid}\n")
+        self.vm.write_pid(store.QEMU_PID, self.qemu.pid)
         powerdown_sent: float | None = None
         while self.qemu.poll() is None:
             time.sleep(POLL_S)
