@@ -197,6 +197,8 @@ def make_vm(name: str, base: Path | None, tool: tuple[list[str], dict[str, str]]
 def test_images_and_prune(
     home: Path, registry: Registry, tool: tuple[list[str], dict[str, str]], bases: list[Path]
 ) -> None:
+    assert egpu("images").stderr.strip() == "no cached images (see 'egpu pull')"
+    assert json.loads(egpu("images", "--json").stdout) == []
     disk_a, disk_b = bases[0].read_bytes(), bases[1].read_bytes()
     a = push_reference_image(registry.host, "egpu/used", "v1", disk_a)
     b = push_reference_image(registry.host, "egpu/unused", "v1", disk_b)

@@ -63,6 +63,9 @@ def images_command(as_json: bool) -> None:
     if as_json:
         output.emit_json([i.to_json() for i in images])
         return
+    if not images:
+        output.notice("no cached images (see 'egpu pull')")
+        return
     rows = [
         (
             i.ref or "(older base)",
