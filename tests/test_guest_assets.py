@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import gzip
 import json
+import os
 import stat
 import time
 from pathlib import Path
@@ -117,15 +118,15 @@ def test_failed_build_is_one_line_and_leaves_nothing(
     with pytest.raises(GuestError) as info:
         assets.ensure_guest("aarch64")
     assert "\n" not in str(info.value) and "aarch64" in str(info.value)
-    guest = tmp_path / "guest"
-    assert not (guest / "aarch64").exists()
-    assert not list(guest.glob(".aarch64.build-*"))
+    arch_dir = tmp_path / "guest" / "aarch64"
+    assert not arch_dir.exists() or not list(arch_dir.iterdir())
 
 
 def test_partial_or_stale_cache_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                             built: assets.GuestAssets) -> None:
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
-    d = tmp_path / "guest" / built.arch
+    key = assets.build_key(built.arch)
+    d = tmp_path / "guest" / built.arch / key[:assets.KEY_CHARS]
     d.mkdir(parents=True)
     (d / assets.KERNEL_FILE).write_bytes(built.kernel.read_bytes()[:4096])
     # no manifest: an interrupted copy, never a hit
@@ -140,3 +141,25 @@ def test_partial_or_stale_cache_is_not_used(tmp_path: Path, monkeypatch: pytest.
     (d / assets.MANIFEST).write_text(json.dumps(good))
     hit = assets._load_cached(built.arch, assets.build_key(built.arch))
     assert hit is not None and hit.kernel == d / assets.KERNEL_FILE
+
+
+def test_builds_are_kept_apart_by_key(built: assets.GuestAssets) -> None:
+    key = assets.build_key(built.arch)
+    assert built.kernel.parent.name == key[:assets.KEY_CHARS]
+    assert built.kernel.parent.parent.name == built.arch
+
+
+def test_only_builds_unused_for_a_while_are_pruned(tmp_path: Path) -> None:
+    old, recent, keep = (tmp_path / n for n in ("aaaa", "bbbb", "cccc"))
+    for d in (old, recent, keep):
+        d.mkdir()
+        (d / "vmlinuz").write_bytes(b"k")
+    stale_file = tmp_path / "vmlinuz"  # the flat layout of earlier versions
+    stale_file.write_bytes(b"k")
+    building = tmp_path / ".build-x"
+    building.mkdir()
+    long_ago = time.time() - assets.SUPERSEDED_GRACE_S - 60
+    for p in (old, stale_file, building):
+        os.utime(p, (long_ago, long_ago))
+    assets._prune_superseded(tmp_path, keep="cccc")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".build-x", "bbbb", "cccc"]

@@ -2,20 +2,23 @@
 
 Cache layout (``dirs().guest``)::
 
-    apt/                     private apt root (trixie, arm64 + amd64) used only while building
-    .lock                    held while building
-    <arch>/vmlinuz           the Debian kernel image (EFI stub: what firmware and bootloaders load)
-    <arch>/vmlinux           x86_64 only: the ELF inside vmlinuz, booted directly by QEMU (PVH)
-    <arch>/initramfs.gz      busybox-static, the init, the checks, the modules (load order)
-    <arch>/manifest.json     build key, kernel version, module load order, source packages
+    apt/                       private apt root (trixie, arm64 + amd64), used only to build
+    .lock                      held while building
+    <arch>/<key>/vmlinuz       the Debian kernel image (EFI stub: for firmware and bootloaders)
+    <arch>/<key>/vmlinux       x86_64 only: the ELF inside vmlinuz, booted directly by QEMU (PVH)
+    <arch>/<key>/initramfs.gz  busybox-static, the init, the checks, the modules
+    <arch>/<key>/manifest.json build key, kernel version, module load order, source packages
 
-A build happens in ``.<arch>.build-*`` and is renamed into place only when complete; the build
-key covers everything shipped from this package (init, checks, module list), so changing any
-of them rebuilds, and a cache hit needs no network.
+``<key>`` is the start of :func:`build_key`, a digest of everything shipped from this package
+(init, checks, module list): changing any of them builds anew, and a cache hit needs no
+network. A build happens in ``<arch>/.build-*`` and is renamed to ``<key>`` only when
+complete. A new build never replaces files a starting QEMU may be about to open: older
+builds are removed only once they have been superseded for a while.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import lzma
@@ -23,6 +26,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -56,7 +60,11 @@ GUEST_MODULES = (
 )
 AFTER_READY = frozenset({"ext4", "vfio_pci"})
 # Bump when the initramfs layout changes in a way the key below cannot see.
-BUILD_FORMAT = 4
+BUILD_FORMAT = 5
+KEY_CHARS = 16
+# A build not asked for in this long is deleted when another one lands. Every cache hit
+# refreshes its time, so a VM or a test still using an older build keeps its files.
+SUPERSEDED_GRACE_S = 3600
 MANIFEST = "manifest.json"
 KERNEL_FILE = "vmlinuz"
 PVH_KERNEL_FILE = "vmlinux"
@@ -91,9 +99,13 @@ class GuestAssets:
     kernel_image: Path | None = None
 
 
+def _build_dir(arch: str, key: str) -> Path:
+    return dirs().guest / arch / key[:KEY_CHARS]
+
+
 def planned_guest(arch: str) -> GuestAssets:
     """Where the guest's files are or will be, without building anything (for dry runs)."""
-    d = dirs().guest / arch
+    d = _build_dir(arch, build_key(arch))
     kernel = PVH_KERNEL_FILE if arch == "x86_64" else KERNEL_FILE
     return GuestAssets(arch, d / kernel, d / INITRAMFS_FILE, console_for(arch), "", (),
                        d / KERNEL_FILE)
@@ -119,7 +131,7 @@ def build_key(arch: str) -> str:
 
 
 def _load_cached(arch: str, key: str) -> GuestAssets | None:
-    d = dirs().guest / arch
+    d = _build_dir(arch, key)
     try:
         m = json.loads((d / MANIFEST).read_text())
         if m.get("key") != key:
@@ -133,7 +145,11 @@ def _load_cached(arch: str, key: str) -> GuestAssets | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     files = (assets.kernel, assets.initramfs, assets.kernel_image)
-    return assets if all(f is not None and f.is_file() for f in files) else None
+    if not all(f is not None and f.is_file() for f in files):
+        return None
+    with contextlib.suppress(OSError):
+        os.utime(d)  # last used: see _prune_superseded
+    return assets
 
 
 def ensure_guest(arch: str, progress: Progress | None = None) -> GuestAssets:
@@ -157,7 +173,8 @@ def ensure_guest(arch: str, progress: Progress | None = None) -> GuestAssets:
         raise GuestError(f"cannot build the {arch} guest: {e}") from e
     assets = _load_cached(arch, key)
     if assets is None:
-        raise GuestError(f"the {arch} guest build left no usable assets in {base / arch}")
+        raise GuestError(f"the {arch} guest build left no usable assets in "
+                         f"{_build_dir(arch, key)}")
     return assets
 
 
@@ -187,10 +204,12 @@ def _build(arch: str, key: str, progress: Progress) -> None:
     image = _kernel_image_package(archive, debarch)
     files = archive.resolve_only([f"{image}:{debarch}", f"{BUSYBOX_PACKAGE}:{debarch}"])
     debs = debpkg.download(files, dirs().debs, progress)
+    arch_dir = base / arch
+    arch_dir.mkdir(exist_ok=True)
     # we hold the lock: build directories left by an interrupted run are garbage
-    for stale in base.glob(f".{arch}.build-*"):
+    for stale in arch_dir.glob(".build-*"):
         shutil.rmtree(stale, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{arch}.build-", dir=base))
+    work = Path(tempfile.mkdtemp(prefix=".build-", dir=arch_dir))
     try:
         tree = work / "tree"
         for deb in debs:
@@ -200,21 +219,26 @@ def _build(arch: str, key: str, progress: Progress) -> None:
         manifest = _assemble(arch, tree, out)
         manifest.update(key=key, packages=[f.filename for f in files])
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        _replace_dir(out, base / arch)
+        final = _build_dir(arch, key)
+        if final.exists():  # an unusable leftover under the same key (checked by the caller)
+            shutil.rmtree(final)
+        os.rename(out, final)
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    _prune_superseded(arch_dir, keep=final.name)
 
 
-def _replace_dir(new: Path, final: Path) -> None:
-    """Move a finished build into place; a reader sees the old or the new one, never a mix."""
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(final, old)
-        os.rename(new, final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.rename(new, final)
+def _prune_superseded(arch_dir: Path, keep: str) -> None:
+    """Delete older builds that nothing has asked for in a while."""
+    now = time.time()
+    for old in arch_dir.iterdir():
+        if old.name == keep or old.name.startswith("."):
+            continue
+        try:
+            if now - old.stat().st_mtime > SUPERSEDED_GRACE_S:
+                shutil.rmtree(old) if old.is_dir() else old.unlink()
+        except OSError:
+            continue
 
 
 class _ModuleTree(Mapping[str, kmod.ModInfo]):
