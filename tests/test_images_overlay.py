@@ -350,3 +350,19 @@ def test_reset_refuses_a_live_vm(
     finally:
         fake_qemu.kill()
         fake_qemu.wait()
+
+
+def test_boot_disk_never_switches_images_under_a_vm(
+    tmp_path: Path, tool: tuple[list[str], dict[str, str]], bases: list[Path]
+) -> None:
+    overlay = tmp_path / "vm1" / "overlay.qcow2"
+    first, _ = prepare_boot_disk(plan_boot_disk(overlay, base=str(bases[0])), tool[0], tool[1])
+    assert first.source == str(bases[0])
+    other = plan_boot_disk(overlay, base=str(bases[1]))
+    with pytest.raises(ImageError, match=r"made from .*base-11") as e:
+        prepare_boot_disk(other, tool[0], tool[1], previous_source=first.source)
+    assert e.value.hint is not None and "egpu reset vm1" in e.value.hint
+    assert read_backing_file(overlay) == bases[0]  # untouched
+    # The same source again is fine (kept).
+    again = plan_boot_disk(overlay, base=str(bases[0]))
+    assert prepare_boot_disk(again, tool[0], tool[1], previous_source=first.source)[1] == "kept"

@@ -29,6 +29,11 @@ class BootDisk:
     ref: str | None = None  # the image reference, when the base is a cached image
     cached: bool = True  # False: the reference must be pulled first
 
+    @property
+    def source(self) -> str:
+        """What the user named: the reference, or the base path (record it with the VM)."""
+        return self.ref if self.ref is not None else str(self.base)
+
 
 def plan_boot_disk(
     overlay: Path,
@@ -61,11 +66,20 @@ def prepare_boot_disk(
     *,
     progress: Progress | None = None,
     store: ImageStore | None = None,
+    previous_source: str | None = None,
 ) -> tuple[BootDisk, str]:
     """Pull the image if needed, probe the base, and create/keep/rebase the overlay.
 
-    Returns the final BootDisk and what was done to the overlay ("created", "kept", "rebased").
+    ``previous_source`` is the ``source`` the VM's overlay was made from (from its recorded
+    config): an existing overlay is only rebased onto newer builds of the same image, never
+    onto another image. Returns the final BootDisk and what was done to the overlay
+    ("created", "kept", "rebased").
     """
+    if plan.overlay.exists() and previous_source not in (None, plan.source):
+        raise ImageError(
+            f"this VM's disk was made from {previous_source}, not {plan.source}",
+            hint=f"to start over from the new image: egpu reset {plan.overlay.parent.name}",
+        )
     if plan.ref is not None and not plan.cached:
         pulled = pull(plan.ref, store=store, progress=progress)
         plan = BootDisk(pulled.path, QCOW2, plan.overlay, plan.ref)
