@@ -196,7 +196,10 @@ def test_wrong_digest_in_image_json(home: Path, registry: Registry, disks: list[
         disks[0],
         metadata={"name": "x", "artifact": "x.qcow2", "sha256": wrong},
     )
-    with pytest.raises(ImageError, match=f"wrong digest: .* says sha256:{wrong}"):
+    with pytest.raises(
+        ImageError,
+        match=f"wrong digest: .* says sha256:{wrong} but its qcow2 layer is {pushed.disk_digest}",
+    ):
         pull(pushed.ref)
     store = ImageStore()
     assert not store.has_blob(Digest.parse(pushed.disk_digest))

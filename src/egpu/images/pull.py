@@ -80,10 +80,17 @@ def pull(
         if layout.metadata is not None:
             meta_path = _fetch(client, store, layout.metadata, "image metadata", SilentProgress())
             metadata = parse_metadata(meta_path.read_bytes())
+            # The blob is verified against its descriptor's digest, so the JSON's sha256 must
+            # name that same digest; checked before anything is downloaded (or found cached).
+            if metadata.sha256 is not None and metadata.sha256 != layout.disk.digest.hex:
+                raise ImageError(
+                    f"wrong digest: the image's JSON manifest says sha256:{metadata.sha256} "
+                    f"but its qcow2 layer is {layout.disk.digest}"
+                )
         label = layout.file_name
 
         def check_disk(partial: Path) -> None:
-            _check_disk(partial, layout.disk.digest, metadata, label)
+            _check_qcow2(partial, label)
 
         disk_path = _fetch(client, store, layout.disk, label, progress, check=check_disk)
     store.put_blob(manifest_bytes)
@@ -157,14 +164,8 @@ def _fetch(
         return store.commit_blob(partial, digest)
 
 
-def _check_disk(partial: Path, digest: Digest, metadata: ImageMetadata | None, label: str) -> None:
-    """The qcow2 must also match its JSON manifest's sha256 and be a qcow2 at all."""
-    if metadata is not None and metadata.sha256 is not None and metadata.sha256 != digest.hex:
-        partial.unlink(missing_ok=True)
-        raise ImageError(
-            f"wrong digest: {label} is {digest} but the image's JSON manifest says "
-            f"sha256:{metadata.sha256}"
-        )
+def _check_qcow2(partial: Path, label: str) -> None:
+    """A verified blob that is not a qcow2 is not a disk image egpu can boot."""
     if not is_qcow2(partial):
         partial.unlink(missing_ok=True)
         raise ImageError(f"unknown layout: {label} is not a qcow2 image")
