@@ -120,6 +120,13 @@ to_json() {
         detail = $0; sub(/^CHECK +[^ ]+ +[^ ]+ */, "", detail)
         items = items sep "{\"name\": \"" $2 "\", \"ok\": " ok ", \"detail\": \"" esc(detail) "\"}"
         sep = ", "; n++
+        next
+    }
+    $1 == "CHECK" {
+        # a check with an unusable name still counts, as a failure
+        all = "false"
+        items = items sep "{\"name\": \"malformed\", \"ok\": false, \"detail\": \"" esc($0) "\"}"
+        sep = ", "; n++
     }
     BEGIN { all = "true"; sep = ""; n = 0 }
     END {
