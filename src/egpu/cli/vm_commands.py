@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import shlex
+import shutil
 import sys
 import threading
 from pathlib import Path
@@ -23,6 +25,7 @@ from egpu.engine.virtual import screenshot_request_of
 from egpu.errors import EgpuError, EngineError, UsageError, VMError
 from egpu.guest import protocol as guest_protocol
 from egpu.guest.assets import GuestAssets, ensure_guest
+from egpu.images.pull import DEFAULT_IMAGE
 from egpu.vm import lifecycle, store
 from egpu.vm.status import VmStatus, inspect
 
@@ -85,6 +88,9 @@ def _guest_for(arch: str, *, dry_run: bool, progress: output.BarProgress) -> Gue
 @click.option("--quiet", "-q", is_flag=True, help="no progress output")
 @click.option("--nvme-size", default=virtual.DEFAULT_NVME_SIZE, show_default=True,
               help="virtual eGPU: size of its NVMe function's (sparse) storage")
+@click.option("--image", default=None, is_flag=False, flag_value=DEFAULT_IMAGE,
+              metavar="REF", help=f"boot a full guest image [bare --image: {DEFAULT_IMAGE}]")
+@click.option("--base", default=None, metavar="PATH", help="boot a local qcow2 (with an overlay)")
 @passthrough_options
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[-- EXTRA QEMU ARGS]")
 def run(
@@ -92,7 +98,8 @@ def run(
     ssh_port: int | None, headless: bool, detach: bool, dry_run: bool, as_json: bool,
     selftest: bool, qemu: str | None, accel: str | None, quiet: bool, nvme_size: str,
     engine: str, passthrough: str | None, no_tso: bool, bind: bool, ioreg: Path | None,
-    sysfs: Path | None, systemextensions: Path | None, extra: tuple[str, ...],
+    sysfs: Path | None, systemextensions: Path | None, image: str | None, base: str | None,
+    extra: tuple[str, ...],
 ) -> None:
     """Boot a VM (the built-in guest unless an image is given).
 
@@ -106,6 +113,10 @@ def run(
         raise UsageError("--json goes with --dry-run or --self-test")
     if detach and selftest:
         raise UsageError("--self-test waits for the guest; it cannot --detach")
+    if image and base:
+        raise UsageError("give --image or --base, not both")
+    if selftest and (image or base):
+        raise UsageError("--self-test runs the built-in guest; drop --image/--base")
     vm_name = store.check_name(name or (SELFTEST_NAME if selftest else DEFAULT_NAME))
     parse_size(nvme_size)
     # cheap checks first: bad input must fail before anything is downloaded or built
@@ -117,11 +128,13 @@ def run(
                           systemextensions=systemextensions, no_tso=no_tso, bind=bind)
     progress = output.BarProgress(quiet=quiet or as_json)
     info = _engine_for(qemu, gpu.engine, dry_run=dry_run, progress=progress)
-    guest = _guest_for(arch, dry_run=dry_run, progress=progress)
+    # a full image brings its own kernel; the built-in guest's paths are then unused
+    full_image = bool(image or base)
+    guest = _guest_for(arch, dry_run=dry_run or full_image, progress=progress)
     request = lifecycle.RunRequest(
         name=vm_name, arch=arch, cpus=cpus, memory_mib=memory_mib, disks=disks,
         ssh_port=ssh_port, accel=accel, selftest=selftest, extra=extra, gpu=gpu,
-        nvme_size=nvme_size, bind=bind,
+        nvme_size=nvme_size, bind=bind, image=image, base=base,
     )
     plan = lifecycle.plan_run(request, info, guest, check_host=not dry_run)
     if not as_json:
@@ -133,7 +146,7 @@ def run(
         else:
             output.out.print(shlex.join(plan.argv), markup=False)
         return
-    status = lifecycle.start(plan)
+    status = lifecycle.start(plan, info, progress)
     if selftest:
         _finish_selftest(vm_name, as_json)
     elif detach:
@@ -305,8 +318,26 @@ def screenshot(name: str, out: Path) -> None:
     output.notice(f"wrote {out}")
 
 
+@click.command(context_settings={"ignore_unknown_options": True})
+@click.argument("name")
+@click.option("--user", "-l", default=lifecycle.DEFAULT_SSH_USER, show_default=True,
+              envvar="EGPU_SSH_USER", help="guest user")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED)
+def ssh(name: str, user: str, command: tuple[str, ...]) -> None:
+    """Open a shell (or run COMMAND) in a VM over its loopback ssh forward."""
+    status = _status_of(name)
+    if status.state != "running":
+        raise VMError(f"VM {name!r} is {status.state}", hint=f"start it: egpu run --name {name}")
+    if status.ssh_port is None:
+        raise UsageError(f"VM {name!r} forwards no ssh port (run it with --ssh-port or --image)")
+    argv = lifecycle.ssh_argv(status.ssh_port, user, command)
+    if shutil.which(argv[0]) is None:
+        raise UsageError("no ssh client found (apt-get install openssh-client)")
+    os.execvp(argv[0], argv)
+
+
 def register(group: click.Group) -> None:
     """Add this module's commands to the root group."""
-    for command in (run, status, list_vms, logs, stop, screenshot):
+    for command in (run, status, list_vms, logs, stop, screenshot, ssh):
         group.add_command(command)
 

@@ -23,8 +23,10 @@ from egpu.guest import assets
 from egpu.guest import protocol as guest_protocol
 from egpu.guest.assets import GuestAssets
 from egpu.host import vfio_bind
+from egpu.images.disk import BootDisk, plan_boot_disk, prepare_boot_disk
 from egpu.images.firmware import ensure_vars, find_firmware
 from egpu.paths import dirs
+from egpu.progress import Progress
 from egpu.vm import qmp, store
 from egpu.vm.status import VmStatus, inspect, last_line, process_alive
 
@@ -35,6 +37,8 @@ DEFAULT_STOP_TIMEOUT_S = 30.0
 QEMU_IMG_TIMEOUT_S = 30
 POLL_S = 0.05
 MAX_PORT = 65535
+DEFAULT_IMAGE_SSH_PORT = 2222  # as the reference launcher
+DEFAULT_SSH_USER = "ubuntu"  # the reference images are Ubuntu cloud images
 
 
 @dataclass(frozen=True)
@@ -53,6 +57,8 @@ class RunRequest:
     gpu: RunPassthrough | None = None  # resolved --engine / --passthrough; None: no GPU
     bind: bool = False  # engine vfio: move the functions to vfio-pci for this run
     nvme_size: str = virtual.DEFAULT_NVME_SIZE
+    image: str | None = None  # OCI reference of a full guest image (UEFI boot)
+    base: str | None = None  # a local qcow2 to boot instead of an image
 
 
 @dataclass(frozen=True)
@@ -63,6 +69,7 @@ class RunPlan:
     spec: VmSpec
     config: store.VmConfig
     argv: list[str] = field(default_factory=list)
+    boot: BootDisk | None = None  # a full image: its overlay is made at start
 
 
 def ready_marker() -> bytes:
@@ -156,8 +163,14 @@ def plan_run(
                       for d in request.disks)
     else:
         disks = tuple(assumed_disk(d) for d in request.disks)
-    if request.ssh_port is not None:
-        check_port_free(request.ssh_port)
+    boot = None
+    ssh_port = request.ssh_port
+    if request.image or request.base:
+        boot = plan_boot_disk(vm.file(store.OVERLAY), image=request.image, base=request.base)
+        if ssh_port is None:
+            ssh_port = DEFAULT_IMAGE_SSH_PORT
+    if ssh_port is not None and check_host:
+        check_port_free(ssh_port)
     accel = choose_accel(info, arch, request.accel)
     gpu_engine = request.gpu.engine if request.gpu else "none"
     card = None
@@ -179,12 +192,17 @@ def plan_run(
         accel=accel,  # type: ignore[arg-type]
         qmp_socket=vm.qmp_socket, console_socket=vm.console_socket, serial_log=vm.serial_log,
         kernel=guest.kernel, initrd=guest.initramfs, append=append,
-        disks=disks, ssh_port=request.ssh_port, extra=request.extra,
+        disks=disks, ssh_port=ssh_port, extra=request.extra,
     )
+    if boot is not None:
+        # a full image boots through UEFI from its overlay; the built-in guest is not involved
+        spec = replace(spec, kernel=None, initrd=None, append=None,
+                       boot_disk=Disk(boot.overlay, "qcow2"),
+                       firmware=_firmware(info, vm, arch, check_host))
     if card is not None:
         spec = card.apply(spec)
     elif request.gpu is not None and request.gpu.plan is not None:
-        if request.gpu.plan.needs_firmware:
+        if request.gpu.plan.needs_firmware and spec.firmware is None:
             spec = replace(spec, firmware=_firmware(info, vm, arch, check_host))
         spec = request.gpu.plan.apply(spec)
     argv = build_argv(info.engine.qemu(arch), spec)
@@ -193,11 +211,12 @@ def plan_run(
         name=request.name, arch=arch, cpus=request.cpus, memory_mib=request.memory_mib,
         accel=spec.accel, engine=f"{gpu_engine} ({info.engine.source} QEMU {info.version_text})",
         qemu_version=info.version_text, argv=argv, env=info.engine.env(),
-        ssh_port=request.ssh_port, selftest=request.selftest, servers=servers,
+        ssh_port=ssh_port, selftest=request.selftest, servers=servers,
+        image=boot.source if boot else None,
         bind_functions=list(request.gpu.plan.functions)
         if request.bind and request.gpu and request.gpu.plan and gpu_engine == "vfio" else [],
     )
-    return RunPlan(vm=vm, spec=spec, config=config, argv=argv)
+    return RunPlan(vm=vm, spec=spec, config=config, argv=argv, boot=boot)
 
 
 def _server_entry(server: virtual.DeviceServer) -> dict[str, object]:
@@ -221,7 +240,7 @@ def _firmware(info: EngineInfo, vm: store.VmDir, arch: str, check_host: bool) ->
     return Firmware(code=code, vars=vm.file(store.EFI_VARS))
 
 
-def start(plan: RunPlan) -> VmStatus:
+def start(plan: RunPlan, info: EngineInfo, progress: Progress | None = None) -> VmStatus:
     """Start a planned VM detached and return once QEMU's monitor is up.
 
     A VM of that name that is running is refused; a stopped or crashed one is cleaned up and
@@ -229,6 +248,7 @@ def start(plan: RunPlan) -> VmStatus:
     """
     vm = plan.vm
     created = not vm.exists()
+    previous_image = vm.read_config().image if not created else None
     if not created:
         current = inspect(vm, ready_marker())
         if current.state in ("running", "starting"):
@@ -242,6 +262,9 @@ def start(plan: RunPlan) -> VmStatus:
         if plan.spec.firmware is not None and not plan.spec.firmware.vars.exists():
             ensure_vars(find_firmware([plan.spec.firmware.code.parent], plan.spec.arch),
                         plan.spec.firmware.vars)
+        if plan.boot is not None:
+            prepare_boot_disk(plan.boot, info.engine.qemu_img(), info.engine.env(),
+                              progress=progress, previous_source=previous_image)
         vm.write_config(plan.config)
         if plan.config.bind_functions:
             vfio_bind.ensure_vfio_pci()
@@ -415,3 +438,16 @@ def send_console(vm: store.VmDir, data: bytes) -> None:
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(str(vm.console_socket))
         s.sendall(data)
+
+
+def ssh_argv(port: int, user: str, command: Sequence[str] = ()) -> list[str]:
+    """The ssh command into a VM's loopback forward.
+
+    Host keys are not recorded: the forward is loopback-only and a reset VM gets new keys
+    (Lima does the same).
+    """
+    return [
+        "ssh", "-p", str(port),
+        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+        "-o", "LogLevel=ERROR", f"{user}@127.0.0.1", *command,
+    ]
