@@ -16,7 +16,6 @@
 
 READY_MARKER=EGPU-GUEST-READY
 SELFTEST_MARKER=EGPU-SELFTEST
-CHECK_TIMEOUT=60   # seconds per check script; a hung check must not hang the VM
 
 /bin/busybox --install -s
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin HOME=/root TERM=linux
@@ -84,6 +83,8 @@ done
 # check that does not exist fails.
 run_checks() {
     wanted=",${EGPU_CHECKS:-},"
+    check_timeout=${EGPU_CHECK_TIMEOUT:-60}
+    case "$check_timeout" in ''|*[!0-9]*) check_timeout=60 ;; esac
     for script in /checks/*.sh; do
         [ -f "$script" ] || continue
         name=${script##*/}; name=${name%.sh}; name=${name#[0-9][0-9]-}
@@ -93,11 +94,14 @@ run_checks() {
                 *) continue ;;
             esac
         fi
-        out=$(timeout "$CHECK_TIMEOUT" sh "$script" 2>&1)
+        # a hung check must not hang the VM (egpu.check_timeout=S overrides the default)
+        out=$(timeout "$check_timeout" sh "$script" 2>&1)
         rc=$?
         echo "$out" > /dev/console
         if echo "$out" | grep -q '^CHECK '; then
             echo "$out" | grep '^CHECK '
+        elif [ "$rc" = 143 ]; then
+            echo "CHECK $name fail timed out after ${check_timeout}s"
         else
             echo "CHECK $name fail script exited with status $rc and reported nothing"
         fi
