@@ -13,7 +13,7 @@ from egpu.guest import protocol as p
 
 
 def line(doc: Any) -> str:
-    return f"{p.SELFTEST_MARKER} {json.dumps(doc)}"
+    return f"{p.SELFTEST_MARKER} {json.dumps(doc)}\r\n"
 
 
 GOOD = {"ok": True, "checks": [{"name": "pci", "ok": True, "detail": "2 devices"},
@@ -111,9 +111,17 @@ def test_parse_selftest_caps_counts_and_sizes_and_strips_control_characters() ->
     assert len(r.checks[0].detail) == p.MAX_DETAIL and r.checks[0].detail.startswith("??d")
 
 
+def test_a_line_still_arriving_is_not_a_result_yet() -> None:
+    full = line(GOOD).rstrip()
+    assert p.parse_selftest("boot\r\n" + full[:len(full) // 2]) is None
+    assert p.parse_selftest("boot\r\n" + full) is None
+    r = p.parse_selftest("boot\r\n" + full + "\r")
+    assert r is not None and r.ok
+
+
 def test_the_last_result_line_wins() -> None:
     bad = {"ok": False, "checks": [{"name": "x", "ok": False}]}
-    r = p.parse_selftest(line(bad) + "\n" + line(GOOD))
+    r = p.parse_selftest(line(bad) + line(GOOD))
     assert r is not None and r.ok
 
 

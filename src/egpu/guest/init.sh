@@ -75,7 +75,8 @@ for dev in /sys/class/net/*; do
     iface=${dev##*/}
     [ "$iface" = lo ] && continue
     ip link set "$iface" up
-    udhcpc -b -q -i "$iface" -s /run/udhcpc.sh >/dev/null 2>&1
+    # in the background: a network without DHCP must not hold back the ready marker
+    udhcpc -b -q -i "$iface" -s /run/udhcpc.sh >/dev/null 2>&1 &
 done
 
 # Every /checks/NN-<name>.sh in order, or with egpu.checks=a,b only those (the host asks for the
@@ -176,6 +177,6 @@ load_modules /etc/egpu/modules.later &
 # busybox init as PID 1 from here: a respawning shell on the console, clean shutdown
 cat > /etc/inittab <<'EOF'
 ::respawn:/bin/cttyhack /bin/sh -l
-::shutdown:/bin/umount -a -r
+::shutdown:/bin/umount -a -r 2>/dev/null
 EOF
 exec /bin/busybox init

@@ -134,8 +134,11 @@ def _error(message: str) -> SelfTestResult:
 def parse_selftest(text: str) -> SelfTestResult | None:
     """The self-test result in console text; None while there is none yet.
 
-    A malformed, oversized or inconsistent line yields a failed result with ``error`` set.
+    Only complete lines count (a result still arriving is not yet a result): pass the text with
+    a final newline once the guest has stopped. A malformed, oversized or inconsistent line
+    yields a failed result with ``error`` set.
     """
+    text = text[:max(text.rfind("\n"), text.rfind("\r")) + 1]
     prefix = SELFTEST_MARKER + " "
     found = [ln for ln in _lines(text) if ln.startswith(prefix)] if SELFTEST_MARKER in text else []
     if not found:
