@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -60,24 +61,34 @@ def test_selftest_fails_exactly_the_checks_whose_expectation_is_wrong(
     assert f"expected {mem * 2} MiB" in details["memory"]
 
 
-def test_console_shell_network_respawn_and_system_powerdown(
+def test_console_shell_devices_respawn_and_system_powerdown(
         guest: GuestAssets, vmdir: Path) -> None:
-    nic = ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,romfile=",
-           "-device", "virtio-rng-pci"]
-    with boot(guest, vmdir, selftest=False, extra=nic) as run:
+    # an ext4 filesystem as mkfs.ext4 makes it today (metadata_csum: needs crc32c in the guest)
+    files = vmdir / "files"
+    files.mkdir()
+    (files / "greeting").write_text("hello-from-the-host\n")
+    disk = vmdir / "disk.img"
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(files), str(disk), "16M"], check=True)
+    devices = ["-netdev", "user,id=n0", "-device", "virtio-net-pci,netdev=n0,romfile=",
+               "-device", "virtio-rng-pci",
+               "-drive", f"file={disk},format=raw,if=none,id=d0",
+               "-device", "virtio-blk-pci,drive=d0"]
+    with boot(guest, vmdir, selftest=False, extra=devices) as run:
         run.wait_console(find_ready)
         # an interactive shell on the console (arithmetic so the echo of the command differs)
         run.type("echo answer=$((6*7))\n")
         run.wait_console(lambda t: "answer=42" in t)
-        # the NIC got QEMU's user-network address by DHCP; the modules loaded after the
-        # marker arrive; the virtio RNG is the kernel's hardware RNG
-        run.type("until grep -q '^ext4 ' /proc/modules && grep -q '^vfio_pci ' /proc/modules;"
-                 " do sleep 0.2; done; echo late=$((1+1))\n")
+        # the virtio disk mounts as ext4 once the modules loaded after the marker are in
+        run.type("until grep -qw ext4 /proc/filesystems; do sleep 0.2; done;"
+                 " mkdir -p /mnt && mount -t ext4 /dev/vda /mnt && cat /mnt/greeting\n")
+        run.wait_console(lambda t: "hello-from-the-host" in t)
+        run.type("until grep -q '^vfio_pci .* Live' /proc/modules; do sleep 0.2; done;"
+                 " echo late=$((1+1))\n")
         run.wait_console(lambda t: "late=2" in t)
+        # the NIC got QEMU's user-network address by DHCP; the virtio RNG feeds the kernel
         run.type("until ip -4 addr show eth0 | grep -q inet; do sleep 0.2; done;"
                  " ip -4 addr show eth0; cat /sys/class/misc/hw_random/rng_current\n")
-        run.wait_console(lambda t: "inet 10.0.2.15/24" in t and "virtio_rng" in t.split(
-            "rng_current", 1)[-1])
+        run.wait_console(lambda t: "inet 10.0.2.15/24" in t and "virtio_rng.0" in t)
         prompts = run.console.count(PROMPT)
         run.type("exit\n")
         # busybox init gives the console a new shell (input typed before it starts is dropped)

@@ -19,6 +19,7 @@ builds are removed only once they have been superseded for a while.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import lzma
@@ -60,7 +61,9 @@ GUEST_MODULES = (
 )
 AFTER_READY = frozenset({"ext4", "vfio_pci"})
 # Bump when the initramfs layout changes in a way the key below cannot see.
-BUILD_FORMAT = 5
+BUILD_FORMAT = 6
+# the build key covers these sources: changing how the guest is assembled rebuilds it
+BUILDER_SOURCES = ("assets.py", "kmod.py", "cpio.py", "bzimage.py")
 KEY_CHARS = 16
 # A build not asked for in this long is deleted when another one lands. Every cache hit
 # refreshes its time, so a VM or a test still using an older build keeps its files.
@@ -79,6 +82,7 @@ GUEST_CHECKS_DIR = "checks"
 # Linux device numbers (Documentation/admin-guide/devices.txt)
 DEV_CONSOLE = (5, 1)
 DEV_NULL = (1, 3)
+CRYPTO_ALIAS_PREFIX = "crypto-"
 _IMAGE_PACKAGE = re.compile(r"^linux-image-\d[\w.+~-]*$")
 
 
@@ -122,10 +126,12 @@ def _guest_files() -> dict[str, bytes]:
 
 
 def build_key(arch: str) -> str:
-    """A digest of everything that decides the build apart from the Debian packages."""
-    modules = ",".join(GUEST_MODULES) + "/" + ",".join(sorted(AFTER_READY))
-    h = hashlib.sha256(f"{BUILD_FORMAT}\0{arch}\0{modules}".encode())
-    for name, data in _guest_files().items():
+    """A digest of everything that decides the build apart from the Debian packages: the
+    files shipped into the guest and the code that assembles them."""
+    h = hashlib.sha256(f"{BUILD_FORMAT}\0{arch}\0".encode())
+    root = resources.files("egpu.guest")
+    builder = {f"builder/{m}": root.joinpath(m).read_bytes() for m in BUILDER_SOURCES}
+    for name, data in {**builder, **_guest_files()}.items():
         h.update(f"\0{name}\0{len(data)}\0".encode() + data)
     return h.hexdigest()
 
@@ -257,12 +263,31 @@ class _ModuleTree(Mapping[str, kmod.ModInfo]):
             self._data[name] = lzma.decompress(raw) if path.name.endswith(".xz") else raw
         return self._data[name]
 
+    def _parse(self, name: str) -> kmod.ModInfo:
+        return kmod.parse_modinfo(self.data(name), name)
+
     def __getitem__(self, name: str) -> kmod.ModInfo:
         if name not in self._info:
             if name not in self.paths:
                 raise KeyError(name)
-            self._info[name] = kmod.parse_modinfo(self.data(name), name)
+            info = self._parse(name)
+            pre = tuple(m for soft in info.softdeps_pre for m in self.resolve(soft))
+            self._info[name] = dataclasses.replace(info, softdeps_pre=pre)
         return self._info[name]
+
+    def resolve(self, name: str) -> list[str]:
+        """Module names for a soft dependency, which may be an alias.
+
+        Without modules.alias (depmod writes it; Debian's packages ship none), an alias is
+        looked up among the modules whose name starts with it, less a "crypto-" prefix
+        (ext4's crypto-crc32c -> crc32c_generic, crc32c_intel): the form crypto drivers use,
+        and cheap, since only those few modules are decompressed.
+        """
+        if kmod.canonical(name) in self.paths:
+            return [kmod.canonical(name)]
+        stem = kmod.canonical(name.removeprefix(CRYPTO_ALIAS_PREFIX))
+        return sorted(m for m in self.paths
+                      if m.startswith(stem) and name in self._parse(m).aliases)
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.paths)

@@ -28,11 +28,13 @@ MODULE_SUFFIXES = (".ko", ".ko.xz", ".ko.zst", ".ko.gz")
 
 @dataclass(frozen=True)
 class ModInfo:
-    """What a module says about itself: its name, hard dependencies, pre-load soft deps."""
+    """What a module says about itself: its name, hard dependencies, pre-load soft deps
+    (which may name an alias, e.g. ext4's "crc32c"), and the aliases it answers to."""
 
     name: str
     depends: tuple[str, ...]
     softdeps_pre: tuple[str, ...]
+    aliases: tuple[str, ...] = ()
 
 
 def canonical(name: str) -> str:
@@ -89,9 +91,9 @@ def parse_modinfo(elf: bytes, fallback_name: str) -> ModInfo:
             if w.endswith(":"):
                 in_pre = w == "pre:"
             elif in_pre:
-                pre.append(canonical(w))
+                pre.append(w)  # a module name or an alias: not canonicalised
     name = canonical(tags.get("name", [fallback_name])[0])
-    return ModInfo(name, depends, tuple(pre))
+    return ModInfo(name, depends, tuple(pre), tuple(tags.get("alias", [])))
 
 
 def load_order(wanted: Iterable[str], available: Mapping[str, ModInfo],
