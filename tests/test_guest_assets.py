@@ -7,6 +7,8 @@ import gzip
 import json
 import os
 import stat
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +22,8 @@ from egpu.paths import CACHE_ENV
 from guest_helpers import shared_cache
 
 UNREACHABLE_MIRROR = "http://127.0.0.1:9/debian"
+# somewhere inside a build (index update, unpacking, assembly); any point must be safe
+KILL_AFTER_S = 8
 
 
 @pytest.fixture(scope="module", params=ARCHES)
@@ -166,3 +170,26 @@ def test_only_builds_unused_for_a_while_are_pruned(tmp_path: Path) -> None:
         os.utime(p, (long_ago, long_ago))
     assets._prune_superseded(tmp_path, keep="cccc")
     assert sorted(p.name for p in tmp_path.iterdir()) == [".build-x", "bbbb", "cccc"]
+
+
+def test_a_build_killed_midway_leaves_nothing_half_made(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Kill -9 a build wherever it is, then build again: the result is complete and clean."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    with shared_cache() as shared:
+        built = assets.ensure_guest("aarch64")
+        (cache / "debs").symlink_to(shared / "debs")  # no second download of the packages
+    env = {**os.environ, CACHE_ENV: str(cache)}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from egpu.guest.assets import ensure_guest; "
+         "ensure_guest('aarch64')"], env=env)
+    time.sleep(KILL_AFTER_S)
+    proc.kill()
+    proc.wait()
+    monkeypatch.setenv(CACHE_ENV, str(cache))
+    again = assets.ensure_guest("aarch64")
+    assert again.kernel.read_bytes() == built.kernel.read_bytes()
+    assert gzip.decompress(again.initramfs.read_bytes())[:6] == cpio.MAGIC
+    arch_dir = cache / "guest" / "aarch64"
+    assert [p.name for p in arch_dir.iterdir()] == [again.kernel.parent.name]
