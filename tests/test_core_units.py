@@ -10,8 +10,9 @@ from hypothesis import strategies as st
 
 from egpu.debpkg import host_mirror, parse_print_uris, parse_sha256s
 from egpu.engine.argv import Disk, VmSpec, build_argv, parse_disk_option, parse_memory
-from egpu.engine.qemu import parse_help_names, parse_version
+from egpu.engine.qemu import Engine, EngineInfo, host_is_virtual, parse_help_names, parse_version
 from egpu.errors import EngineError, UsageError
+from egpu.vm.lifecycle import choose_accel
 from egpu.vm.status import derive_state
 
 
@@ -148,3 +149,27 @@ def test_qemu_probe_parsers() -> None:
         "tcg", "kvm"}
     devices = 'name "vfio-user-pci", bus PCI, desc "x"\nname "virtio-net-pci", bus PCI\n'
     assert parse_help_names(devices, prefix="name ") == {"vfio-user-pci", "virtio-net-pci"}
+
+
+def _info(accels: tuple[str, ...]) -> EngineInfo:
+    return EngineInfo(Engine("path", Path("/usr/bin")), (11, 1, 0), ("x86_64",),
+                      {"x86_64": accels}, {})
+
+
+def test_choose_accel() -> None:
+    assert choose_accel(_info(("kvm", "tcg")), "x86_64", None) == ("kvm", None)
+    accel, notice = choose_accel(_info(("kvm", "tcg")), "x86_64", None, nested=True)
+    assert accel == "tcg" and notice and "--accel kvm" in notice
+    assert choose_accel(_info(("kvm", "tcg")), "x86_64", "kvm", nested=True) == ("kvm", None)
+    assert choose_accel(_info(("tcg",)), "x86_64", None, nested=True) == ("tcg", None)
+    with pytest.raises(UsageError, match="not available"):
+        choose_accel(_info(("tcg",)), "x86_64", "hvf")
+
+
+def test_host_is_virtual(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu vme hypervisor lahf_lm\n")
+    assert host_is_virtual(cpuinfo)
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu vme lahf_lm\n")
+    assert not host_is_virtual(cpuinfo)
+    assert not host_is_virtual(tmp_path / "missing")

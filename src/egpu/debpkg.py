@@ -169,7 +169,8 @@ class DebianArchive:
         (self.root / "var/lib/dpkg/status").touch()
         lines = [f"deb [signed-by={KEYRING}] {mirror} {suite} main" for suite in self.suites]
         (self.root / "etc/apt/sources.list").write_text("\n".join(lines) + "\n")
-        self._apt("apt-get", "update", "-qq")
+        # apt-get update exits 0 on an unreachable mirror unless asked not to
+        self._apt("apt-get", "update", "-qq", "--error-on=any")
 
     def resolve(self, packages: Sequence[str], *, target: str | None = None) -> list[DebFile]:
         """The files for ``packages`` and their whole dependency closure (nothing is installed)."""

@@ -24,7 +24,7 @@ from egpu.engine.select import ensure_engine_info
 from egpu.engine.virtual import screenshot_request_of
 from egpu.errors import EgpuError, EngineError, UsageError, VMError
 from egpu.guest import protocol as guest_protocol
-from egpu.guest.assets import GuestAssets, ensure_guest
+from egpu.guest.assets import GuestAssets, ensure_guest, planned_guest
 from egpu.images.pull import DEFAULT_IMAGE
 from egpu.vm import lifecycle, store
 from egpu.vm.status import VmStatus, inspect
@@ -66,7 +66,7 @@ def _engine_for(
 
 
 def _guest_for(arch: str, *, dry_run: bool, progress: output.BarProgress) -> GuestAssets:
-    return lifecycle.planned_guest(arch) if dry_run else ensure_guest(arch, progress)
+    return planned_guest(arch) if dry_run else ensure_guest(arch, progress)
 
 
 @click.command(context_settings={"ignore_unknown_options": False})
@@ -138,7 +138,7 @@ def run(
     )
     plan = lifecycle.plan_run(request, info, guest, check_host=not dry_run)
     if not as_json:
-        for notice in gpu.notices:
+        for notice in (*gpu.notices, *plan.notices):
             output.notice(notice)
     if dry_run:
         if as_json:

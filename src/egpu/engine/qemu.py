@@ -43,6 +43,15 @@ def host_machine() -> str:
     return {"amd64": "x86_64", "arm64": "aarch64"}.get(m, m)
 
 
+def host_is_virtual(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
+    """Whether this host is itself a virtual machine (the CPU's hypervisor flag)."""
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return False
+    return any(line.startswith("flags") and " hypervisor" in line for line in text.splitlines())
+
+
 def check_arch(arch: str) -> str:
     """Validate a guest architecture name."""
     if arch not in ARCHES:

@@ -17,15 +17,13 @@ from pathlib import Path
 from egpu.engine import virtual
 from egpu.engine.argv import Disk, Firmware, VmSpec, build_argv, parse_disk_option
 from egpu.engine.passthrough import RunPassthrough
-from egpu.engine.qemu import EngineInfo, check_arch
+from egpu.engine.qemu import EngineInfo, check_arch, host_is_virtual
 from egpu.errors import ConflictError, EngineError, HostError, ImageError, UsageError, VMError
-from egpu.guest import assets
 from egpu.guest import protocol as guest_protocol
 from egpu.guest.assets import GuestAssets
 from egpu.host import vfio_bind
 from egpu.images.disk import BootDisk, plan_boot_disk, prepare_boot_disk
 from egpu.images.firmware import ensure_vars, find_firmware
-from egpu.paths import dirs
 from egpu.progress import Progress
 from egpu.vm import qmp, store
 from egpu.vm.status import VmStatus, inspect, last_line, process_alive
@@ -70,6 +68,7 @@ class RunPlan:
     config: store.VmConfig
     argv: list[str] = field(default_factory=list)
     boot: BootDisk | None = None  # a full image: its overlay is made at start
+    notices: tuple[str, ...] = ()
 
 
 def ready_marker() -> bytes:
@@ -121,8 +120,18 @@ def assumed_disk(text: str) -> Disk:
     return Disk(path=path.absolute(), fmt=fmt, readonly=readonly)
 
 
-def choose_accel(info: EngineInfo, arch: str, wanted: str | None) -> str:
-    """The accelerator: the one asked for if this host offers it, else the best offered."""
+NESTED_KVM_NOTICE = ("this host is itself a VM: using TCG, since nested KVM is often unreliable "
+                     "(pass --accel kvm to try it)")
+
+
+def choose_accel(
+    info: EngineInfo, arch: str, wanted: str | None, *, nested: bool = False
+) -> tuple[str, str | None]:
+    """The accelerator and a notice: the one asked for if offered, else the best offered.
+
+    Inside a VM (``nested``) KVM is not chosen by default: nested KVM crashed guests early on
+    the machines this was built on (REFERENCE.md section 6).
+    """
     offered = info.accelerators.get(arch, ())
     if wanted:
         if wanted not in offered:
@@ -130,18 +139,13 @@ def choose_accel(info: EngineInfo, arch: str, wanted: str | None) -> str:
                 f"accelerator {wanted!r} is not available for {arch} here "
                 f"(available: {', '.join(offered) or 'none'})"
             )
-        return wanted
+        return wanted, None
     for accel in ("hvf", "kvm", "tcg"):
+        if accel == "kvm" and nested and "kvm" in offered:
+            return "tcg", NESTED_KVM_NOTICE
         if accel in offered:
-            return accel
+            return accel, None
     raise VMError(f"the engine offers no accelerator for {arch}")
-
-
-def planned_guest(arch: str) -> GuestAssets:
-    """Where the built-in guest's files are or will be, without building it (for dry runs)."""
-    base = dirs().guest / arch
-    return GuestAssets(arch, base / assets.KERNEL_FILE, base / assets.INITRAMFS_FILE,
-                       guest_protocol.console_for(arch), "", ())
 
 
 def plan_run(
@@ -171,7 +175,7 @@ def plan_run(
             ssh_port = DEFAULT_IMAGE_SSH_PORT
     if ssh_port is not None and check_host:
         check_port_free(ssh_port)
-    accel = choose_accel(info, arch, request.accel)
+    accel, accel_notice = choose_accel(info, arch, request.accel, nested=host_is_virtual())
     gpu_engine = request.gpu.engine if request.gpu else "none"
     card = None
     if gpu_engine == "user":
@@ -216,7 +220,8 @@ def plan_run(
         bind_functions=list(request.gpu.plan.functions)
         if request.bind and request.gpu and request.gpu.plan and gpu_engine == "vfio" else [],
     )
-    return RunPlan(vm=vm, spec=spec, config=config, argv=argv, boot=boot)
+    notices = (accel_notice,) if accel_notice and spec.accel == accel else ()
+    return RunPlan(vm=vm, spec=spec, config=config, argv=argv, boot=boot, notices=notices)
 
 
 def _server_entry(server: virtual.DeviceServer) -> dict[str, object]:
