@@ -38,6 +38,9 @@ while [ "$tries" -lt 50 ]; do
     tries=$((tries + 1)); usleep 100000
 done
 if [ "$lit" -gt 0 ]; then
+    # fbdev flushes its shadow buffer to VRAM from a deferred worker: give it time before the
+    # self-test powers off, so the host's screenshot of the last picture shows this text.
+    usleep 500000
     echo "CHECK display ok $addr $drv /dev/fb0 ($fbname ${size} ${bpp}bpp), console drawn"
 else
     echo "CHECK display fail $addr /dev/fb0 ($fbname ${size}) stayed black after console output"
