@@ -11,7 +11,6 @@ from egpu.images.pull import DEFAULT_IMAGE, pull
 from egpu.images.store import ImageStore
 from egpu.paths import dirs
 from egpu.vm import store as vm_store
-from egpu.vm.lifecycle import ready_marker
 from egpu.vm.status import inspect
 
 SHORT_DIGEST = 19  # "sha256:" + 12 hex digits
@@ -99,7 +98,7 @@ def prune_command(as_json: bool) -> None:
 def reset_command(name: str, yes: bool) -> None:
     """Delete a VM's overlay and EFI vars: its next run starts from the pristine image."""
     vm = vm_store.VmDir(name).require()
-    state = inspect(vm, ready_marker()).state
+    state = inspect(vm).state
     if state in LIVE_STATES:
         raise ConflictError(f"VM {name!r} is {state}", hint=f"stop it first: egpu stop {name}")
     targets = [vm.file(f) for f in (vm_store.OVERLAY, vm_store.EFI_VARS) if vm.file(f).exists()]

@@ -8,6 +8,7 @@ import shlex
 import shutil
 import sys
 import threading
+from functools import partial
 from pathlib import Path
 
 import click
@@ -37,7 +38,7 @@ SELFTEST_TIMEOUT_S = 300.0
 
 
 def _status_of(name: str) -> VmStatus:
-    return inspect(store.VmDir(name).require(), lifecycle.ready_marker())
+    return inspect(store.VmDir(name).require())
 
 
 def _status_row(s: VmStatus) -> list[object]:
@@ -203,12 +204,10 @@ def _attach(name: str) -> None:
     vm = store.VmDir(name)
     output.notice(f"VM {name!r} started; Ctrl-C stops it")
 
-    def ended() -> bool:
-        return inspect(vm, lifecycle.ready_marker()).state in ("stopped", "crashed")
-
     if sys.stdin.isatty():
         threading.Thread(target=_forward_stdin, args=(vm,), daemon=True).start()
     try:
+        ended = partial(lifecycle.has_ended, vm)
         for chunk in lifecycle.follow_log(vm.serial_log, follow=True, until=ended):
             sys.stdout.buffer.write(chunk)
             sys.stdout.flush()
@@ -217,7 +216,7 @@ def _attach(name: str) -> None:
         status = lifecycle.stop(name)
         output.notice(f"VM {name!r} {status.state}")
         return
-    status = inspect(vm, lifecycle.ready_marker())
+    status = inspect(vm)
     if status.state == "crashed":
         raise VMError(f"VM {name!r} crashed: {'; '.join(status.problems) or 'unknown reason'}")
 
@@ -272,10 +271,8 @@ def logs(name: str, follow: bool) -> None:
     if not vm.serial_log.exists():
         return
 
-    def ended() -> bool:
-        return inspect(vm, lifecycle.ready_marker()).state in ("stopped", "crashed")
-
     try:
+        ended = partial(lifecycle.has_ended, vm)
         for chunk in lifecycle.follow_log(vm.serial_log, follow=follow, until=ended):
             sys.stdout.buffer.write(chunk)
             sys.stdout.flush()
@@ -293,7 +290,7 @@ def stop(name: str, timeout: float, force: bool) -> None:
     if timeout < 0:
         raise UsageError("--timeout must not be negative")
     before = _status_of(name)
-    if before.state not in ("running", "starting"):
+    if not before.active:
         output.notice(f"VM {name!r} is already {before.state}")
         return
     after = lifecycle.stop(name, timeout=timeout, force=force)
@@ -307,7 +304,7 @@ def stop(name: str, timeout: float, force: bool) -> None:
 def screenshot(name: str, out: Path) -> None:
     """Write what a VM's virtual display shows to a PNG file."""
     vm = store.VmDir(name).require()
-    status = inspect(vm, lifecycle.ready_marker())
+    status = inspect(vm)
     display = next((s for s in status.servers if s.get("name") == "display"), None)
     request = screenshot_request_of(display.get("options")) if display else None
     if display is None or request is None:

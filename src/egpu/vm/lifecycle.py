@@ -71,10 +71,6 @@ class RunPlan:
     notices: tuple[str, ...] = ()
 
 
-def ready_marker() -> bytes:
-    return guest_protocol.READY_MARKER.encode()
-
-
 def check_port_free(port: int) -> None:
     """Refuse a host port that something already listens on (we bind 127.0.0.1 only)."""
     if not 1 <= port <= MAX_PORT:
@@ -255,8 +251,8 @@ def start(plan: RunPlan, info: EngineInfo, progress: Progress | None = None) -> 
     created = not vm.exists()
     previous_image = vm.read_config().image if not created else None
     if not created:
-        current = inspect(vm, ready_marker())
-        if current.state in ("running", "starting"):
+        current = inspect(vm)
+        if current.active:
             raise ConflictError(f"VM {vm.name!r} is already {current.state}",
                                 hint=f"stop it first: egpu stop {vm.name}")
         vm.clear_runtime()
@@ -330,10 +326,10 @@ def wait_started(vm: store.VmDir, timeout: float = START_TIMEOUT_S) -> VmStatus:
     """Wait until QEMU's monitor answers; VMError with QEMU's own words if it died first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        status = inspect(vm, ready_marker())
+        status = inspect(vm)
         if status.state == "running":
             return status
-        if status.state in ("stopped", "crashed"):
+        if status.ended:
             raise VMError(f"VM {vm.name!r} failed to start: {_failure_text(vm, status)}")
         time.sleep(POLL_S)
     raise VMError(f"VM {vm.name!r}: QEMU did not come up within {timeout:.0f}s")
@@ -373,8 +369,8 @@ def _kill_run(vm: store.VmDir) -> None:
 def stop(name: str, *, timeout: float = DEFAULT_STOP_TIMEOUT_S, force: bool = False) -> VmStatus:
     """Stop a VM: powerdown over QMP, then SIGTERM, then SIGKILL (``force`` skips the first)."""
     vm = store.VmDir(name).require()
-    status = inspect(vm, ready_marker())
-    if status.state not in ("running", "starting"):
+    status = inspect(vm)
+    if not status.active:
         return status
     vm.file(store.STOP_REQUEST).write_text(f"{time.time()}\n")
     qemu = vm.read_process(store.QEMU_PID)
@@ -402,7 +398,7 @@ def stop(name: str, *, timeout: float = DEFAULT_STOP_TIMEOUT_S, force: bool = Fa
             "returncode": None, "signal": None, "ended": time.time(), "stop_requested": True,
             "server_failure": None, "error": None,
         })
-    return inspect(vm, ready_marker())
+    return inspect(vm)
 
 
 def wait_exit(name: str, timeout: float | None = None) -> VmStatus:
@@ -410,8 +406,8 @@ def wait_exit(name: str, timeout: float | None = None) -> VmStatus:
     vm = store.VmDir(name).require()
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
-        status = inspect(vm, ready_marker())
-        if status.state in ("stopped", "crashed"):
+        status = inspect(vm)
+        if status.ended:
             return status
         if deadline is not None and time.monotonic() > deadline:
             raise VMError(f"VM {name!r} still running after {timeout:.0f}s")
@@ -456,3 +452,8 @@ def ssh_argv(port: int, user: str, command: Sequence[str] = ()) -> list[str]:
         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
         "-o", "LogLevel=ERROR", f"{user}@127.0.0.1", *command,
     ]
+
+
+def has_ended(vm: store.VmDir) -> bool:
+    """Whether the VM's QEMU has ended (for following its console until then)."""
+    return inspect(vm).ended

@@ -6,9 +6,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from egpu.guest import protocol as guest_protocol
 from egpu.vm import qmp, store
 
 State = Literal["starting", "running", "stopped", "crashed"]
+ACTIVE_STATES = ("starting", "running")
+ENDED_STATES = ("stopped", "crashed")
+READY_MARKER = guest_protocol.READY_MARKER.encode()
 READY_SCAN_LIMIT = 4 << 20  # bytes of console log scanned for the ready marker
 STATUS_QMP_TIMEOUT_S = 1.0
 
@@ -47,6 +51,15 @@ class VmStatus:
     problems: list[str] = field(default_factory=list)
     run_state: str | None = None  # QMP query-status: running, paused, shutdown, ...
 
+    @property
+    def active(self) -> bool:
+        """QEMU is starting or running."""
+        return self.state in ACTIVE_STATES
+
+    @property
+    def ended(self) -> bool:
+        return self.state in ENDED_STATES
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
@@ -84,7 +97,7 @@ def derive_state(
     return "crashed" if pid_recorded else "stopped"
 
 
-def inspect(vm: store.VmDir, ready_marker: bytes) -> VmStatus:
+def inspect(vm: store.VmDir) -> VmStatus:
     """Status of an existing VM (NotFoundError when it never existed)."""
     config = vm.read_config()
     qemu = vm.read_process(store.QEMU_PID)
@@ -111,7 +124,7 @@ def inspect(vm: store.VmDir, ready_marker: bytes) -> VmStatus:
     servers = vm.read_json_list(store.SERVERS_RECORD)
     return VmStatus(
         name=vm.name, state=state, pid=qemu_pid if qemu_alive else None,
-        guest_ready=state in ("running", "starting") and log_contains(vm.serial_log, ready_marker),
+        guest_ready=state in ACTIVE_STATES and log_contains(vm.serial_log, READY_MARKER),
         arch=config.arch, engine=config.engine, qmp_socket=str(vm.qmp_socket),
         serial_log=str(vm.serial_log), cpus=config.cpus, memory_mib=config.memory_mib,
         ssh_port=config.ssh_port, exit=exit_record, servers=servers, problems=problems,
