@@ -572,38 +572,3 @@ class TokenGate:
     def close(self) -> None:
         self._server.shutdown()
         self._server.server_close()
-
-
-# -- a small UEFI-bootable image from the built-in guest ----------------------------------------
-
-# The firmware's UEFI shell runs this from the first FAT volume when nothing else boots: it
-# starts the kernel's EFI stub with the initramfs and a console (the stub reads initrd= itself).
-STARTUP_NSH = "fs0:\r\n\\vmlinuz.efi initrd=\\initrd.gz console={console} {extra}\r\n"
-
-
-def build_uefi_image(
-    qemu_img: list[str],
-    env: dict[str, str],
-    kernel: Path,
-    initramfs: Path,
-    console: str,
-    out: Path,
-    extra: str = "",
-) -> Path:
-    """A compressed qcow2 holding one FAT filesystem with the guest's kernel and initramfs.
-
-    qemu-img's vvfat driver turns a directory into the FAT disk, so no extra tools are needed.
-    """
-    esp = out.parent / f"{out.stem}-esp"
-    esp.mkdir(parents=True)
-    shutil.copyfile(kernel, esp / "vmlinuz.efi")
-    shutil.copyfile(initramfs, esp / "initrd.gz")
-    (esp / "startup.nsh").write_text(STARTUP_NSH.format(console=console, extra=extra))
-    subprocess.run(
-        [*qemu_img, "convert", "-c", "-f", "vvfat", f"fat:16:{esp}", "-O", "qcow2", str(out)],
-        check=True,
-        capture_output=True,
-        env={**os.environ, **env},
-    )
-    shutil.rmtree(esp)
-    return out

@@ -1,6 +1,7 @@
 """A full image end to end: build a small UEFI-bootable qcow2 from the built-in guest, push it
-to the loopback registry, pull it, give a VM an overlay and its own EFI vars, and boot it through
-the engine's UEFI firmware under TCG until the guest prints its ready marker."""
+to the loopback registry, pull it, give a VM an overlay and its own EFI vars, and boot it with
+egpu's own QEMU command through the engine's UEFI firmware under TCG until the guest prints its
+ready marker."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from egpu.engine.argv import Disk, Firmware, VmSpec, build_argv
 from egpu.engine.qemu import Engine, find_engine
 from egpu.guest.assets import GuestAssets, ensure_guest
 from egpu.guest.protocol import READY_MARKER
@@ -19,20 +21,13 @@ from egpu.images.disk import plan_boot_disk, prepare_boot_disk
 from egpu.images.firmware import ensure_vars, find_firmware
 from egpu.paths import dirs
 from egpu.vm import store as vm_store
-from registry_server import (
-    Registry,
-    build_uefi_image,
-    egpu,
-    engine_tool,
-    home,
-    push_reference_image,
-    registry,
-)
+from registry_server import Registry, egpu, engine_tool, home, push_reference_image, registry
+from uefi_image import build_uefi_image
 
 __all__ = ["home", "registry"]  # fixtures, imported so pytest sees them
 
 ARCH = "aarch64"
-# Firmware start, the UEFI shell's 5 s countdown, then the guest: about 25 s on these machines.
+# Firmware start, systemd-boot, then the guest: about 7 s on these machines.
 BOOT_TIMEOUT_S = 180
 
 
@@ -50,9 +45,7 @@ def guest() -> GuestAssets:
 def image(tmp_path_factory: pytest.TempPathFactory, guest: GuestAssets) -> bytes:
     qemu_img, env = engine_tool("qemu-img")
     out = tmp_path_factory.mktemp("uefi") / "guest.qcow2"
-    return build_uefi_image(
-        qemu_img, env, guest.kernel, guest.initramfs, guest.console, out
-    ).read_bytes()
+    return build_uefi_image(qemu_img, env, guest, out).read_bytes()
 
 
 @pytest.mark.qemu
@@ -71,37 +64,15 @@ def test_pulled_image_boots_with_uefi(
     assert action == "created"
     firmware = find_firmware(engine.firmware_dirs(), ARCH)
     efivars = ensure_vars(firmware, vm.file(vm_store.EFI_VARS))
-    serial = vm.path / "serial.log"
-    argv = [
-        *engine.qemu(ARCH),
-        "-machine",
-        "virt",
-        "-cpu",
-        "max",
-        "-accel",
-        "tcg",
-        "-m",
-        "512",
-        "-smp",
-        "1",
-        "-nodefaults",
-        "-display",
-        "none",
-        "-monitor",
-        "none",
-        "-drive",
-        f"if=pflash,format=raw,unit=0,readonly=on,file={firmware.code}",
-        "-drive",
-        f"if=pflash,format=raw,unit=1,file={efivars}",
-        "-drive",
-        f"if=none,id=disk0,format=qcow2,file={disk.overlay},discard=unmap",
-        "-device",
-        "virtio-blk-pci,drive=disk0",
-        "-serial",
-        f"file:{serial}",
-    ]
+    serial = vm.serial_log
+    spec = VmSpec(
+        name="full", arch=ARCH, cpus=1, memory_mib=512, accel="tcg",
+        qmp_socket=vm.qmp_socket, console_socket=vm.console_socket, serial_log=serial,
+        firmware=Firmware(firmware.code, efivars), boot_disk=Disk(disk.overlay, "qcow2"),
+    )
     qemu = subprocess.Popen(
-        argv, env={**os.environ, **engine.env()}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        build_argv(engine.qemu(ARCH), spec), env={**os.environ, **engine.env()},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + BOOT_TIMEOUT_S

@@ -57,6 +57,7 @@ def test_apple_golden() -> None:
         "-machine", "virt,highmem=on,memory-backend=pc.ram", "-m", "14336M",
         "-drive", "if=pflash,format=raw,unit=0,readonly=on,file=/fw/AAVMF_CODE.fd",
         "-drive", "if=pflash,format=raw,unit=1,file=/v/efivars.fd",
+        "-boot", "menu=on,splash-time=0",
         "-drive", "file=/v/overlay.qcow2,format=qcow2,if=none,id=disk0,discard=unmap,"
                   "detect-zeroes=unmap",
         "-device", "virtio-blk-pci,drive=disk0,bootindex=0",

@@ -21,6 +21,7 @@ MIN_MEMORY_MIB = 64
 MAX_MEMORY_MIB = 1 << 22  # 4 TiB
 MAX_CPUS = 512
 RAM_BACKEND_ID = "pc.ram"  # the reference launcher's name for it (REFERENCE.md section 4)
+FIRMWARE_MENU_WAIT_MS = 0  # no firmware boot-menu countdown
 
 Accel = Literal["tcg", "kvm", "hvf"]
 MemoryBackend = Literal["plain", "memfd-shared", "prealloc"]
@@ -129,6 +130,9 @@ def build_argv(qemu: Sequence[str], spec: VmSpec) -> list[str]:
         argv += [
             "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={spec.firmware.code}",
             "-drive", f"if=pflash,format=raw,unit=1,file={spec.firmware.vars}",
+            # edk2 takes its boot-menu countdown from fw_cfg when the menu is on: zero skips
+            # the 5 s wait on every boot (the boot disk carries bootindex=0)
+            "-boot", f"menu=on,splash-time={FIRMWARE_MENU_WAIT_MS}",
         ]
     if spec.kernel is not None:
         argv += ["-kernel", str(spec.kernel)]
