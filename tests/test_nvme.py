@@ -382,6 +382,38 @@ def test_write_then_read_through_a_chained_prp_list(guest: Guest) -> None:
     assert guest.ctrl.counters[0] == guest.ctrl.counters[1] == nbytes
 
 
+def test_a_reused_prp_list_page_is_read_again_for_every_command(guest: Guest) -> None:
+    # Drivers rewrite the same list page for each command; the controller may remember its last
+    # walk, but only while the page's bytes are unchanged.
+    guest.setup_io()
+    pages = 64
+    payload = os.urandom(pages * PAGE)
+    list_at = LISTS + 2 * PAGE
+    first = [DATA + 0x40000 + i * 2 * PAGE for i in range(pages - 1)]
+    prp_list(first, list_at, guest)
+    guest.poke(DATA, payload[:PAGE])
+    for i, page in enumerate(first):
+        guest.poke(page, payload[(i + 1) * PAGE:(i + 2) * PAGE])
+    blocks = pages * PAGE // 512
+    assert guest.io(rw(IoOpcode.WRITE, 1, 0, blocks, DATA, list_at)) == spec.SUCCESS
+
+    def gathered(buffers: list[int]) -> bytes:
+        return guest.peek(DATA, PAGE) + b"".join(guest.peek(p, PAGE) for p in buffers)
+
+    for page in [DATA, *first]:
+        guest.poke(page, bytes(PAGE))
+    assert guest.io(rw(IoOpcode.READ, 2, 0, blocks, DATA, list_at)) == spec.SUCCESS
+    assert gathered(first) == payload
+    # same pointers, new list contents: the data must land in the new pages
+    second = [DATA + 0x100000 + i * 3 * PAGE for i in range(pages - 1)]
+    prp_list(second, list_at, guest)
+    assert guest.io(rw(IoOpcode.READ, 3, 0, blocks, DATA, list_at)) == spec.SUCCESS
+    assert gathered(second) == payload
+    # a misaligned entry written into the same page is caught, never served from memory
+    prp_list([*second[:10], second[10] + 8, *second[11:]], list_at, guest)
+    assert guest.io(rw(IoOpcode.READ, 4, 0, blocks, DATA, list_at)) == spec.INVALID_PRP_OFFSET
+
+
 def test_two_page_transfer_uses_prp2_directly(guest: Guest) -> None:
     guest.setup_io()
     payload = os.urandom(8192)

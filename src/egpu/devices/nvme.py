@@ -158,6 +158,15 @@ def parse_size(text: str | int) -> int:
     return value
 
 
+@dataclass(frozen=True)
+class _PrpWalk:
+    """The last single-page PRP list walked: its command's pointers and length, its bytes."""
+
+    key: tuple[int, int, int]  # prp1, prp2, length
+    listed: bytes
+    segments: list[tuple[int, int]]
+
+
 class NvmeController:
     """The controller core: registers, queues, admin and NVM commands. No PCI, no sockets.
 
@@ -205,6 +214,7 @@ class NvmeController:
         self._sqe = bytearray(spec.SQE_SIZE)
         self._cqe = bytearray(spec.CQE_SIZE)
         self._prp_list = bytearray(spec.PAGE_SIZE)
+        self._last_walk: _PrpWalk | None = None
         self._hostile_count = 0
         self.bus_master = True  # the PCI function clears it while Bus Master Enable is off
         self.power_on_reset()
@@ -633,6 +643,7 @@ class NvmeController:
 
         Returns a status instead when a pointer is misaligned or a PRP list is unreachable.
         ``length`` is at most the controller's maximum transfer, which bounds the list walk.
+        The list may be shared with the next call: callers only read it.
         """
         if prp1 & 0x3:
             return spec.INVALID_PRP_OFFSET
@@ -651,6 +662,7 @@ class NvmeController:
         needed = (remaining + spec.PAGE_MASK) >> spec.PAGE_SHIFT
         list_addr = prp2
         buf = self._prp_list
+        listed: bytes | None = None
         while needed:
             room = (spec.PAGE_SIZE - (list_addr & spec.PAGE_MASK)) >> 3
             chained = needed > room
@@ -664,6 +676,14 @@ class NvmeController:
                     self._hostile(f"PRP list at {list_addr:#x} unreachable: {e}")
                     return spec.DATA_TRANSFER_ERROR
                 source = buf
+            if not chained and list_addr == prp2:
+                # The whole list is this one page. Drivers reuse list pages and programs reuse
+                # buffers, so the same list often comes back: compare it with the last walk
+                # (one memcmp) instead of checking every entry again.
+                listed = bytes(source[:count * 8])
+                last = self._last_walk
+                if last is not None and last.key == (prp1, prp2, length) and last.listed == listed:
+                    return last.segments
             entries = struct.unpack_from(f"<{count}Q", source)
             for entry in entries[:take]:
                 if entry & spec.PAGE_MASK:
@@ -680,6 +700,8 @@ class NvmeController:
                 list_addr = entries[take]
                 if list_addr & spec.PAGE_MASK:
                     return spec.INVALID_PRP_OFFSET  # the next list is a whole page
+        if listed is not None:
+            self._last_walk = _PrpWalk((prp1, prp2, length), listed, segments)
         return segments
 
     @staticmethod
