@@ -1,13 +1,16 @@
 """Benchmark: NVMe through the virtual eGPU versus QEMU's built-in emulated ``nvme``, one run.
 
-Boots the built-in guest twice under TCG with the same kernel, VM config and backing size: once
-with ``-device nvme`` on a raw file, once with ``egpu vfio-user serve --function nvme`` attached
-through ``vfio-user-pci``. In the guest, fio (Debian trixie's, with its shared-library closure,
-appended to the initrd as an extra cpio archive) runs 4 KiB random read at QD1 and 1 MiB
-sequential read with direct=1 against /dev/nvme0n1. Prints IOPS / throughput of both, the ratio
-(targets: >= 0.5x IOPS, >= 0.8x throughput) and the device server's CPU time per I/O.
+Boots the built-in guest once under TCG with both controllers attached side by side, each on a
+raw backing file of the same size and content: QEMU's ``-device nvme`` and ``egpu vfio-user
+serve --function nvme`` through ``vfio-user-pci``. In the guest, fio (Debian trixie's, with its
+shared-library closure, appended to the initrd as an extra cpio archive) runs 4 KiB random read
+at QD1 and 1 MiB sequential read with direct=1, alternating between the two devices for several
+rounds, so both see the same guest, the same host load and the same moment. Prints each
+device's median, the ratio (targets: >= 0.5x IOPS, >= 0.8x throughput), the spread of the
+per-round ratios, and the device server's CPU time per I/O.
 
-    .venv/bin/python bench/nvme_vs_builtin.py [--arch aarch64|x86_64] [--seconds S] [--quick]
+    .venv/bin/python bench/nvme_vs_builtin.py [--arch aarch64|x86_64] [--seconds S]
+                                              [--rounds N] [--quick]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +35,9 @@ from egpu.guest.assets import DEBIAN_ARCH, SUITES, ensure_guest
 from egpu.paths import dirs
 
 MIB = 1 << 20
-SLOT = "0x10.0"
+VIRTUAL_SLOT = "0x10.0"  # where egpu puts the virtual eGPU
+BUILTIN_SLOT = "0x11.0"
+VIRTUAL_MODEL = "egpu"  # prefix of the controller model our NVMe function reports
 MEMORY_MIB = 512
 CPUS = 2
 IOPS_TARGET = 0.5
@@ -41,37 +47,65 @@ TRIPLET = {"aarch64": "aarch64-linux-gnu", "x86_64": "x86_64-linux-gnu"}
 FIO_ROOT = "/opt/fio"
 # fio terse v3 (0-based fields): 5 read KiB total, 6 read bandwidth KiB/s, 7 read IOPS
 TERSE_READ_BW_KIB, TERSE_READ_IOPS, TERSE_READ_KIB = 6, 7, 5
-BENCH_LINE = re.compile(r"^BENCH (\S+) (\S+)\s*$", re.M)
+JOBS = ("randread", "read")
+DEVICES = ("builtin", "virtual")
+BENCH_LINE = re.compile(r"^BENCH (\d+) (builtin|virtual) (randread|read) (\S+)\s*$", re.M)
 
 CHECK_SCRIPT = f"""#!/bin/sh
-# bench check (added by bench/nvme_vs_builtin.py): fio on the first NVMe namespace
+# bench check (added by bench/nvme_vs_builtin.py): fio on both NVMe namespaces, alternating
 secs=${{EGPU_BENCH_SECONDS:-10}}
-tries=0
-while [ ! -b /dev/nvme0n1 ] && [ "$tries" -lt 600 ]; do tries=$((tries + 1)); usleep 100000; done
-[ -b /dev/nvme0n1 ] || {{ echo "CHECK bench fail no /dev/nvme0n1"; exit 0; }}
+rounds=${{EGPU_BENCH_ROUNDS:-3}}
+builtin= virtual= tries=0
+while [ -z "$builtin" ] || [ -z "$virtual" ]; do
+    if [ "$tries" -ge 600 ]; then
+        echo "CHECK bench fail namespaces: builtin=$builtin virtual=$virtual"; exit 0
+    fi
+    tries=$((tries + 1)); usleep 100000
+    for b in /sys/block/nvme*n1; do
+        [ -e "$b/device/model" ] || continue
+        case "$(cat "$b/device/model")" in
+            {VIRTUAL_MODEL}*) virtual=/dev/${{b##*/}} ;;
+            *) builtin=/dev/${{b##*/}} ;;
+        esac
+    done
+    [ -b "$builtin" ] || builtin=; [ -b "$virtual" ] || virtual=
+done
 fio() {{
     {FIO_ROOT}/ld.so --library-path {FIO_ROOT}/lib {FIO_ROOT}/fio "$@"
 }}
-for job in randread:4k read:1M; do
-    rw=${{job%%:*}}; bs=${{job#*:}}
-    out=$(fio --name="$rw" --filename=/dev/nvme0n1 --direct=1 --ioengine=psync --rw="$rw" \\
-        --bs="$bs" --iodepth=1 --time_based --runtime="$secs" --output-format=terse \\
-        --terse-version=3 2>&1) || {{ echo "CHECK bench fail fio: $(echo "$out" | tail -n 1)"; \\
-        exit 0; }}
-    echo "BENCH $rw $(echo "$out" | tail -n 1 | tr ' ' _)"
+round=1
+while [ "$round" -le "$rounds" ]; do
+    for job in randread:4k read:1M; do
+        rw=${{job%%:*}}; bs=${{job#*:}}
+        for dev in builtin virtual; do
+            eval path=\\$$dev
+            out=$(fio --name="$rw" --filename="$path" --direct=1 --ioengine=psync --rw="$rw" \\
+                --bs="$bs" --iodepth=1 --time_based --runtime="$secs" --output-format=terse \\
+                --terse-version=3 2>&1) || {{
+                echo "CHECK bench fail fio: $(echo "$out" | tail -n 1)"; exit 0; }}
+            echo "BENCH $round $dev $rw $(echo "$out" | tail -n 1 | tr ' ' _)"
+        done
+    done
+    round=$((round + 1))
 done
 echo "CHECK bench ok"
 """
 
 
 @dataclass
-class Result:
-    """One device's figures."""
+class Figures:
+    """Per-round fio results of both devices: figures[device][job] is one value per round."""
 
-    iops_4k: float
-    bw_1m: float  # bytes/s
-    ios: int
-    server_cpu_s: float | None
+    figures: dict[str, dict[str, list[float]]]
+    virtual_ios: int  # I/Os the virtual device served during the runs
+
+    def median(self, device: str, job: str) -> float:
+        return statistics.median(self.figures[device][job])
+
+    def round_ratios(self, job: str) -> list[float]:
+        return [v / b if b else 0.0
+                for b, v in zip(self.figures["builtin"][job], self.figures["virtual"][job],
+                                strict=True)]
 
 
 def cpu_seconds(pid: int) -> float:
@@ -147,24 +181,33 @@ def initrd(arch: str, work: Path) -> Path:
     return path
 
 
-def parse(console: str) -> tuple[float, float, int]:
-    """(4k IOPS, 1M bytes/s, total I/Os) from the guest's BENCH lines."""
-    found = {name: line.split(";") for name, line in BENCH_LINE.findall(console)}
-    if set(found) != {"randread", "read"}:
+def parse(console: str, rounds: int) -> Figures:
+    """Per-round figures (IOPS for 4k, bytes/s for 1M) from the guest's BENCH lines."""
+    figures: dict[str, dict[str, list[float]]] = {d: {j: [] for j in JOBS} for d in DEVICES}
+    ios = 0
+    for _round, device, job, line in BENCH_LINE.findall(console):
+        fields = line.split(";")
+        value = (float(fields[TERSE_READ_IOPS]) if job == "randread"
+                 else float(fields[TERSE_READ_BW_KIB]) * 1024)
+        figures[device][job].append(value)
+        if device == "virtual":
+            block = 4096 if job == "randread" else MIB
+            ios += int(fields[TERSE_READ_KIB]) * 1024 // block
+    if any(len(figures[d][j]) != rounds for d in DEVICES for j in JOBS):
         tail = "\n".join(console.splitlines()[-30:])
-        raise SystemExit(f"no fio figures on the console:\n{tail}")
-    r, s = found["randread"], found["read"]
-    ios = int(r[TERSE_READ_KIB]) * 1024 // 4096 + int(s[TERSE_READ_KIB]) * 1024 // MIB
-    return float(r[TERSE_READ_IOPS]), float(s[TERSE_READ_BW_KIB]) * 1024, ios
+        raise SystemExit(f"fio figures missing on the console:\n{tail}")
+    return Figures(figures, ios)
 
 
-def boot(arch: str, rd: Path, device_args: list[str], seconds: int) -> str:
+def boot(arch: str, rd: Path, device_args: list[str], seconds: int, rounds: int) -> str:
     guest = ensure_guest(arch)
     engine = find_engine()
+    budget = seconds * rounds * len(JOBS) * len(DEVICES)
     append = protocol.kernel_cmdline(guest, selftest=True, cpus=CPUS, memory_mib=MEMORY_MIB,
                                      checks=["bench"],
                                      extra=(f"egpu.bench_seconds={seconds}",
-                                            f"egpu.check_timeout={seconds * 4 + 120}"))
+                                            f"egpu.bench_rounds={rounds}",
+                                            f"egpu.check_timeout={budget * 2 + 120}"))
     argv = [*engine.qemu(arch), "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(CPUS),
             "-object", f"memory-backend-memfd,id=ram0,size={MEMORY_MIB}M,share=on",
             "-machine", ("virt,highmem=on" if arch == "aarch64" else "q35")
@@ -172,26 +215,20 @@ def boot(arch: str, rd: Path, device_args: list[str], seconds: int) -> str:
             "-kernel", str(guest.kernel), "-initrd", str(rd), "-append", append, *device_args,
             "-display", "none", "-nodefaults", "-no-user-config", "-serial", "stdio", "-no-reboot"]
     proc = subprocess.run(argv, env={**os.environ, **engine.env()}, capture_output=True,
-                          timeout=seconds * 4 + 600, check=False)
+                          timeout=budget * 2 + 600, check=False)
     console = proc.stdout.decode(errors="replace")
     if proc.returncode != 0:
         raise SystemExit(f"QEMU failed: {proc.stderr.decode(errors='replace')[-2000:]}")
     return console
 
 
-def run_builtin(arch: str, rd: Path, backing: Path, seconds: int) -> Result:
-    args = ["-drive", f"file={backing},if=none,id=n0,format=raw",
-            "-device", f"nvme,drive=n0,serial=egpu0,addr={SLOT}"]
-    iops, bw, ios = parse(boot(arch, rd, args, seconds))
-    return Result(iops, bw, ios, None)
-
-
-def run_virtual(arch: str, rd: Path, backing: Path, size_mib: int, seconds: int,
-                work: Path) -> Result:
+def run_both(arch: str, rd: Path, backing_b: Path, backing_v: Path, size_mib: int,
+             seconds: int, rounds: int, work: Path) -> tuple[Figures, float]:
+    """Boot once with both controllers; returns the figures and the server's CPU seconds."""
     sock = work / "nvme.sock"
     log = open(work / "nvme.log", "wb")  # noqa: SIM115 - lives as long as the server
     server = subprocess.Popen([sys.executable, "-m", "egpu", "vfio-user", "serve", "--socket",
-                               str(sock), "--function", "nvme", "-o", f"backing={backing}",
+                               str(sock), "--function", "nvme", "-o", f"backing={backing_v}",
                                "-o", f"size={size_mib}M"], stdout=subprocess.DEVNULL, stderr=log)
     try:
         deadline = time.monotonic() + 30
@@ -201,10 +238,13 @@ def run_virtual(arch: str, rd: Path, backing: Path, size_mib: int, seconds: int,
             time.sleep(0.05)
         print(f"nvme server pid {server.pid} (profile with: py-spy record --pid {server.pid})",
               file=sys.stderr)
-        dev = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": str(sock)},
-               "addr": SLOT, "multifunction": True}
+        virtual = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": str(sock)},
+                   "addr": VIRTUAL_SLOT, "multifunction": True}
+        args = ["-device", json.dumps(virtual),
+                "-drive", f"file={backing_b},if=none,id=n0,format=raw",
+                "-device", f"nvme,drive=n0,serial=builtin0,addr={BUILTIN_SLOT}"]
         cpu0 = cpu_seconds(server.pid)
-        console = boot(arch, rd, ["-device", json.dumps(dev)], seconds)
+        console = boot(arch, rd, args, seconds, rounds)
         cpu = cpu_seconds(server.pid) - cpu0
     finally:
         server.terminate()
@@ -214,18 +254,21 @@ def run_virtual(arch: str, rd: Path, backing: Path, size_mib: int, seconds: int,
             server.kill()
             server.wait()
         log.close()
-    iops, bw, ios = parse(console)
-    return Result(iops, bw, ios, cpu)
+    return parse(console, rounds), cpu
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     ap.add_argument("--arch", default="aarch64", choices=sorted(DEBIAN_ARCH))
-    ap.add_argument("--seconds", type=int, default=20, help="fio runtime per job")
+    ap.add_argument("--seconds", type=int, default=5, help="fio runtime per job and round")
+    ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (median is shown)")
     ap.add_argument("--size-mib", type=int, default=256, help="backing size of both devices")
-    ap.add_argument("--quick", action="store_true", help="2 s jobs on 16 MiB (smoke run)")
+    ap.add_argument("--quick", action="store_true", help="1 round of 2 s jobs on 16 MiB (smoke)")
     args = ap.parse_args(argv)
-    seconds, size_mib = (2, 16) if args.quick else (args.seconds, args.size_mib)
+    seconds, rounds, size_mib = ((2, 1, 16) if args.quick
+                                 else (args.seconds, args.rounds, args.size_mib))
+    if seconds < 1 or rounds < 1 or size_mib < 1:
+        ap.error("--seconds, --rounds and --size-mib must be at least 1")
     with tempfile.TemporaryDirectory(prefix="egpu-bench-") as tmp:
         work = Path(tmp)
         rd = initrd(args.arch, work)
@@ -236,19 +279,24 @@ def main(argv: list[str] | None = None) -> int:
             for _ in range(size_mib):
                 f.write(pattern[:MIB])
         shutil.copyfile(backing_b, backing_v)
-        builtin = run_builtin(args.arch, rd, backing_b, seconds)
-        virtual = run_virtual(args.arch, rd, backing_v, size_mib, seconds, work)
-    rows = [("4k randread QD1 IOPS", builtin.iops_4k, virtual.iops_4k, IOPS_TARGET),
-            ("1M seq read MB/s", builtin.bw_1m / 1e6, virtual.bw_1m / 1e6, THROUGHPUT_TARGET)]
-    print(f"arch={args.arch} accel=tcg fio runtime={seconds}s backing={size_mib} MiB")
-    print(f"{'metric':24} {'built-in':>10} {'virtual':>10} {'ratio':>6} {'target':>7}  verdict")
-    for name, b, v, target in rows:
+        figures, server_cpu = run_both(args.arch, rd, backing_b, backing_v, size_mib, seconds,
+                                       rounds, work)
+    rows = [("4k randread QD1 IOPS", "randread", 1.0, IOPS_TARGET),
+            ("1M seq read MB/s", "read", 1e6, THROUGHPUT_TARGET)]
+    print(f"arch={args.arch} accel=tcg fio runtime={seconds}s x {rounds} rounds, alternating "
+          f"devices in one guest; backing={size_mib} MiB")
+    print(f"{'metric':24} {'built-in':>10} {'virtual':>10} {'ratio':>6} {'target':>7}  verdict"
+          "  per-round ratios")
+    for name, job, unit, target in rows:
+        b, v = figures.median("builtin", job), figures.median("virtual", job)
         ratio = v / b if b else 0.0
         verdict = "pass" if ratio >= target else "FAIL"
-        print(f"{name:24} {b:10.1f} {v:10.1f} {ratio:6.2f} {'>=' + str(target):>7}  {verdict}")
-    if virtual.server_cpu_s is not None and virtual.ios:
-        print(f"nvme server CPU: {virtual.server_cpu_s:.2f} s for {virtual.ios} I/Os "
-              f"({virtual.server_cpu_s / virtual.ios * 1e6:.0f} us/IO, includes boot)")
+        spread = " ".join(f"{r:.2f}" for r in figures.round_ratios(job))
+        print(f"{name:24} {b / unit:10.1f} {v / unit:10.1f} {ratio:6.2f} {'>=' + str(target):>7}"
+              f"  {verdict:7}  {spread}")
+    if figures.virtual_ios:
+        print(f"nvme server CPU: {server_cpu:.2f} s for {figures.virtual_ios} I/Os "
+              f"({server_cpu / figures.virtual_ios * 1e6:.0f} us/IO, includes boot)")
     return 0
 
 
