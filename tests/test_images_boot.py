@@ -22,7 +22,7 @@ from egpu.images.firmware import ensure_vars, find_firmware
 from egpu.paths import dirs
 from egpu.vm import store as vm_store
 from registry_server import Registry, egpu, engine_tool, home, push_reference_image, registry
-from uefi_image import build_uefi_image
+from uefi_image import build_uefi_image, stuck_vm_report
 
 __all__ = ["home", "registry"]  # fixtures, imported so pytest sees them
 
@@ -78,7 +78,8 @@ def test_pulled_image_boots_with_uefi(
         deadline = time.monotonic() + BOOT_TIMEOUT_S
         while READY_MARKER.encode() not in (serial.read_bytes() if serial.exists() else b""):
             assert qemu.poll() is None, qemu.stderr.read() if qemu.stderr else ""
-            assert time.monotonic() < deadline, serial.read_bytes()[-2000:]
+            assert time.monotonic() < deadline, (
+                f"{serial.read_bytes()[-2000:]!r}\n{stuck_vm_report(vm.qmp_socket)}")
             time.sleep(0.5)
     finally:
         qemu.kill()

@@ -15,8 +15,10 @@ import tempfile
 from pathlib import Path
 
 from egpu import debpkg
+from egpu.errors import VMError
 from egpu.guest.assets import DEBIAN_ARCH, SUITES, GuestAssets
 from egpu.paths import dirs
+from egpu.vm import qmp
 
 LOADER_PACKAGE = "systemd-boot-efi"
 LOADER_FILES = {  # arch -> (file in the package, removable-media path on the ESP)
@@ -72,3 +74,19 @@ def build_uefi_image(
     )
     shutil.rmtree(esp)
     return out
+
+
+def stuck_vm_report(qmp_socket: Path) -> str:
+    """Where a VM that never got ready is: its run state and vCPU registers, for the failure.
+
+    A firmware stall once seen only in CI left nothing but the serial log; the program counter
+    tells firmware idle loops, guest code and a QEMU that stopped the vCPU apart.
+    """
+    try:
+        status = qmp.execute(qmp_socket, "query-status")
+        registers = qmp.execute(qmp_socket, "human-monitor-command",
+                                {"command-line": "info registers"})
+    except VMError as e:
+        return f"QMP unavailable: {e}"
+    head = "\n".join(str(registers).splitlines()[:6])
+    return f"status {status}\n{head}"
