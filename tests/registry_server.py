@@ -28,6 +28,8 @@ from typing import Any
 import httpx
 import pytest
 
+from egpu.images.reference import OciReference
+from egpu.images.registry import RegistryClient
 from egpu.paths import CACHE_ENV, HOME_ENV
 
 REGISTRY_BIN = "docker-registry"
@@ -151,6 +153,11 @@ def registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Registry]:
     reg = start_registry(tmp_path_factory.mktemp("registry"))
     yield reg
     reg.stop()
+
+
+def no_retry_client(ref: OciReference) -> RegistryClient:
+    """A registry client that gives up on the first transient error (tests of failures)."""
+    return RegistryClient(ref, retry_delays=())
 
 
 def sha256_digest(data: bytes) -> str:

@@ -13,14 +13,14 @@ from egpu.errors import ImageError
 from egpu.images.manifest import MAX_MANIFEST_BYTES
 from egpu.images.pull import pull
 from egpu.images.qcow2 import HEADER, QCOW2_MAGIC
-from egpu.images.reference import Digest, OciReference
-from egpu.images.registry import RegistryClient
+from egpu.images.reference import Digest
 from egpu.images.store import ImageStore
 from registry_server import (
     CountingProxy,
     Registry,
     TokenGate,
     home,
+    no_retry_client,
     push_plain_image,
     registry,
 )
@@ -35,10 +35,6 @@ def gate(registry: Registry) -> Iterator[TokenGate]:
     g = TokenGate(registry.host)
     yield g
     g.close()
-
-
-def no_retry(ref: OciReference) -> RegistryClient:
-    return RegistryClient(ref, retry_delays=())
 
 
 def test_server_ignoring_range_restarts_cleanly(
@@ -63,7 +59,7 @@ def test_more_bytes_than_declared(home: Path, registry: Registry) -> None:
     blob.write_bytes(original + b"x" * 4096)
     try:
         with pytest.raises(ImageError, match="corrupted blob"):
-            pull(pushed.ref, client_factory=no_retry)
+            pull(pushed.ref, client_factory=no_retry_client)
     finally:
         blob.write_bytes(original)
     store = ImageStore()

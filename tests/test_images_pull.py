@@ -34,6 +34,7 @@ from registry_server import (
     home,
     make_qcow2,
     manifest_descriptor,
+    no_retry_client,
     push_blob,
     push_layers,
     push_manifest,
@@ -67,10 +68,6 @@ def proxy(registry: Registry) -> Iterator[CountingProxy]:
 
 def fast_client(ref: OciReference) -> RegistryClient:
     return RegistryClient(ref, retry_delays=FAST_RETRY)
-
-
-def no_retry_client(ref: OciReference) -> RegistryClient:
-    return RegistryClient(ref, retry_delays=())
 
 
 def blob_files(store: ImageStore) -> list[Path]:
