@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,21 @@ def execute(
     timeout: float = DEFAULT_TIMEOUT_S,
 ) -> Any:
     """Run one QMP command and return its result; VMError when QEMU cannot be reached."""
+    # On the main thread asyncio.run turns Ctrl-C into a cancellation of the exchange, and a
+    # cancellation absorbed on its way out (asyncio.wait_for can, when the reply lands at the
+    # same moment) loses the interrupt. On a worker thread the loop leaves signals alone and
+    # Ctrl-C interrupts the wait below; the worker ends by itself within its timeouts.
+    done: concurrent.futures.Future[Any] = concurrent.futures.Future()
+
+    def exchange() -> None:
+        try:
+            done.set_result(asyncio.run(_execute(socket, command, args, timeout)))
+        except BaseException as e:  # handed to the caller
+            done.set_exception(e)
+
+    threading.Thread(target=exchange, name=f"qmp {command}", daemon=True).start()
     try:
-        return asyncio.run(_execute(socket, command, args, timeout))
+        return done.result()
     except (TimeoutError, QMPError, OSError, EOFError) as e:
         raise VMError(f"QMP {command} on {socket} failed: {e or type(e).__name__}") from e
 
