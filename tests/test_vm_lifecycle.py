@@ -90,10 +90,15 @@ def test_cli_killed_while_attached_then_stop_from_new_cli(cli: Cli) -> None:
     assert final["state"] == "stopped"
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_in_attached_mode_shuts_down_cleanly(cli: Cli) -> None:
+    # A runner started in the background hands SIGINT down ignored; a user's terminal does not.
     attached = cli.popen("run", "--name", "att", "--accel", "tcg", "--engine", "none",
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+                         stderr=subprocess.PIPE, preexec_fn=_default_sigint)
     cli.wait_for("att", lambda s: s["guest_ready"], timeout=90)
     attached.send_signal(signal.SIGINT)
     out, err = attached.communicate(timeout=60)

@@ -32,6 +32,8 @@ def test_ctrl_c_during_an_exchange_is_a_keyboard_interrupt(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     monkeypatch.setattr(qmp, "_execute", _absorbs_cancellation)
+    # Python's own handler, as in a terminal (a runner started in the background ignores SIGINT)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT))
     timer.start()
     try:
@@ -39,3 +41,4 @@ def test_ctrl_c_during_an_exchange_is_a_keyboard_interrupt(
             qmp.execute(tmp_path / "qmp.sock", "query-status")
     finally:
         timer.cancel()
+        signal.signal(signal.SIGINT, previous)
