@@ -90,7 +90,7 @@ def devs(name: str) -> list[PciDevice]:
     return parse_ioreg((FIXTURES / name).read_bytes())
 
 
-def bdfs(sel) -> list[str]:
+def bdfs(sel: Selection) -> list[str]:
     return [d.address.bdf for d in sel.functions]
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,7 +18,8 @@ from egpu.cli import output
 from egpu.engine.argv import MIB, parse_memory
 from egpu.engine.passthrough import ENGINE_CHOICES, RunPassthrough, resolve_run
 from egpu.engine.qemu import EngineInfo, find_engine_info, host_machine
-from egpu.errors import EngineError, HostError
+from egpu.engine.safety import PANIC_RISK, GuestDrivers, guest_driver_problem
+from egpu.errors import EngineError, HostError, UsageError
 from egpu.host.doctor import Check, blocking, run_checks
 from egpu.host.facts import (
     Discovery,
@@ -27,6 +29,8 @@ from egpu.host.facts import (
     gather_facts,
     live_platform,
 )
+from egpu.images.reference import parse_reference
+from egpu.images.store import ImageStore
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -60,14 +64,22 @@ def host_source(
 
 
 def passthrough_options(f: F) -> F:
-    """Add ``--engine``, ``--passthrough``, ``--no-tso``, ``--bind`` and the host-source options."""
+    """Add ``--engine``, ``--passthrough``, ``--no-tso``, ``--bind``, the Mac safety options
+    (``--force``, ``--allow-sleep``, ``--dma-bounce-size``) and the host-source options."""
     f = host_source_options(f)
+    f = click.option("--dma-bounce-size", default=None, metavar="SIZE",
+                     help="apple: size of the guest's DMA bounce pool, e.g. 64M")(f)
+    f = click.option("--allow-sleep", is_flag=True,
+                     help="apple: let the Mac idle-sleep while the GPU runs (risky)")(f)
+    f = click.option("--force", is_flag=True,
+                     help="apple: pass a GPU to a guest without its driver (can panic macOS)")(f)
     f = click.option("--bind", is_flag=True,
                      help="vfio: rebind the devices to vfio-pci while the VM runs")(f)
     f = click.option("--no-tso", is_flag=True, help="apple: turn hvf's TSO mode off")(f)
     f = click.option(
-        "--passthrough", default=None, metavar="BB:DD[.F]|none|virtual",
-        help="which GPU goes to the VM [default: auto, the first ready display slot]",
+        "--passthrough", default=None, metavar="[ROOT/]BB:DD[.F]|none|virtual",
+        help="which GPU goes to the VM: [ROOT/]BB:DD[.F] "
+        "[default: auto, the first ready display slot; on a Mac every eGPU]",
     )(f)
     f = click.option("--engine", "engine", type=click.Choice(ENGINE_CHOICES), default="auto",
                      show_default=True, help="how the GPU reaches the VM")(f)
@@ -77,6 +89,7 @@ def passthrough_options(f: F) -> F:
 def run_passthrough(
     engine: str, passthrough: str | None, *, ioreg: Path | None = None, sysfs: Path | None = None,
     systemextensions: Path | None = None, no_tso: bool = False, bind: bool = False,
+    allow_sleep: bool = False, dma_bounce_size: str | None = None,
 ) -> RunPassthrough:
     """Discover devices (dump or live) and resolve the run's engine and passthrough plan.
 
@@ -90,7 +103,41 @@ def run_passthrough(
         if source.is_dump or (engine in ("apple", "vfio") and passthrough in (None, "auto")):
             raise
         found = Discovery("macos" if live_platform() == "macos" else "linux", ())
-    return resolve_run(engine, passthrough, found, tso=not no_tso, bind=bind)
+    bounce = parse_memory(dma_bounce_size) * MIB if dma_bounce_size else None
+    return resolve_run(engine, passthrough, found, tso=not no_tso, bind=bind,
+                       allow_sleep=allow_sleep, dma_bounce_size=bounce)
+
+
+def guest_drivers(image: str | None, base: str | None) -> GuestDrivers:
+    """What the images layer knows of the guest's drivers (features of a pulled image)."""
+    if base is not None:
+        return GuestDrivers(f"base disk {base}")
+    if image is None:
+        return GuestDrivers("the built-in guest", builtin=True)
+    ref = str(parse_reference(image))
+    record = ImageStore().get_ref(ref)
+    if record is None:
+        return GuestDrivers(f"image {ref} (not pulled yet)")
+    features = (record.metadata or {}).get("features")
+    if not isinstance(features, list):
+        return GuestDrivers(f"image {ref}")
+    return GuestDrivers(f"image {ref}", features=tuple(f for f in features if isinstance(f, str)))
+
+
+def check_guest_drivers(gpu: RunPassthrough, guest: GuestDrivers, *, force: bool) -> RunPassthrough:
+    """Refuse an apple run whose guest cannot drive its GPU, unless ``force`` (which warns)."""
+    if gpu.engine != "apple":
+        return gpu
+    problem = guest_driver_problem(gpu.selection.functions, guest)
+    if problem is None:
+        return gpu
+    if not force:
+        raise UsageError(
+            f"refusing to pass the GPU: {problem}, and {PANIC_RISK}",
+            hint="boot an image with the driver (egpu images built --with nvidia, or the "
+            "reference's docker/desktop images), or pass --force to take the risk",
+        )
+    return replace(gpu, notices=(*gpu.notices, f"--force: {problem}; {PANIC_RISK}"))
 
 
 def engine_facts(info: EngineInfo | None, error: str | None, platform: str) -> EngineFacts:

@@ -15,12 +15,23 @@ import click
 from PIL import Image
 
 from egpu.cli import output
-from egpu.cli.host_commands import passthrough_options, run_passthrough
+from egpu.cli.host_commands import (
+    check_guest_drivers,
+    guest_drivers,
+    passthrough_options,
+    run_passthrough,
+)
 from egpu.devices.display import is_blank, request_screenshot
 from egpu.devices.nvme import parse_size
 from egpu.engine import virtual
 from egpu.engine.argv import parse_memory
-from egpu.engine.qemu import EngineInfo, check_arch, find_engine_info, placeholder_info
+from egpu.engine.qemu import (
+    APPLE_DEVICE,
+    EngineInfo,
+    check_arch,
+    find_engine_info,
+    placeholder_info,
+)
 from egpu.engine.select import ensure_engine_info
 from egpu.engine.virtual import screenshot_request_of
 from egpu.errors import EgpuError, EngineError, UsageError, VMError
@@ -55,15 +66,16 @@ def _engine_for(
     if dry_run and gpu_engine == "apple" and platform.system() != "Darwin" and not qemu:
         # this host's QEMU is not the one a Mac runs: show the command by program name
         return placeholder_info()
+    need = APPLE_DEVICE if gpu_engine == "apple" else None
     if dry_run:
         # a dry run starts nothing and downloads nothing, so it works without any engine
         try:
-            return find_engine_info(qemu)
+            return find_engine_info(qemu, need)
         except EngineError:
-            if qemu:
+            if qemu or need:
                 raise
             return placeholder_info()
-    return ensure_engine_info(qemu, progress=progress)
+    return ensure_engine_info(qemu, progress=progress, need=need)
 
 
 def _guest_for(arch: str, *, dry_run: bool, progress: output.BarProgress) -> GuestAssets:
@@ -100,7 +112,8 @@ def run(
     selftest: bool, qemu: str | None, accel: str | None, quiet: bool, nvme_size: str,
     engine: str, passthrough: str | None, no_tso: bool, bind: bool, ioreg: Path | None,
     sysfs: Path | None, systemextensions: Path | None, image: str | None, base: str | None,
-    extra: tuple[str, ...],
+    extra: tuple[str, ...], force: bool = False, allow_sleep: bool = False,
+    dma_bounce_size: str | None = None,
 ) -> None:
     """Boot a VM (the built-in guest unless an image is given).
 
@@ -126,9 +139,12 @@ def run(
     if ssh_port is not None:
         lifecycle.check_port_free(ssh_port)
     gpu = run_passthrough(engine, passthrough, ioreg=ioreg, sysfs=sysfs,
-                          systemextensions=systemextensions, no_tso=no_tso, bind=bind)
+                          systemextensions=systemextensions, no_tso=no_tso, bind=bind,
+                          allow_sleep=allow_sleep, dma_bounce_size=dma_bounce_size)
+    gpu = check_guest_drivers(gpu, guest_drivers(image, base), force=force)
     progress = output.BarProgress(quiet=quiet or as_json)
     info = _engine_for(qemu, gpu.engine, dry_run=dry_run, progress=progress)
+    gpu = gpu.for_engine(info)
     # a full image brings its own kernel; the built-in guest's paths are then unused
     full_image = bool(image or base)
     guest = _guest_for(arch, dry_run=dry_run or full_image, progress=progress)
@@ -139,7 +155,7 @@ def run(
     )
     plan = lifecycle.plan_run(request, info, guest, check_host=not dry_run)
     if not as_json:
-        for notice in (*gpu.notices, *plan.notices):
+        for notice in (*info.notices, *gpu.notices, *plan.notices):
             output.notice(notice)
     if dry_run:
         if as_json:
