@@ -89,7 +89,7 @@ def make_qemu_dir(bindir: Path, build: Build, version: str) -> Path:
 
 
 def make_app(parent: Path, build: Build = "new", *, name: str = "VFIOUserHostApp",
-             version: str = "10.2.50") -> Path:
+             version: str = "10.2.50", bundle_id: str = APP_BUNDLE_ID) -> Path:
     """A host app bundle ``parent/NAME.app`` whose QEMU is the ``build`` stand-in."""
     app = parent / f"{name}.app"
     contents = app / "Contents"
@@ -102,7 +102,7 @@ def make_app(parent: Path, build: Build = "new", *, name: str = "VFIOUserHostApp
     (share / "edk2-arm-vars.fd").write_bytes(bytes(4096))
     (contents / "Resources" / "pci.ids").write_text("10de  NVIDIA Corporation\n")
     (contents / "Info.plist").write_bytes(plistlib.dumps({
-        "CFBundleIdentifier": APP_BUNDLE_ID, "CFBundleName": name,
+        "CFBundleIdentifier": bundle_id, "CFBundleName": name,
         "CFBundleExecutable": "VFIOUserHostApp",
     }))
     return app

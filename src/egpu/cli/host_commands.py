@@ -6,7 +6,7 @@ passthrough). The ``--ioreg`` / ``--sysfs`` / ``--systemextensions`` options are
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -17,14 +17,25 @@ from rich.markup import escape
 from egpu.cli import output
 from egpu.engine.argv import MIB, parse_memory
 from egpu.engine.passthrough import ENGINE_CHOICES, RunPassthrough, resolve_run
-from egpu.engine.qemu import EngineInfo, find_engine_info, host_machine
+from egpu.engine.qemu import (
+    APPLE_DEVICE,
+    Candidate,
+    EngineInfo,
+    app_bundle_id,
+    choose_engine,
+    host_machine,
+    survey_engines,
+)
 from egpu.engine.safety import PANIC_RISK, GuestDrivers, guest_driver_problem
 from egpu.errors import EngineError, HostError, UsageError
 from egpu.host.doctor import Check, blocking, run_checks
 from egpu.host.facts import (
     Discovery,
+    EngineCandidateFacts,
     EngineFacts,
+    GuestDriverFacts,
     HostSource,
+    dext_bundle_id,
     discover,
     gather_facts,
     live_platform,
@@ -140,20 +151,36 @@ def check_guest_drivers(gpu: RunPassthrough, guest: GuestDrivers, *, force: bool
     return replace(gpu, notices=(*gpu.notices, f"--force: {problem}; {PANIC_RISK}"))
 
 
-def engine_facts(info: EngineInfo | None, error: str | None, platform: str) -> EngineFacts:
-    """Reduce the engine layer's probe to the plain values doctor checks."""
+def engine_facts(
+    info: EngineInfo | None, error: str | None, platform: str,
+    candidates: Sequence[Candidate] = (),
+) -> EngineFacts:
+    """Reduce the engine layer's probe (and every candidate looked at) to plain values."""
+    listed = tuple(
+        EngineCandidateFacts(
+            source=c.engine.source, path=str(c.engine.location),
+            version=c.info.version_text if c.info else None,
+            apple_properties=tuple(sorted(c.info.property_names(APPLE_DEVICE)))
+            if c.info and c.info.has_device(APPLE_DEVICE) else None,
+            chosen=c.chosen, reason=c.reason,
+        )
+        for c in candidates
+    )
     if info is None:
-        return EngineFacts(found=False, error=error)
+        return EngineFacts(found=False, error=error, candidates=listed)
     arch = "aarch64" if platform == "macos" else host_machine()
     devices = info.devices.get(arch) or tuple(
         sorted({d for per_arch in info.devices.values() for d in per_arch})
     )
+    bundle = info.engine.bundle
     return EngineFacts(
         found=True,
         version=info.version_text,
         source=info.engine.source,
         devices=tuple(devices),
         accelerators=tuple(info.accelerators.get(arch, ())),
+        candidates=listed,
+        app_bundle_id=app_bundle_id(bundle) if bundle else None,
     )
 
 
@@ -203,27 +230,36 @@ def _print_check(c: Check) -> None:
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="JSON output")
 @click.option("--memory", default=None, metavar="SIZE", help="guest memory to check, e.g. 14G")
-@click.option("--qemu", default=None, metavar="PATH", help="check this qemu-system binary")
+@click.option("--qemu", default=None, metavar="PATH",
+              help="check this qemu-system binary, or a host app (X.app)")
+@click.option("--image", default=None, metavar="REF", help="Mac: check this image's GPU driver")
+@click.option("--base", default=None, metavar="PATH", help="Mac: check this local disk instead")
 @host_source_options
 def doctor(
-    as_json: bool, memory: str | None, qemu: str | None, ioreg: Path | None,
-    sysfs: Path | None, systemextensions: Path | None,
+    as_json: bool, memory: str | None, qemu: str | None, image: str | None, base: str | None,
+    ioreg: Path | None, sysfs: Path | None, systemextensions: Path | None,
 ) -> None:
     """Check what real passthrough needs on this host; exit 1 when something blocks it."""
-    source = host_source(ioreg, sysfs, systemextensions)
     guest = parse_memory(memory) * MIB if memory else None
+    found_platform = "macos" if ioreg else "linux" if sysfs else None
+    plat = found_platform or live_platform()
+    need = APPLE_DEVICE if plat == "macos" else None
     info: EngineInfo | None = None
     error: str | None = None
+    candidates = survey_engines(qemu, need, exhaustive=True)  # never provisions: doctor looks
     try:
-        info = find_engine_info(qemu)  # never provisions: doctor only looks
+        info = choose_engine(candidates, qemu, need)
     except EngineError as e:
         error = str(e)
-    found_platform = "macos" if ioreg else "linux" if sysfs else None
-    facts = gather_facts(
-        source,
-        engine=engine_facts(info, error, found_platform or live_platform()),
-        guest_memory=guest,
-    )
+    efacts = engine_facts(info, error, plat, candidates)
+    source = HostSource(ioreg=ioreg, sysfs=sysfs, systemextensions=systemextensions,
+                        bundle_id=dext_bundle_id(efacts.app_bundle_id))
+    facts = gather_facts(source, engine=efacts, guest_memory=guest)
+    if facts.platform == "macos":
+        ready = tuple(d for d in facts.devices if d.passthrough_ready and d.is_display)
+        drivers = guest_drivers(image, base)
+        facts = replace(facts, guest=GuestDriverFacts(
+            drivers.label, guest_driver_problem(ready, drivers)))
     checks = run_checks(facts)
     failed = blocking(checks)
     if as_json:
@@ -232,6 +268,12 @@ def doctor(
             "platform": facts.platform,
             "source": facts.origin,
             "checks": [c.to_json() for c in checks],
+            "engine_candidates": [c.to_json() for c in efacts.candidates],
+            "dext_bundle_id": facts.dext_bundle_id,
+            "gpus": [{"address": d.address.bdf, "root": d.root, "ready": d.passthrough_ready}
+                     for d in facts.devices if d.is_display],
+            "guest": {"label": facts.guest.label, "problem": facts.guest.problem}
+            if facts.guest else None,
         })
     else:
         for c in checks:

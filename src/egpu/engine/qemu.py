@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import platform
+import plistlib
 import re
 import shutil
 import subprocess
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
+from xml.parsers.expat import ExpatError
 
 from egpu.errors import EngineError, UsageError
 from egpu.paths import dirs
@@ -176,6 +178,7 @@ class EngineInfo:
             "path": str(e.bindir),
             "root": str(e.root) if e.root else None,
             "bundle": str(e.bundle) if e.bundle else None,
+            "app_bundle_id": app_bundle_id(e.bundle) if e.bundle else None,
             "pci_ids": str(e.bundle / APP_PCI_IDS) if e.bundle else None,
             "arches": list(self.arches),
             "accelerators": {a: list(v) for a, v in self.accelerators.items()},
@@ -274,6 +277,17 @@ def app_engine(bundle: Path, source: Source = "app") -> Engine:
     if not (bundle / APP_BINDIR / f"qemu-system-{APPLE_ARCH}").exists():
         raise UsageError(f"{bundle}: no {APP_BINDIR}/qemu-system-{APPLE_ARCH} in this app bundle")
     return Engine(source, bundle / APP_BINDIR, datadirs=(bundle / APP_DATADIR,), bundle=bundle)
+
+
+def app_bundle_id(bundle: Path) -> str | None:
+    """The app's ``CFBundleIdentifier`` (its driver extension is ``<id>.VFIOUserPCIDriver``)."""
+    try:
+        with (bundle / APP_INFO_PLIST).open("rb") as f:
+            doc = plistlib.load(f)
+    except (OSError, plistlib.InvalidFileException, ValueError, ExpatError):
+        return None
+    ident = doc.get("CFBundleIdentifier") if isinstance(doc, dict) else None
+    return ident if isinstance(ident, str) and ident else None
 
 
 def app_bundles(dirs_: Sequence[Path] | None = None) -> list[Path]:
