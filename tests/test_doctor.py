@@ -25,6 +25,7 @@ from egpu.host.facts import (
 from egpu.host.ioreg import parse_ioreg
 from egpu.host.sysext import parse_systemextensions
 from egpu.host.sysfs import read_sysfs
+from egpu.vm import store
 from test_host_sysfs import T
 
 FIXTURES = Path(__file__).parent / "fixtures" / "host"
@@ -341,3 +342,39 @@ def test_cli_doctor_for_mac_users(egpu_home: Path, tmp_path: Path) -> None:
                "--ioreg", str(FIXTURES / "ioreg-datacenter-tb5.plist"))
     tb5_checks = {c["name"]: c for c in json.loads(tb5.stdout)["checks"]}
     assert tb5_checks["thunderbolt5"]["status"] == "warn"
+
+
+def test_gpu_bound_after_the_vm_started_says_restart(egpu_home: Path) -> None:
+    # an apple VM that started with the first eGPU claimed; the second was bound later
+    vm = store.VmDir("mac")
+    vm.create()
+    vm.write_config(store.VmConfig(
+        name="mac", arch="aarch64", cpus=8, memory_mib=14336, accel="hvf",
+        engine="apple (app QEMU 10.2.50)", qemu_version="10.2.50", argv=["qemu"],
+        gpu_bound_at_start=["pcic1-bridge/01:00.0", "pcic1-bridge/01:00.1"],
+    ))
+    dump = str(FIXTURES / "ioreg-dual-egpu.plist")
+    # a live process stands in for its QEMU (the VM reads as up while it runs)
+    with subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                          stdin=subprocess.PIPE) as qemu:
+        try:
+            vm.write_pid(store.QEMU_PID, qemu.pid)
+            p = egpu("devices", "--ioreg", dump)
+            assert p.returncode == 0, p.stderr
+            assert ("pcic2-bridge/01:00.0 was bound to the driver extension after VM 'mac' "
+                    "started; restart the VM to attach it") in p.stderr
+            assert "pcic1-bridge/01:00.0 was bound" not in p.stderr
+            doc = json.loads(egpu("devices", "--json", "--ioreg", dump).stdout)
+            late = {f"{d['root']}/{d['address']}": d["bound_after_start_of"] for d in doc
+                    if d["bound_after_start_of"]}
+            assert late == {"pcic2-bridge/01:00.0": ["mac"]}
+            st = json.loads(egpu("status", "mac", "--json", "--ioreg", dump).stdout)
+            assert len(st["hotplug"]) == 1 and "pcic2-bridge/01:00.0" in st["hotplug"][0]
+            text = egpu("status", "mac", "--ioreg", dump)
+            assert "restart the VM to attach it" in text.stderr
+        finally:
+            assert qemu.stdin is not None
+            qemu.stdin.close()
+    # once the VM is down, nothing is late any more
+    p = egpu("devices", "--ioreg", dump)
+    assert "restart the VM" not in p.stderr

@@ -371,3 +371,10 @@ def test_run_vfio_explicit_on_linux(tmp_path: Path) -> None:
     assert resolve_run("vfio", "none", d).plan is not None
     with pytest.raises(HostError, match="no display device"):
         resolve_run("vfio", None, linux_discovery(tmp_path / "b", "nvidia", "snd_hda_intel"))
+
+
+def test_apple_run_records_what_was_bound_at_start(tmp_path: Path) -> None:
+    r = resolve_run("auto", "pcic1-bridge/01:00.0", mac_discovery("ioreg-dual-egpu.plist"),
+                    dma_bounce_size=None)
+    assert r.bound_at_start is not None and "pcic2-bridge/01:00.0" in r.bound_at_start
+    assert resolve_run("apple", "0a:00.0", linux_discovery(tmp_path)).bound_at_start is None

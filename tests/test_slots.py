@@ -12,7 +12,7 @@ from egpu.errors import NotFoundError, UsageError
 from egpu.host.address import PciAddress, parse_address, parse_address_pattern
 from egpu.host.device import PciDevice
 from egpu.host.ioreg import parse_ioreg
-from egpu.host.slots import Selection, function_label, resolve_passthrough
+from egpu.host.slots import Selection, bound_since_start, function_label, resolve_passthrough
 
 FIXTURES = Path(__file__).parent / "fixtures" / "host"
 
@@ -206,3 +206,10 @@ def test_apple_refuses_audio_even_when_named() -> None:
 def test_flat_dump_selects_without_roots() -> None:
     sel = resolve_passthrough(None, devs("ioreg-flat.plist"), apple=True)
     assert labels(sel) == ["08:00.0"] and sel.functions[0].root is None
+
+
+def test_gpus_bound_since_a_vm_started() -> None:
+    d = devs("ioreg-dual-egpu.plist")
+    late = bound_since_start(d, ["pcic1-bridge/01:00.0", "pcic1-bridge/01:00.1"])
+    assert [function_label(x) for x in late] == ["pcic2-bridge/01:00.0"]  # displays only
+    assert bound_since_start(d, [function_label(x) for x in d]) == ()

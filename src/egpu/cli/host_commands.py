@@ -27,7 +27,8 @@ from egpu.engine.qemu import (
     survey_engines,
 )
 from egpu.engine.safety import PANIC_RISK, GuestDrivers, guest_driver_problem
-from egpu.errors import EngineError, HostError, UsageError
+from egpu.errors import EgpuError, EngineError, HostError, UsageError
+from egpu.host.device import PciDevice
 from egpu.host.doctor import Check, blocking, run_checks
 from egpu.host.facts import (
     Discovery,
@@ -40,8 +41,11 @@ from egpu.host.facts import (
     gather_facts,
     live_platform,
 )
+from egpu.host.slots import bound_since_start, function_label
 from egpu.images.reference import parse_reference
 from egpu.images.store import ImageStore
+from egpu.vm import store
+from egpu.vm.status import VmStatus, inspect
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -184,6 +188,49 @@ def engine_facts(
     )
 
 
+HOTPLUG_HINT = "restart the VM to attach it"
+
+
+def late_gpus(devices: Sequence[PciDevice]) -> dict[str, list[str]]:
+    """``ROOT/BB:DD.F`` of each GPU bound after an active apple VM started -> those VMs' names."""
+    late: dict[str, list[str]] = {}
+    for name in store.list_names():
+        vm = store.VmDir(name)
+        try:
+            config = vm.read_config()
+            active = config.gpu_bound_at_start is not None and inspect(vm).active
+        except EgpuError:
+            continue
+        if not active or config.gpu_bound_at_start is None:
+            continue
+        for d in bound_since_start(devices, config.gpu_bound_at_start):
+            late.setdefault(function_label(d), []).append(name)
+    return late
+
+
+def hotplug_notes(late: dict[str, list[str]]) -> list[str]:
+    """One sentence per late GPU (passthrough is fixed at boot)."""
+    return [
+        f"{label} was bound to the driver extension after VM {', '.join(map(repr, vms))} "
+        f"started; {HOTPLUG_HINT}"
+        for label, vms in sorted(late.items())
+    ]
+
+
+def hotplug_for(statuses: Sequence[VmStatus], ioreg: Path | None = None) -> dict[str, list[str]]:
+    """VM name -> notes on GPUs bound after it started (apple VMs that are up; macOS only)."""
+    watching = [s for s in statuses if s.active and
+                store.VmDir(s.name).read_config().gpu_bound_at_start is not None]
+    if not watching or (ioreg is None and live_platform() != "macos"):
+        return {}
+    found = discover(HostSource(ioreg=ioreg))
+    out: dict[str, list[str]] = {}
+    for label, vms in late_gpus(found.devices).items():
+        for vm in vms:
+            out.setdefault(vm, []).extend(hotplug_notes({label: [vm]}))
+    return out
+
+
 def _device_row(d: Any) -> list[object]:
     return [
         d.address.bdf, f"{d.vendor_id:04x}:{d.device_id:04x}", d.kind, d.description or d.name,
@@ -201,8 +248,12 @@ def devices(
 ) -> None:
     """List the host's PCI functions and whether each can be passed through."""
     found = discover(host_source(ioreg, sysfs, systemextensions))
+    late = late_gpus(found.devices) if found.platform == "macos" else {}
     if as_json:
-        output.emit_json(found.to_json())
+        output.emit_json([
+            {**d.to_json(), "bound_after_start_of": late.get(function_label(d), [])}
+            for d in found.devices
+        ])
         return
     shown = [d for d in found.devices if show_all or not d.is_bridge]
     output.table(DEVICE_COLUMNS, [_device_row(d) for d in shown])
@@ -217,6 +268,8 @@ def devices(
         output.notice(f"{hidden} PCI bridge(s) hidden (--all shows them)")
     if not any(d.passthrough_ready for d in found.devices):
         output.notice("no device is ready for passthrough; `egpu doctor` says why")
+    for note in hotplug_notes(late):
+        output.notice(note)
 
 
 def _print_check(c: Check) -> None:

@@ -18,6 +18,7 @@ from egpu.cli import output
 from egpu.cli.host_commands import (
     check_guest_drivers,
     guest_drivers,
+    hotplug_for,
     passthrough_options,
     run_passthrough,
 )
@@ -248,12 +249,19 @@ def _forward_stdin(vm: store.VmDir) -> None:
 @click.command()
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True)
-def status(name: str | None, as_json: bool) -> None:
+@click.option("--ioreg", default=None, metavar="FILE", type=click.Path(path_type=Path),
+              help="Mac: compare with a saved `ioreg -a -l` dump instead of this registry")
+def status(name: str | None, as_json: bool, ioreg: Path | None) -> None:
     """Show the state of one VM, or of all."""
     statuses = [_status_of(name)] if name else [_status_of(n) for n in store.list_names()]
+    late = hotplug_for(statuses, ioreg)
     if as_json:
-        output.emit_json(statuses[0].to_json() if name else [s.to_json() for s in statuses])
+        docs = [{**s.to_json(), "hotplug": late.get(s.name, [])} for s in statuses]
+        output.emit_json(docs[0] if name else docs)
         return
+    for notes in late.values():
+        for note in notes:
+            output.notice(note)
     if name:
         s = statuses[0]
         for key, value in s.to_json().items():

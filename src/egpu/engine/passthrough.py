@@ -311,6 +311,9 @@ class RunPassthrough:
     guard: HostGuard | None = None  # apple with a GPU: power assertion and QoS while it runs
     tso: bool = True
     dma_bounce_size: int | None = None  # apple: bytes of the guest's restricted-dma-pool
+    # apple: every function claimed for passthrough when the run was planned (function_label),
+    # so a GPU bound later can be told apart (hot-plug needs a restart); None: not known
+    bound_at_start: tuple[str, ...] | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -411,6 +414,8 @@ def _plan(
     allow_sleep: bool = False, dma_bounce_size: int | None = None,
 ) -> RunPassthrough:
     if engine == "apple":
+        bound = tuple(function_label(d) for d in discovery.devices if d.passthrough_ready) \
+            if discovery.platform == "macos" else None
         plan = apple_plan(sel.functions, tso=tso, dma_bounce_size=dma_bounce_size)
         notices = sel.notices
         if sel.functions and allow_sleep:
@@ -418,7 +423,7 @@ def _plan(
                         "reported to wedge it",)
         return RunPassthrough("apple", sel, plan, notices,
                               guard=host_guard(sel.functions, allow_sleep=allow_sleep),
-                              tso=tso, dma_bounce_size=dma_bounce_size)
+                              tso=tso, dma_bounce_size=dma_bounce_size, bound_at_start=bound)
     if not sel.functions:
         if sel.auto:
             raise HostError(

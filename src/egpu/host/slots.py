@@ -219,3 +219,15 @@ def _auto(
     if fallback == VIRTUAL:
         note += "; using the virtual eGPU"
     return Selection(fallback, (), (note,), auto=True)
+
+
+def bound_since_start(
+    devices: Sequence[PciDevice], bound_at_start: Sequence[str]
+) -> tuple[PciDevice, ...]:
+    """GPUs claimed for passthrough now that were not when a VM started (``function_label``s).
+
+    Passthrough is fixed at boot: such a GPU reaches the VM only after a restart.
+    """
+    before = set(bound_at_start)
+    return tuple(d for d in devices
+                 if d.is_display and d.passthrough_ready and function_label(d) not in before)

@@ -80,6 +80,7 @@ class VmConfig:
     servers: list[dict[str, Any]] = field(default_factory=list)  # device servers to start
     bind_functions: list[str] = field(default_factory=list)  # --bind: move these to vfio-pci
     host_guard: dict[str, Any] | None = None  # engine.safety.HostGuard: kept while QEMU runs
+    gpu_bound_at_start: list[str] | None = None  # apple: functions claimed when it started
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
