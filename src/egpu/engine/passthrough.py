@@ -414,8 +414,8 @@ def _plan(
     allow_sleep: bool = False, dma_bounce_size: int | None = None,
 ) -> RunPassthrough:
     if engine == "apple":
-        bound = tuple(function_label(d) for d in discovery.devices if d.passthrough_ready) \
-            if discovery.platform == "macos" else None
+        bound = (tuple(function_label(d) for d in discovery.devices if d.passthrough_ready)
+                 if discovery.platform == "macos" else None)
         plan = apple_plan(sel.functions, tso=tso, dma_bounce_size=dma_bounce_size)
         notices = sel.notices
         if sel.functions and allow_sleep:

@@ -419,12 +419,8 @@ def survey_engines(
     qemu: str | None = None, need: str | None = None, *, exhaustive: bool = False,
     apps: Sequence[Path] | None = None,
 ) -> list[Candidate]:
-    """Every engine considered, in search order, with the verdict on each.
-
-    ``need`` names a device the engine must have (``vfio-apple-pci`` for engine apple); without
-    it the engine must be new enough for the virtual eGPU. Unless ``exhaustive``, the search
-    stops at the first fit.
-    """
+    """Every engine considered, in search order, with its verdict; stops at the first fit
+    unless ``exhaustive``. ``need``: a device it must have (else: new enough for vfio-user)."""
     engines = [explicit_engine(qemu)] if qemu else _candidate_engines(need, apps)
     out: list[Candidate] = []
     picked = False

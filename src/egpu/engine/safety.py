@@ -106,11 +106,9 @@ def host_guard(functions: Sequence[PciDevice], *, allow_sleep: bool = False) -> 
 
 
 def qos_preexec(guard: HostGuard | None) -> Callable[[], None] | None:
-    """A ``preexec_fn`` that puts the child at the guard's QoS class (macOS only, else None).
-
-    The class is set on the thread that then execs QEMU; Foundation's Process does the same
-    through posix_spawnattr_set_qos_class_np. Unverified here: no Mac reaches this project.
-    """
+    """A ``preexec_fn`` that puts the child at the guard's QoS class (macOS only, else None)."""
+    # Set on the thread that then execs QEMU, as Foundation's Process does through
+    # posix_spawnattr_set_qos_class_np. Unverified: no Mac reaches this project.
     if guard is None or guard.qos != QOS_USER_INTERACTIVE or platform.system() != "Darwin":
         return None
 
