@@ -215,6 +215,9 @@ def plan_run(
         image=boot.source if boot else None,
         bind_functions=list(request.gpu.plan.functions)
         if request.bind and request.gpu and request.gpu.plan and gpu_engine == "vfio" else [],
+        host_guard=request.gpu.guard.to_json() if request.gpu and request.gpu.guard else None,
+        gpu_bound_at_start=list(request.gpu.bound_at_start)
+        if request.gpu and request.gpu.bound_at_start is not None else None,
     )
     notices = (accel_notice,) if accel_notice and spec.accel == accel else ()
     return RunPlan(vm=vm, spec=spec, config=config, argv=argv, boot=boot, notices=notices)
