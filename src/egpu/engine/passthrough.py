@@ -2,7 +2,8 @@
 ``vfio`` (Linux kvm + vfio-pci). Pure: functions in, a PassthroughPlan out, which
 ``PassthroughPlan.apply`` folds into the VmSpec that egpu.engine.argv turns into argv.
 
-``apple`` follows the reference launcher's command (REFERENCE.md section 4): hvf with TSO,
+``apple`` follows the command scottjg/qemu-vfio-apple's launcher builds
+(contrib/apple-vfio/qemu-vfio-apple/VMLauncher.swift, buildQemuArgv): hvf with TSO,
 ``-cpu host``, preallocated private RAM, ``virt`` with highmem, UEFI via pflash, and one
 ``vfio-apple-pci`` per function at guest slot 0x1e with its ``apple-dma-pci`` companion
 (``dma-companion=on``) and no option ROM. ``vfio`` hands the kernel's VFIO devices to QEMU: every
@@ -26,13 +27,15 @@ PassthroughEngine = Literal["apple", "vfio"]
 EngineName = Literal["apple", "vfio", "user", "none"]
 ENGINE_CHOICES = ("auto", "apple", "vfio", "user", "none")
 
-# The reference places the card at guest slot 0x1e: high enough to stay clear of the slots
-# QEMU's virt board hands out to -device entries without an addr (which count up from 1).
+# scottjg/qemu-vfio-apple's launcher places the card at guest slot 0x1e (VMLauncher.swift): high
+# enough to stay clear of the slots QEMU's virt board hands out to -device entries without an
+# addr (which count up from 1).
 APPLE_GUEST_SLOT = 0x1E
 APPLE_DEVICE = "vfio-apple-pci"
 VFIO_DEVICE = "vfio-pci"
 VFIO_ROOT_PORT_ID = "egpu-rp0"
-# The reference's desktop image wants USB keyboard and tablet; harmless when headless.
+# scottjg/qemu-vfio-apple's desktop image wants USB keyboard and tablet (its launcher always
+# adds them, VMLauncher.swift); harmless when headless.
 USB_INPUT = (
     ("-device", "qemu-xhci,id=egpu-xhci"),
     ("-device", "usb-kbd,bus=egpu-xhci.0"),

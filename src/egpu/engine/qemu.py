@@ -3,7 +3,8 @@
 Search order: an explicit ``--qemu PATH``; a QEMU on PATH new enough for ``vfio-user-pci``;
 otherwise the private engine egpu provisions into its cache (egpu.engine.provision). A private
 engine is a Debian root unpacked without installing, so its programs run through the root's own
-dynamic loader with its own library path (REFERENCE.md section 6).
+dynamic loader with its own library path (``ld.so --library-path``, ld.so(8)), so no host
+library is mixed in and nothing needs installing.
 """
 
 from __future__ import annotations

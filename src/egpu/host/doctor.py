@@ -81,7 +81,8 @@ def check_engine(f: HostFacts) -> Check:
     bad: Status = "warn" if f.from_dump else "fail"
     if not e.found:
         fix = (
-            "Install a QEMU that has vfio-apple-pci (the reference's build) and pass --qemu PATH."
+            "Install a QEMU that has vfio-apple-pci (scottjg/qemu-vfio-apple's build) and pass "
+            "--qemu PATH."
             if f.platform == "macos"
             else "Run `egpu engine` to provision the private QEMU, or pass --qemu PATH."
         )

@@ -4,7 +4,8 @@
 GPU, ``virtual`` the virtual eGPU, and auto (no value, or ``auto``) the first slot holding a
 claimed display-class function (base class 0x03, so data-center GPUs of class 0x0302 count).
 Auto leaves audio functions (base class 0x04, the card's HDMI/DP audio) out with a notice, as
-the reference launcher does; name them explicitly to take them.
+scottjg/qemu-vfio-apple's launcher does (contrib/apple-vfio/qemu-vfio-apple/Passthrough.swift);
+name them explicitly to take them.
 """
 
 from __future__ import annotations

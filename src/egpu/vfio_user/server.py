@@ -1,6 +1,7 @@
 """The vfio-user server: framing, fds, validation and dispatch to a DeviceBackend.
 
-Threat model. Trust zones and where each crossing is checked:
+Threat model (the whole of it, with tests: docs/THREAT_MODEL.md). Trust zones and where each
+crossing is checked:
 
 - guest (runs arbitrary code from its first instruction) -> device model: every address the guest
   programs (DMA targets, queue bases) goes through :class:`egpu.dma.GuestMemory`, which refuses
@@ -168,7 +169,7 @@ class Dispatcher:
         if not self.session.negotiated and command != p.Command.VERSION:
             raise p.ProtocolError(errno.EINVAL, "VERSION must come first")
 
-    # -- shared checks (the one place, in STYLE.md order) ---------------------------------------
+    # -- shared checks (the one place, in the order the module docstring gives) -----------------
 
     @staticmethod
     def _need(payload: Payload, size: int) -> None:
