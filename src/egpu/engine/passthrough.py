@@ -132,7 +132,8 @@ def apple_plan(
     return PassthroughPlan(
         engine="apple",
         accel="hvf",
-        # TSO makes the guest's memory ordering x86-like (ACTLR_EL1.EnTSO, macOS 15+), which
+        # TSO makes the guest's memory ordering x86-like (ACTLR_EL1.EnTSO, macOS 15+; set at
+        # vCPU init, as scottjg/qemu-vfio-apple's VMLauncher.swift explains), which
         # x86 emulation in the guest (FEX) relies on; --no-tso turns it off.
         accel_options=("tso=on",) if tso else (),
         cpu_model="host",

@@ -178,6 +178,9 @@ def check_thunderbolt5(f: HostFacts) -> Check:
             tb5.append(f"bridge {d.address.bdf} ({d.vendor_id:04x}:{d.device_id:04x})")
     tb5 += [t.device_name or t.name for t in f.thunderbolt if t.is_tb5]
     if tb5:
+        # Users of scottjg/qemu-vfio-apple report Thunderbolt 5 enclosures falling off the bus
+        # with Apple Silicon, while TB3/TB4 ones work (the project's issues; the blog post
+        # "RTX 5090 + M4 MacBook Air: Can it Game?" used a TB4 one).
         return Check("thunderbolt5", "warn", f"Thunderbolt 5 enclosure: {', '.join(tb5)}",
                      "Thunderbolt 5 enclosures are reported not to work; use a TB3 or TB4 one.")
     unauthorized = [t.device_name or t.name for t in f.thunderbolt if t.authorized is False]
