@@ -1,11 +1,14 @@
-"""A VM directory holds QMP and console sockets: it is private to its user, however it began."""
+"""Barriers the VM directory keeps: private to its user, and shallow enough for its sockets."""
 
 from __future__ import annotations
 
 import stat
 from pathlib import Path
 
-from egpu.vm.store import VmDir
+import pytest
+
+from egpu.errors import VMError
+from egpu.vm.store import MAX_SOCKET_PATH, VmDir
 
 PRIVATE = 0o700
 SHARED = 0o755
@@ -21,3 +24,10 @@ def test_vm_directory_is_private(tmp_path: Path) -> None:
     old.path.chmod(SHARED)
     old.create()
     assert stat.S_IMODE(old.path.stat().st_mode) == PRIVATE
+
+
+def test_socket_paths_too_long_for_sun_path_are_refused(tmp_path: Path) -> None:
+    VmDir("short", root=tmp_path).check_socket_paths()
+    deep = tmp_path / ("d" * MAX_SOCKET_PATH)
+    with pytest.raises(VMError, match="too long for UNIX sockets"):
+        VmDir("vm", root=deep).check_socket_paths()
