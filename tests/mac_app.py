@@ -1,6 +1,6 @@
 """A stand-in for the qemu-vfio-apple host app bundle, for tests on a host without a Mac.
 
-The layout is the one contrib/apple-vfio/scripts/embed-qemu.sh builds (REFERENCE.md section 8):
+The layout is the one contrib/apple-vfio/scripts/embed-qemu.sh builds (scottjg/qemu-vfio-apple):
 ``X.app/Contents/MacOS/qemu-system-aarch64`` and ``qemu-img``, dylibs in ``Contents/MacOS/lib``,
 firmware and data in ``Contents/Resources/share/qemu``, pci.ids in ``Contents/Resources``, and
 the app's bundle id in ``Contents/Info.plist``. Its QEMU is a script that answers what egpu

@@ -319,7 +319,7 @@ def test_cli_doctor_for_mac_users(egpu_home: Path, tmp_path: Path) -> None:
                  "--ioreg", str(FIXTURES / "ioreg-dual-egpu.plist"),
                  "--systemextensions", str(FIXTURES / "sysext-enabled.txt"))
     doc = json.loads(other.stdout)
-    # the stand-in app's own bundle id names the extension: the reference's enabled one warns
+    # the stand-in app's own bundle id names the extension: the default app's one warns
     assert doc["dext_bundle_id"] == "com.example.VFIOUserHostApp.VFIOUserPCIDriver"
     assert {c["name"]: c for c in doc["checks"]}["driver-extension"]["status"] == "warn"
 

@@ -150,7 +150,7 @@ def check_guest_drivers(gpu: RunPassthrough, guest: GuestDrivers, *, force: bool
         raise UsageError(
             f"refusing to pass the GPU: {problem}, and {PANIC_RISK}",
             hint="boot an image with the driver (egpu images built --with nvidia, or the "
-            "reference's docker/desktop images), or pass --force to take the risk",
+            "docker/desktop images of scottjg/qemu-vfio-apple), or pass --force to take the risk",
         )
     return replace(gpu, notices=(*gpu.notices, f"--force: {problem}; {PANIC_RISK}"))
 

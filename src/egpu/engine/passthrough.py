@@ -2,7 +2,8 @@
 ``vfio`` (Linux kvm + vfio-pci). Pure: functions in, a PassthroughPlan out, which
 ``PassthroughPlan.apply`` folds into the VmSpec that egpu.engine.argv turns into argv.
 
-``apple`` follows the reference launcher's command (REFERENCE.md sections 4 and 8): hvf with
+``apple`` follows the command scottjg/qemu-vfio-apple's launcher builds
+(contrib/apple-vfio/qemu-vfio-apple/VMLauncher.swift and Passthrough.swift): hvf with
 TSO, ``-cpu host``, preallocated private RAM, ``virt`` with highmem, UEFI via pflash, and one
 ``vfio-apple-pci`` per function with its ``apple-dma-pci`` companion and no option ROM. Each
 card gets its own guest slot (0x1e, then 0x1d, ...), ``host-root=`` names its root port, and
@@ -40,8 +41,9 @@ PassthroughEngine = Literal["apple", "vfio"]
 EngineName = Literal["apple", "vfio", "user", "none"]
 ENGINE_CHOICES = ("auto", "apple", "vfio", "user", "none")
 
-# The reference places the card at guest slot 0x1e: high enough to stay clear of the slots
-# QEMU's virt board hands out to -device entries without an addr (which count up from 1).
+# scottjg/qemu-vfio-apple's launcher places the card at guest slot 0x1e (VMLauncher.swift): high
+# enough to stay clear of the slots QEMU's virt board hands out to -device entries without an
+# addr (which count up from 1).
 APPLE_GUEST_SLOT = 0x1E
 MAX_APPLE_CARDS = 4  # guest slots 0x1e down to 0x1b: still clear of the ones counted up from 1
 # vfio-apple-pci properties that differ between launcher versions
@@ -51,7 +53,8 @@ PROP_HOST_ROOT = "host-root"
 PROP_BOUNCE = "dma-bounce-size"
 VFIO_DEVICE = "vfio-pci"
 VFIO_ROOT_PORT_ID = "egpu-rp0"
-# The reference's desktop image wants USB keyboard and tablet; harmless when headless.
+# scottjg/qemu-vfio-apple's desktop image wants USB keyboard and tablet (its launcher always
+# adds them, VMLauncher.swift); harmless when headless.
 USB_INPUT = (
     ("-device", "qemu-xhci,id=egpu-xhci"),
     ("-device", "usb-kbd,bus=egpu-xhci.0"),
@@ -204,7 +207,8 @@ def apple_plan(
     return PassthroughPlan(
         engine="apple",
         accel="hvf",
-        # TSO makes the guest's memory ordering x86-like (ACTLR_EL1.EnTSO, macOS 15+), which
+        # TSO makes the guest's memory ordering x86-like (ACTLR_EL1.EnTSO, macOS 15+; set at
+        # vCPU init, as scottjg/qemu-vfio-apple's VMLauncher.swift explains), which
         # x86 emulation in the guest (FEX) relies on; --no-tso turns it off.
         accel_options=("tso=on",) if tso else (),
         cpu_model="host",

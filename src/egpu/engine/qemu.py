@@ -3,14 +3,15 @@
 Search order: an explicit ``--qemu PATH``; a QEMU on PATH new enough for ``vfio-user-pci``;
 otherwise the private engine egpu provisions into its cache (egpu.engine.provision). A private
 engine is a Debian root unpacked without installing, so its programs run through the root's own
-dynamic loader with its own library path (REFERENCE.md section 6).
+dynamic loader with its own library path (``ld.so --library-path``, ld.so(8)), so no host
+library is mixed in and nothing needs installing.
 
 Engine ``apple`` needs a QEMU with ``vfio-apple-pci``, which Mac users have inside the
-qemu-vfio-apple host app (REFERENCE.md section 8): ``X.app/Contents/MacOS/qemu-system-aarch64``
-and ``qemu-img``, firmware and data in ``Contents/Resources/share/qemu``, pci.ids in
-``Contents/Resources``. Then the app bundles in /Applications and ~/Applications come before
-PATH, and a QEMU without the device (Homebrew's, say) is skipped with a notice, never chosen.
-``--qemu`` also takes a ``.app`` directory.
+scottjg/qemu-vfio-apple host app (contrib/apple-vfio/scripts/embed-qemu.sh):
+``X.app/Contents/MacOS/qemu-system-aarch64`` and ``qemu-img``, firmware and data in
+``Contents/Resources/share/qemu``, pci.ids in ``Contents/Resources``. Then the app bundles in
+/Applications and ~/Applications come before PATH, and a QEMU without the device (Homebrew's,
+say) is skipped with a notice, never chosen. ``--qemu`` also takes a ``.app`` directory.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Keep a Mac safe while a real GPU is passed to a VM (pure: values in, values out).
 
-Two reports from the reference launcher's users (REFERENCE.md section 8) shape this:
+Two reports from users of scottjg/qemu-vfio-apple's launcher (its issue tracker) shape this:
 
 - booting with the eGPU attached before the guest has its GPU driver "is very likely to kernel
   panic macOS": so egpu refuses to pass a real GPU to a guest that cannot drive it, unless the
@@ -24,7 +24,7 @@ from egpu.host.device import PciDevice
 NVIDIA_VENDOR = 0x10DE
 AMD_VENDOR = 0x1002
 # Image features that mean the vendor's driver is installed. egpu's own images are built
-# `--with nvidia`; the reference launcher's docker and desktop profiles install
+# `--with nvidia`; scottjg/qemu-vfio-apple's docker and desktop profiles install
 # nvidia-driver-NNN-open (its image-builder), so those features count for NVIDIA too.
 DRIVER_FEATURES: dict[int, frozenset[str]] = {
     NVIDIA_VENDOR: frozenset({"nvidia", "docker", "desktop"}),

@@ -14,8 +14,9 @@ CLASS_BRIDGE = 0x06
 
 Platform = Literal["macos", "linux"]
 
-# The DriverKit extension that claims a device for passthrough on macOS (REFERENCE.md section 5):
-# its class name, and its bundle id, which is ``<host app id>.VFIOUserPCIDriver``.
+# The DriverKit extension that claims a device for passthrough on macOS (scottjg/qemu-vfio-apple,
+# contrib/apple-vfio/VFIOUserPCIDriver/): its class name, and its bundle id, which that project's
+# build notes make ``<host app id>.VFIOUserPCIDriver``.
 DEXT_NAME = "VFIOUserPCIDriver"
 DEFAULT_DEXT_BUNDLE_ID = "scottjg.VFIOUserHostApp.VFIOUserPCIDriver"
 VFIO_PCI_DRIVER = "vfio-pci"

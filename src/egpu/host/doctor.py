@@ -82,7 +82,8 @@ def check_engine(f: HostFacts) -> Check:
     bad: Status = "warn" if f.from_dump else "fail"
     if not e.found:
         fix = (
-            "Install a QEMU that has vfio-apple-pci (the reference's build) and pass --qemu PATH."
+            "Install a QEMU that has vfio-apple-pci (scottjg/qemu-vfio-apple's build) and pass "
+            "--qemu PATH."
             if f.platform == "macos"
             else "Run `egpu engine` to provision the private QEMU, or pass --qemu PATH."
         )
@@ -238,6 +239,9 @@ def check_thunderbolt5(f: HostFacts) -> Check:
             tb5.append(f"bridge {d.address.bdf} ({d.vendor_id:04x}:{d.device_id:04x})")
     tb5 += [t.device_name or t.name for t in f.thunderbolt if t.is_tb5]
     if tb5:
+        # Users of scottjg/qemu-vfio-apple report Thunderbolt 5 enclosures falling off the bus
+        # with Apple Silicon, while TB3/TB4 ones work (the project's issues; the blog post
+        # "RTX 5090 + M4 MacBook Air: Can it Game?" used a TB4 one).
         return Check("thunderbolt5", "warn", f"Thunderbolt 5 enclosure: {', '.join(tb5)}",
                      "Thunderbolt 5 enclosures are reported not to work; use a TB3 or TB4 one.")
     unauthorized = [t.device_name or t.name for t in f.thunderbolt if t.authorized is False]

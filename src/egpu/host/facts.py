@@ -35,7 +35,8 @@ DEXT_BUNDLE_ENV = "EGPU_DEXT_BUNDLE_ID"
 
 def dext_bundle_id(app_bundle_id: str | None = None) -> str:
     """The extension's bundle id: ``$EGPU_DEXT_BUNDLE_ID``, else ``<app id>.VFIOUserPCIDriver``
-    as the host app names it (each source build has its own app id), else the reference's."""
+    as the host app names it (each source build has its own app id), else the default app id's
+    (scottjg/qemu-vfio-apple's)."""
     env = os.environ.get(DEXT_BUNDLE_ENV)
     if env:
         return env

@@ -1,6 +1,7 @@
 """macOS discovery: parse the IORegistry as ``ioreg -a -l`` prints it (an XML plist).
 
-Facts used (REFERENCE.md section 5): ``IOPCIDevice`` entries carry ``vendor-id`` and ``device-id``
+Facts used (as scottjg/qemu-vfio-apple reads them, contrib/apple-vfio/qemu-vfio-apple/
+Passthrough.swift): ``IOPCIDevice`` entries carry ``vendor-id`` and ``device-id``
 (little-endian data), ``class-code`` (4 bytes LE: prog-if, sub, base, 0), ``name`` (C-string
 data) and ``pcidebug`` ("bus:dev:func" in decimal, optionally followed by "(seg:link)"). A device
 is claimed for passthrough when one of its IOService-plane children has ``CFBundleIdentifier``

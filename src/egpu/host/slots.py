@@ -4,7 +4,8 @@
 GPU, ``virtual`` the virtual eGPU, and auto (no value, or ``auto``) the first slot holding a
 claimed display-class function (base class 0x03, so data-center GPUs of class 0x0302 count).
 Auto leaves audio functions (base class 0x04, the card's HDMI/DP audio) out with a notice, as
-the reference launcher does; name them explicitly to take them.
+scottjg/qemu-vfio-apple's launcher does (contrib/apple-vfio/qemu-vfio-apple/Passthrough.swift);
+name them explicitly to take them.
 
 On a Mac (``apple``) slots are keyed by (root port, bus, device): Apple Silicon has no PCI
 segments and numbers every Thunderbolt root port's buses from the same start, so two eGPUs can
@@ -29,7 +30,8 @@ NONE = "none"
 VIRTUAL = "virtual"
 ROOT_SEPARATOR = "/"
 # Why the apple engine never passes audio: the current VFIOUserPCIDriver refuses to attach
-# class-0x04 functions because they "triggered DART assertions" (REFERENCE.md section 8).
+# class-0x04 functions because they "triggered DART assertions"
+# (scottjg/qemu-vfio-apple, VFIOUserPCIDriver/VFIOUserPCIDriver.cpp).
 AUDIO_REFUSED = (
     f"the {DEXT_NAME} driver extension refuses to attach audio functions (class 0x04): "
     "they triggered DART assertions"
