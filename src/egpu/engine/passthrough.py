@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from egpu.engine.argv import Accel, MemoryBackend, VmSpec
+from egpu.engine.qemu_options import OptionValue, option_string
 from egpu.errors import HostError, UsageError
 from egpu.host.address import PciAddress, parse_address_pattern
 from egpu.host.device import DEXT_NAME, PciDevice
@@ -110,13 +111,13 @@ def apple_device_args(
     several = len(mapped) > 1
     out = []
     for d, fn in mapped:
-        opts = [
-            f"{APPLE_DEVICE}", f"host={d.address.bdf}", f"addr={slot:#04x}.{fn}",
-            "dma-companion=on", "rombar=0",
-        ]
+        opts: dict[str, OptionValue] = {
+            "host": d.address.bdf, "addr": f"{slot:#04x}.{fn}", "dma-companion": True,
+            "rombar": 0,
+        }
         if several and fn == 0:
-            opts.append("multifunction=on")
-        out.append(("-device", ",".join(opts)))
+            opts["multifunction"] = True
+        out.append(("-device", option_string(APPLE_DEVICE, opts)))
     return tuple(out)
 
 
@@ -186,10 +187,11 @@ def vfio_device_args(functions: Sequence[PciDevice]) -> tuple[tuple[str, ...], .
         ("-device", f"pcie-root-port,id={VFIO_ROOT_PORT_ID},chassis=1,slot=1"),
     ]
     for d, fn in mapped:
-        opts = [VFIO_DEVICE, f"host={d.address.full}", f"bus={VFIO_ROOT_PORT_ID}", f"addr=0x0.{fn}"]
+        opts: dict[str, OptionValue] = {
+            "host": d.address.full, "bus": VFIO_ROOT_PORT_ID, "addr": f"0x0.{fn}"}
         if several and fn == 0:
-            opts.append("multifunction=on")
-        out.append(("-device", ",".join(opts)))
+            opts["multifunction"] = True
+        out.append(("-device", option_string(VFIO_DEVICE, opts)))
     return tuple(out)
 
 

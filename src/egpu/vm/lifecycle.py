@@ -91,7 +91,8 @@ def probe_disk(qemu_img: Sequence[str], env: dict[str, str], text: str) -> Disk:
         raise UsageError(f"--disk {path}: no such file")
     try:
         proc = subprocess.run(
-            [*qemu_img, "info", "--output=json", "-U", str(path)],
+            # absolute: a relative name could read as a block protocol ("nbd:...")
+            [*qemu_img, "info", "--output=json", "-U", str(path.absolute())],
             capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S,
             env={**os.environ, **env},
         )
