@@ -246,7 +246,7 @@ class RunPassthrough:
 
 def _assumed(spec: str | None, engine: str) -> tuple[PciDevice, ...]:
     """Functions named on the command line, taken on trust for a dry run on another OS."""
-    if spec is None or spec.strip().lower() in ("", "auto"):
+    if spec is None or spec.lower() in ("", "auto"):
         flag = "--ioreg FILE" if engine == "apple" else "--sysfs DIR"
         raise UsageError(
             f"engine {engine} cannot look for devices on this host; "
@@ -278,7 +278,7 @@ def resolve_run(
     """
     if engine not in ENGINE_CHOICES:
         raise UsageError(f"unknown engine {engine!r}; use one of: {', '.join(ENGINE_CHOICES)}")
-    spec = (passthrough or "auto").strip().lower()
+    spec = (passthrough or "auto").lower()
     if engine == "none" or (engine == "auto" and spec == "none"):
         if spec not in ("auto", "none"):
             raise UsageError("--engine none passes no device; drop --passthrough")

@@ -60,7 +60,7 @@ def resolve_passthrough(
     fallback: SelectionKind = "virtual",
 ) -> Selection:
     """Resolve a ``--passthrough`` value; ``fallback`` is what auto gives when nothing fits."""
-    text = (spec or AUTO).strip().lower()
+    text = (spec or AUTO).lower()
     ok: Callable[[PciDevice], bool] = lambda d: usable(d, rebind=rebind)  # noqa: E731
     if text == NONE:
         return Selection("none")
