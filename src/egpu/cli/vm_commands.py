@@ -107,8 +107,6 @@ def run(
     With no real eGPU on the host, the VM gets the virtual eGPU (engine user).
     """
     check_arch(arch)
-    if cpus < 1:
-        raise UsageError("--cpus must be at least 1")
     memory_mib = parse_memory(memory)
     if as_json and not (dry_run or selftest):
         raise UsageError("--json goes with --dry-run or --self-test")

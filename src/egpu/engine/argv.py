@@ -20,7 +20,9 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNOREC
 _UNIT_MIB = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
 MIN_MEMORY_MIB = 64
 MAX_MEMORY_MIB = 1 << 22  # 4 TiB
-MAX_CPUS = 512
+MIN_CPUS = 1
+# hvf and kvm run each vCPU on a host CPU; tcg emulates any number (slowly)
+HOST_CPU_ACCELS = ("hvf", "kvm")
 RAM_BACKEND_ID = "pc.ram"  # the reference launcher's name for it (REFERENCE.md section 4)
 FIRMWARE_MENU_WAIT_MS = 0  # no firmware boot-menu countdown
 CONSOLE_ID = "console"  # chardev ids
@@ -100,6 +102,23 @@ class VmSpec:
 
 def machine_type(arch: str) -> str:
     return "virt" if arch == "aarch64" else "q35"
+
+
+def check_cpus(cpus: int, arch: str, accel: str, *, machine_max: int,
+               host_cpus: int | None) -> int:
+    """Refuse a vCPU count the machine type (at most ``machine_max``) or the host cannot run.
+
+    ``host_cpus`` bounds hvf and kvm guests; None when the host is not the one that will run.
+    """
+    if cpus < MIN_CPUS:
+        raise UsageError(f"--cpus must be at least {MIN_CPUS}")
+    if cpus > machine_max:
+        raise UsageError(f"--cpus {cpus} is more than QEMU's {machine_type(arch)} machine "
+                         f"takes ({machine_max})")
+    if host_cpus is not None and accel in HOST_CPU_ACCELS and cpus > host_cpus:
+        raise UsageError(f"--cpus {cpus} is more than this host's {host_cpus} CPUs "
+                         f"(accelerator {accel} runs each vCPU on one)")
+    return cpus
 
 
 def build_argv(qemu: Sequence[str], spec: VmSpec) -> list[str]:

@@ -8,6 +8,7 @@ dynamic loader with its own library path (REFERENCE.md section 6).
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import re
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from egpu.engine.argv import machine_type
 from egpu.errors import EngineError, UsageError
 from egpu.paths import dirs
 
@@ -34,6 +36,11 @@ _LOADERS = {
     "x86_64": ("usr/lib64/ld-linux-x86-64.so.2", "x86_64-linux-gnu"),
     "aarch64": ("usr/lib/ld-linux-aarch64.so.1", "aarch64-linux-gnu"),
 }
+# QEMU 11.1's cpu-max for virt and q35 (QMP query-machines): for an engine that cannot say
+FALLBACK_MAX_CPUS = {"aarch64": 512, "x86_64": 4096}
+# QMP over stdin: the machine types and their cpu-max, then quit
+QUERY_MACHINES = "".join(json.dumps({"execute": c}) + "\n"
+                         for c in ("qmp_capabilities", "query-machines", "quit"))
 _VERSION_RE = re.compile(r"version (\d+)\.(\d+)(?:\.(\d+))?")
 
 
@@ -121,6 +128,11 @@ class EngineInfo:
     arches: tuple[str, ...]
     accelerators: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per arch
     devices: dict[str, tuple[str, ...]] = field(default_factory=dict)  # per arch, of ours
+    max_cpus: dict[str, int] = field(default_factory=dict)  # per arch, of its machine type
+
+    def cpu_limit(self, arch: str) -> int:
+        """The most vCPUs the machine type egpu uses for ``arch`` takes in this engine."""
+        return self.max_cpus.get(arch, FALLBACK_MAX_CPUS[arch])
 
     @property
     def version_text(self) -> str:
@@ -136,15 +148,16 @@ class EngineInfo:
             "arches": list(self.arches),
             "accelerators": {a: list(v) for a, v in self.accelerators.items()},
             "devices": {a: list(v) for a, v in self.devices.items()},
+            "max_cpus": {a: self.cpu_limit(a) for a in self.arches},
             "command": {a: e.qemu(a) for a in self.arches},
         }
 
 
-def _run(argv: Sequence[str], env: dict[str, str]) -> str:
+def _run(argv: Sequence[str], env: dict[str, str], stdin: str = "") -> str:
     try:
         proc = subprocess.run(
             list(argv), capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
-            env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+            env={**os.environ, **env}, input=stdin,
         )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise EngineError(f"cannot run {argv[-1] if argv else 'qemu'}: {e}") from e
@@ -172,6 +185,23 @@ def parse_help_names(text: str, prefix: str = "") -> set[str]:
     return {ln.strip() for ln in text.splitlines()[1:] if ln.strip() and " " not in ln.strip()}
 
 
+def parse_max_cpus(text: str, machine: str) -> int | None:
+    """``cpu-max`` of ``machine`` (a name or an alias) in QMP replies, one JSON per line."""
+    for line in text.splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        machines = doc.get("return") if isinstance(doc, dict) else None
+        if not isinstance(machines, list):
+            continue
+        for m in machines:
+            if isinstance(m, dict) and machine in (m.get("name"), m.get("alias")):
+                n = m.get("cpu-max")
+                return n if type(n) is int and n >= 1 else None
+    return None
+
+
 def probe(engine: Engine) -> EngineInfo:
     """Ask the engine its version, and per architecture its accelerators and our devices."""
     arches = tuple(a for a in ARCHES if engine.has(a))
@@ -183,13 +213,19 @@ def probe(engine: Engine) -> EngineInfo:
         raise EngineError(f"{engine.bindir}: not a QEMU (no version)")
     accels: dict[str, tuple[str, ...]] = {}
     devices: dict[str, tuple[str, ...]] = {}
+    max_cpus: dict[str, int] = {}
     for arch in arches:
         base = [*engine.qemu(arch), "-machine", "none"]
         compiled = parse_help_names(_run([*base, "-accel", "help"], env))
         accels[arch] = tuple(sorted(compiled & host_accelerators(arch)))
         names = parse_help_names(_run([*base, "-device", "help"], env), prefix="name ")
         devices[arch] = tuple(d for d in PASSTHROUGH_DEVICES if d in names)
-    return EngineInfo(engine, version, arches, accels, devices)
+        replies = _run([*base, "-nodefaults", "-display", "none", "-qmp", "stdio"], env,
+                       stdin=QUERY_MACHINES)
+        most = parse_max_cpus(replies, machine_type(arch))
+        if most is not None:  # else cpu_limit falls back, and QEMU itself has the last word
+            max_cpus[arch] = most
+    return EngineInfo(engine, version, arches, accels, devices, max_cpus)
 
 
 def explicit_engine(path: str) -> Engine:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from egpu.engine import virtual
-from egpu.engine.argv import Disk, Firmware, VmSpec, build_argv, parse_disk_option
+from egpu.engine.argv import Disk, Firmware, VmSpec, build_argv, check_cpus, parse_disk_option
 from egpu.engine.passthrough import RunPassthrough
 from egpu.engine.qemu import EngineInfo, check_arch, host_is_virtual
 from egpu.errors import ConflictError, EngineError, HostError, ImageError, UsageError, VMError
@@ -155,8 +155,6 @@ def plan_run(
     arch = check_arch(request.arch)
     if arch not in info.arches:
         raise VMError(f"the engine has no qemu-system-{arch}")
-    if request.cpus < 1:
-        raise UsageError("--cpus must be at least 1")
     vm = store.VmDir(request.name)
     vm.check_socket_paths()
     if check_host:
@@ -174,6 +172,10 @@ def plan_run(
         check_port_free(ssh_port)
     accel, accel_notice = choose_accel(info, arch, request.accel, nested=host_is_virtual())
     gpu_engine = request.gpu.engine if request.gpu else "none"
+    gpu_plan = request.gpu.plan if request.gpu else None
+    # the accelerator the VM will run on: a passthrough plan sets its own (hvf, kvm)
+    check_cpus(request.cpus, arch, gpu_plan.accel if gpu_plan else accel,
+               machine_max=info.cpu_limit(arch), host_cpus=os.cpu_count() if check_host else None)
     card = None
     if gpu_engine == "user":
         if check_host and "vfio-user-pci" not in info.devices.get(arch, ()):

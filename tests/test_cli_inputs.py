@@ -1,0 +1,68 @@
+"""Command-line values checked before anything starts: exit 2, one line, nothing created."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from tests.conftest import Cli
+from tests.test_cli_errors import assert_clean_failure
+
+from egpu.engine.argv import check_cpus
+from egpu.engine.qemu import find_engine_info, parse_max_cpus
+from egpu.errors import UsageError
+
+# what QEMU 11.1 answers to query-machines, cut to the fields read and a neighbour
+QMP_REPLIES = "\n".join([
+    '{"QMP": {"version": {}, "capabilities": []}}',
+    '{"return": {}}',
+    '{"return": [{"name": "virt-11.0", "cpu-max": 512},'
+    ' {"name": "virt-11.1", "alias": "virt", "cpu-max": 512},'
+    ' {"name": "pc-q35-11.1", "alias": "q35", "cpu-max": 4096}]}',
+    '{"return": {}}',
+])
+
+
+def test_cpu_count_floor_and_ceilings() -> None:
+    assert check_cpus(8, "aarch64", "tcg", machine_max=512, host_cpus=2) == 8  # tcg emulates
+    with pytest.raises(UsageError, match="at least 1"):
+        check_cpus(0, "aarch64", "tcg", machine_max=512, host_cpus=None)
+    with pytest.raises(UsageError, match=r"virt machine takes \(512\)"):
+        check_cpus(513, "aarch64", "tcg", machine_max=512, host_cpus=None)
+    with pytest.raises(UsageError, match=r"host's 4 CPUs \(accelerator kvm"):
+        check_cpus(5, "x86_64", "kvm", machine_max=4096, host_cpus=4)
+    with pytest.raises(UsageError, match="host's 4 CPUs"):
+        check_cpus(5, "aarch64", "hvf", machine_max=512, host_cpus=4)
+    # a dry run for another host: its cores are not these
+    assert check_cpus(8, "aarch64", "hvf", machine_max=512, host_cpus=None) == 8
+
+
+def test_machine_cpu_limit_from_qmp_replies() -> None:
+    assert parse_max_cpus(QMP_REPLIES, "virt") == 512
+    assert parse_max_cpus(QMP_REPLIES, "q35") == 4096
+    assert parse_max_cpus(QMP_REPLIES, "pc-q35-11.1") == 4096
+    assert parse_max_cpus(QMP_REPLIES, "microvm") is None
+    assert parse_max_cpus('{"return": [{"alias": "virt", "cpu-max": true}]}', "virt") is None
+    assert parse_max_cpus("not json\n", "virt") is None
+
+
+def test_the_engine_reports_its_machine_limits() -> None:
+    info = find_engine_info()
+    # QEMU's own figures for the machine types egpu uses (virt: GICv3's 512)
+    assert info.max_cpus["aarch64"] >= 512
+    assert info.max_cpus["x86_64"] >= 288
+
+
+def test_run_refuses_more_cpus_than_the_machine_takes(cli: Cli) -> None:
+    limit = find_engine_info().cpu_limit("aarch64")
+    proc = cli("run", "--accel", "tcg", "--cpus", str(limit + 1))
+    assert_clean_failure(cli, proc, 2, f"virt machine takes ({limit})")
+
+
+def test_run_refuses_more_cpus_than_host_cores_under_kvm(cli: Cli) -> None:
+    info = find_engine_info()
+    if "kvm" not in info.accelerators.get("x86_64", ()):
+        pytest.skip("no /dev/kvm here")
+    cores = os.cpu_count() or 1
+    proc = cli("run", "--arch", "x86_64", "--accel", "kvm", "--cpus", str(cores + 1))
+    assert_clean_failure(cli, proc, 2, f"host's {cores} CPUs")
