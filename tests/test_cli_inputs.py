@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import os
+import socket
+import stat
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
+from PIL import Image
 from tests.conftest import Cli
 from tests.test_cli_errors import assert_clean_failure
 
+from egpu.devices.display import create
 from egpu.engine.argv import check_cpus
 from egpu.engine.qemu import find_engine_info, parse_max_cpus
-from egpu.errors import UsageError
+from egpu.errors import DeviceServerError, UsageError
 
 # what QEMU 11.1 answers to query-machines, cut to the fields read and a neighbour
 QMP_REPLIES = "\n".join([
@@ -66,3 +72,49 @@ def test_run_refuses_more_cpus_than_host_cores_under_kvm(cli: Cli) -> None:
     cores = os.cpu_count() or 1
     proc = cli("run", "--arch", "x86_64", "--accel", "kvm", "--cpus", str(cores + 1))
     assert_clean_failure(cli, proc, 2, f"host's {cores} CPUs")
+
+
+def special_files(tmp_path: Path) -> Iterator[Path]:
+    """A FIFO, a listening UNIX socket's node, a /dev/null twin (root only), a link to one."""
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    yield fifo
+    sock = socket.socket(socket.AF_UNIX)
+    sock.bind(str(tmp_path / "sock"))
+    yield tmp_path / "sock"
+    sock.close()
+    if os.geteuid() == 0:
+        null = tmp_path / "null"
+        os.mknod(null, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+        yield null
+    link = tmp_path / "link.png"
+    link.symlink_to(fifo)
+    yield link
+
+
+def test_screenshot_refuses_a_target_that_is_not_a_regular_file(cli: Cli,
+                                                               tmp_path: Path) -> None:
+    for target in special_files(tmp_path):
+        kind = stat.S_IFMT(os.stat(target).st_mode)
+        proc = cli("screenshot", "novm", "-o", str(target))
+        assert_clean_failure(cli, proc, 2, "is not a regular file")
+        assert stat.S_IFMT(os.stat(target).st_mode) == kind  # untouched
+
+
+def test_display_server_writes_only_regular_files(tmp_path: Path) -> None:
+    display = create(vram="1M")
+    try:
+        for target in special_files(tmp_path):
+            kind = stat.S_IFMT(os.stat(target).st_mode)
+            with pytest.raises(DeviceServerError, match="not a regular file"):
+                display.write_screenshot(target)
+            assert stat.S_IFMT(os.stat(target).st_mode) == kind
+        regular = tmp_path / "shot.png"
+        regular.write_bytes(b"old")
+        display.write_screenshot(regular)
+        with Image.open(regular) as image:
+            assert image.format == "PNG"
+        # the temp file was a fresh name beside the target, and is gone
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
+    finally:
+        display.framebuffer.close()

@@ -16,7 +16,7 @@ from PIL import Image
 
 from egpu.cli import output
 from egpu.cli.host_commands import passthrough_options, run_passthrough
-from egpu.devices.display import is_blank, request_screenshot
+from egpu.devices.display import is_blank, replaceable, request_screenshot
 from egpu.devices.nvme import parse_size
 from egpu.engine import virtual
 from egpu.engine.argv import parse_memory
@@ -301,6 +301,9 @@ def stop(name: str, timeout: float, force: bool) -> None:
               path_type=Path), help="PNG file to write")
 def screenshot(name: str, out: Path) -> None:
     """Write what a VM's virtual display shows to a PNG file."""
+    # the display server checks again where it writes; refusing here needs no VM at all
+    if not replaceable(out.resolve()):
+        raise UsageError(f"-o {out} is not a regular file; screenshots replace only those")
     vm = store.VmDir(name).require()
     status = inspect(vm)
     display = next((s for s in status.servers if s.get("name") == "display"), None)

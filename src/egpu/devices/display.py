@@ -28,6 +28,8 @@ import logging
 import mmap
 import os
 import signal
+import stat
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -435,15 +437,43 @@ class DisplayFunction(PciFunction):
             return render(self.framebuffer.map, mode)
 
     def write_screenshot(self, path: Path, last_visible: bool = False) -> None:
-        """Write the picture (see :meth:`screenshot`) as PNG to ``path``, atomically."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        """Write the picture (see :meth:`screenshot`) as PNG to ``path``, atomically.
+
+        Only a regular file is replaced: renaming over a device node, FIFO or socket (say
+        /dev/null, as root) would put a PNG where the system expects that node.
+        """
+        if not replaceable(path):
+            raise DeviceServerError(f"screenshot path {path} is not a regular file")
+        tmp: Path | None = None
         try:
-            self.screenshot(last_visible).save(tmp, format="PNG")
+            # a fresh name in the target's directory (O_EXCL), so the rename stays on one
+            # filesystem and never lands on something else's file
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                        suffix=".tmp")
+            tmp = Path(name)
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), SCREENSHOT_MODE)
+                self.screenshot(last_visible).save(f, format="PNG")
+            if not replaceable(path):  # it appeared meanwhile
+                raise DeviceServerError(f"screenshot path {path} is not a regular file")
             os.replace(tmp, path)
+            tmp = None
         except OSError as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise DeviceServerError(f"cannot write screenshot {path}: {e.strerror}") from e
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+
+
+def replaceable(path: Path) -> bool:
+    """Whether a screenshot may be written to ``path``: nothing there yet, or a regular file."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 def create(vram: str | int = DEFAULT_VRAM, multifunction: bool | str = True,
@@ -469,6 +499,7 @@ def create(vram: str | int = DEFAULT_VRAM, multifunction: bool | str = True,
 # one pending request file means one screenshot.
 
 SCREENSHOT_SIGNAL = signal.SIGUSR1
+SCREENSHOT_MODE = 0o644  # what a file written under the usual umask (022) gets
 SCREENSHOT_POLL = 0.02
 LAST_VISIBLE = "last-visible"
 
