@@ -17,6 +17,7 @@ from egpu.devices.display import create
 from egpu.engine.argv import check_cpus
 from egpu.engine.qemu import find_engine_info, parse_max_cpus
 from egpu.errors import DeviceServerError, UsageError
+from egpu.vm.lifecycle import ssh_argv
 
 # what QEMU 11.1 answers to query-machines, cut to the fields read and a neighbour
 QMP_REPLIES = "\n".join([
@@ -72,6 +73,32 @@ def test_run_refuses_more_cpus_than_host_cores_under_kvm(cli: Cli) -> None:
     cores = os.cpu_count() or 1
     proc = cli("run", "--arch", "x86_64", "--accel", "kvm", "--cpus", str(cores + 1))
     assert_clean_failure(cli, proc, 2, f"host's {cores} CPUs")
+
+
+@pytest.mark.parametrize("args", [
+    ("--user", "-oProxyCommand=touch /tmp/egpu-pwned"), ("--user=-oProxyCommand=x",),
+    ("-l-F/dev/null",), ("--user", "ubuntu@evil"), ("--user", "a\n"), ("--user", ""),
+])
+def test_ssh_user_is_only_a_user_name(cli: Cli, args: tuple[str, ...]) -> None:
+    # checked before the VM is looked up: no such VM, still a usage error
+    assert_clean_failure(cli, cli("ssh", "novm", *args), 2, "bad --user")
+
+
+def test_ssh_user_from_the_environment_is_checked_too(cli: Cli) -> None:
+    proc = Cli(env={**cli.env, "EGPU_SSH_USER": "-oProxyCommand=x"}, home=cli.home)("ssh", "vm")
+    assert_clean_failure(cli, proc, 2, "bad --user")
+
+
+def test_ssh_argv_takes_plain_user_names() -> None:
+    assert ssh_argv(2222, "ubuntu.dev_1")[-1] == "ubuntu.dev_1@127.0.0.1"
+    with pytest.raises(UsageError, match="bad --user"):
+        ssh_argv(2222, "-oProxyCommand=x")
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-1"])
+def test_stop_timeout_is_finite_and_positive(cli: Cli, value: str) -> None:
+    assert_clean_failure(cli, cli("stop", "novm", "--timeout", value), 2,
+                         "must be a finite, positive number of seconds")
 
 
 def special_files(tmp_path: Path) -> Iterator[Path]:

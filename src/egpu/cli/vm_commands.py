@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import shlex
@@ -285,8 +286,9 @@ def logs(name: str, follow: bool) -> None:
 @click.option("--force", is_flag=True, help="skip the clean powerdown")
 def stop(name: str, timeout: float, force: bool) -> None:
     """Stop a VM: powerdown over QMP, then SIGTERM, then SIGKILL."""
-    if timeout < 0:
-        raise UsageError("--timeout must not be negative")
+    # nan passes every comparison and inf never ends the wait
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise UsageError(f"--timeout {timeout} must be a finite, positive number of seconds")
     before = _status_of(name)
     if not before.active:
         output.notice(f"VM {name!r} is already {before.state}")
@@ -323,6 +325,7 @@ def screenshot(name: str, out: Path) -> None:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def ssh(name: str, user: str, command: tuple[str, ...]) -> None:
     """Open a shell (or run COMMAND) in a VM over its loopback ssh forward."""
+    lifecycle.check_ssh_user(user)
     status = _status_of(name)
     if status.state != "running":
         raise VMError(f"VM {name!r} is {status.state}", hint=f"start it: egpu run --name {name}")

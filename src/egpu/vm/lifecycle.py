@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -37,6 +38,7 @@ POLL_S = 0.05
 MAX_PORT = 65535
 DEFAULT_IMAGE_SSH_PORT = 2222  # as the reference launcher
 DEFAULT_SSH_USER = "ubuntu"  # the reference images are Ubuntu cloud images
+SSH_USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,31}")  # useradd's 32-byte limit
 
 
 @dataclass(frozen=True)
@@ -444,12 +446,21 @@ def send_console(vm: store.VmDir, data: bytes) -> None:
         s.sendall(data)
 
 
+def check_ssh_user(user: str) -> str:
+    """A guest user name, or UsageError: ssh would read a leading '-' as one of its options."""
+    if not SSH_USER_RE.fullmatch(user):
+        raise UsageError(f"bad --user {user!r}: a user name is letters, digits, '.', '_' or '-' "
+                         "(at most 32), not starting with '-' or '.'")
+    return user
+
+
 def ssh_argv(port: int, user: str, command: Sequence[str] = ()) -> list[str]:
     """The ssh command into a VM's loopback forward.
 
     Host keys are not recorded: the forward is loopback-only and a reset VM gets new keys
     (Lima does the same).
     """
+    check_ssh_user(user)
     return [
         "ssh", "-p", str(port),
         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
