@@ -78,7 +78,6 @@ def _guest_for(arch: str, *, dry_run: bool, progress: output.BarProgress) -> Gue
 @click.option("--memory", default=DEFAULT_MEMORY, show_default=True, help="e.g. 512M, 4G")
 @click.option("--disk", "disks", multiple=True, metavar="PATH[:ro]", help="extra disk (virtio)")
 @click.option("--ssh-port", type=int, default=None, help="forward 127.0.0.1:PORT to guest :22")
-@click.option("--headless", is_flag=True, help="no display window")
 @click.option("--detach", "-d", is_flag=True, help="return once QEMU is up")
 @click.option("--dry-run", is_flag=True, help="print the QEMU command; start nothing")
 @click.option("--json", "as_json", is_flag=True, help="JSON output (--dry-run, --self-test)")
@@ -97,7 +96,7 @@ def _guest_for(arch: str, *, dry_run: bool, progress: output.BarProgress) -> Gue
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[-- EXTRA QEMU ARGS]")
 def run(
     name: str | None, arch: str, cpus: int, memory: str, disks: tuple[str, ...],
-    ssh_port: int | None, headless: bool, detach: bool, dry_run: bool, as_json: bool,
+    ssh_port: int | None, detach: bool, dry_run: bool, as_json: bool,
     selftest: bool, qemu: str | None, accel: str | None, quiet: bool, nvme_size: str,
     engine: str, passthrough: str | None, no_tso: bool, bind: bool, ioreg: Path | None,
     sysfs: Path | None, systemextensions: Path | None, image: str | None, base: str | None,
