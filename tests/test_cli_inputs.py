@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import stat
 from collections.abc import Iterator
@@ -13,7 +14,7 @@ from PIL import Image
 from tests.conftest import Cli
 from tests.test_cli_errors import assert_clean_failure
 
-from egpu.devices.display import create
+from egpu.devices.display import SCREENSHOT_SIGNAL, create, request_screenshot, serve_screenshots
 from egpu.engine.argv import check_cpus
 from egpu.engine.qemu import find_engine_info, parse_max_cpus
 from egpu.errors import DeviceServerError, UsageError
@@ -150,4 +151,23 @@ def test_display_server_writes_only_regular_files(tmp_path: Path) -> None:
         # the temp file was a fresh name beside the target, and is gone
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")) == []
     finally:
+        display.framebuffer.close()
+
+
+def test_screenshot_request_carries_any_file_name(tmp_path: Path) -> None:
+    display = create(vram="1M")
+    request = tmp_path / "screenshot.request"
+    previous = signal.getsignal(SCREENSHOT_SIGNAL)
+    try:
+        serve_screenshots(display, request)
+        # a separator str.splitlines() honours, a trailing space, a byte that is not UTF-8
+        odd = tmp_path / os.fsdecode(b"shot\x1cnext \xff.png ")
+        request_screenshot(os.getpid(), request, odd, timeout=5)
+        with Image.open(odd) as image:
+            assert image.format == "PNG"
+        assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("shot")) == [odd.name]
+        with pytest.raises(UsageError, match="line break"):
+            request_screenshot(os.getpid(), request, tmp_path / "a\nlast-visible", timeout=5)
+    finally:
+        signal.signal(SCREENSHOT_SIGNAL, previous)
         display.framebuffer.close()

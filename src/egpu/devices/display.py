@@ -502,6 +502,7 @@ SCREENSHOT_SIGNAL = signal.SIGUSR1
 SCREENSHOT_MODE = 0o644  # what a file written under the usual umask (022) gets
 SCREENSHOT_POLL = 0.02
 LAST_VISIBLE = "last-visible"
+REQUEST_LINE_END = b"\n"
 
 
 def _done_path(request: Path) -> Path:
@@ -511,21 +512,25 @@ def _done_path(request: Path) -> Path:
 def answer_screenshot_request(function: DisplayFunction, request: Path) -> None:
     """Serve the pending request at ``request`` (called from the signal handler)."""
     try:
-        lines = request.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return  # no request pending (a stray signal) or garbage
+        # bytes split at "\n" only: a file name may hold any other byte (str.splitlines
+        # also splits at \x1c, \x85, ...; a path need not be UTF-8)
+        lines = request.read_bytes().split(REQUEST_LINE_END)
+    except OSError:
+        return  # no request pending (a stray signal)
     try:
-        target = Path(lines[0].strip()) if lines else Path()
+        target = Path(os.fsdecode(lines[0]))
+        last_visible = LAST_VISIBLE.encode() in lines[1:]
         if not target.is_absolute():
             raise DeviceServerError(f"screenshot path {target} is not absolute")
-        function.write_screenshot(target, last_visible=LAST_VISIBLE in lines[1:])
+        function.write_screenshot(target, last_visible=last_visible)
         answer = "ok"
     except DeviceServerError as e:
         answer = f"error: {e}"
     done = _done_path(request)
     tmp = done.with_name(done.name + ".tmp")
     try:
-        tmp.write_text(answer + "\n", encoding="utf-8")
+        # the message may quote a file name that is not UTF-8
+        tmp.write_text(answer + "\n", encoding="utf-8", errors="backslashreplace")
         os.replace(tmp, done)
         request.unlink()
     except OSError as e:
@@ -552,6 +557,9 @@ def request_screenshot(server_pid: int, request: Path, output: Path, timeout: fl
     get the last picture it showed instead of black.
     """
     output = output.resolve()
+    name = os.fsencode(output)
+    if REQUEST_LINE_END in name:
+        raise UsageError(f"screenshot path {str(output)!r} holds a line break")
     lock_path = request.with_name(request.name + ".lock")
     try:
         lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -563,8 +571,8 @@ def request_screenshot(server_pid: int, request: Path, output: Path, timeout: fl
         with contextlib.suppress(FileNotFoundError):
             done.unlink()
         tmp = request.with_name(request.name + ".tmp")
-        tmp.write_text(f"{output}\n{LAST_VISIBLE if last_visible else ''}\n",
-                       encoding="utf-8")
+        flag = LAST_VISIBLE.encode() if last_visible else b""
+        tmp.write_bytes(name + REQUEST_LINE_END + flag + REQUEST_LINE_END)
         os.replace(tmp, request)
         try:
             os.kill(server_pid, SCREENSHOT_SIGNAL)
@@ -580,7 +588,7 @@ def request_screenshot(server_pid: int, request: Path, output: Path, timeout: fl
                 raise DeviceServerError("the display server did not answer the screenshot "
                                         f"request within {timeout:g} s")
             time.sleep(SCREENSHOT_POLL)
-        answer = done.read_text(encoding="utf-8").strip()
+        answer = done.read_text(encoding="utf-8", errors="replace").strip()
         done.unlink()
         if answer != "ok":
             raise DeviceServerError(answer.removeprefix("error: "))
