@@ -4,7 +4,8 @@ The layout is the one contrib/apple-vfio/scripts/embed-qemu.sh builds (scottjg/q
 ``X.app/Contents/MacOS/qemu-system-aarch64`` and ``qemu-img``, dylibs in ``Contents/MacOS/lib``,
 firmware and data in ``Contents/Resources/share/qemu``, pci.ids in ``Contents/Resources``, and
 the app's bundle id in ``Contents/Info.plist``. Its QEMU is a script that answers what egpu
-asks a QEMU (``--version``, ``-accel help``, ``-device help``, ``-device NAME,help``) the way
+asks a QEMU (``--version``, ``-accel help``, ``-device help``, ``-device NAME,help``, and
+``query-machines`` over ``-qmp stdio``) the way
 QEMU prints it; two builds of ``vfio-apple-pci`` differ as the launcher's versions do.
 """
 
@@ -66,6 +67,19 @@ elif "-device" in args and args[args.index("-device") + 1] == "vfio-apple-pci,he
               file=sys.stderr)
         sys.exit(1)
     sys.stdout.write(PROPERTIES)
+elif "-qmp" in args and args[args.index("-qmp") + 1] == "stdio":
+    # QMP on stdio, as QEMU answers it: a greeting, then one reply per command read
+    import json
+    print(json.dumps({{"QMP": {{"version": {{}}, "capabilities": []}}}}))
+    for line in sys.stdin:
+        command = json.loads(line).get("execute")
+        if command == "query-machines":
+            print(json.dumps({{"return": [{{"name": "virt-10.0", "alias": "virt",
+                                          "cpu-max": 512}}]}}))
+        else:
+            print(json.dumps({{"return": {{}}}}))
+        if command == "quit":
+            break
 else:
     print("qemu-system-aarch64: this stand-in only answers probes", file=sys.stderr)
     sys.exit(1)

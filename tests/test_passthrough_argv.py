@@ -62,7 +62,7 @@ def test_apple_golden() -> None:
     ))
     assert build_argv(QEMU, vm) == [
         "qemu-system-aarch64",
-        "-name", "gpu,process=egpu-gpu",
+        "-name", "guest=gpu,process=egpu-gpu",
         "-accel", "hvf,tso=on",
         "-cpu", "host",
         "-smp", "8,sockets=1,cores=8,threads=1",
@@ -87,7 +87,8 @@ def test_apple_golden() -> None:
         "-chardev", "socket,id=console,path=/v/console.sock,server=on,wait=off,"
                     "logfile=/v/serial.log,logappend=on",
         "-serial", "chardev:console",
-        "-qmp", "unix:/v/qmp.sock,server=on,wait=off",
+        "-chardev", "socket,id=qmp,path=/v/qmp.sock,server=on,wait=off",
+        "-qmp", "chardev:qmp",
         "-display", "none", "-nodefaults", "-no-user-config",
     ]
 
@@ -187,8 +188,8 @@ def test_vfio_golden(tmp_path: Path) -> None:
     vm = plan.apply(spec("x86_64", kernel=Path("/g/vmlinuz"), initrd=Path("/g/initrd")))
     argv = build_argv(["qemu-system-x86_64"], vm)
     assert argv[:12] == [
-        "qemu-system-x86_64", "-name", "gpu,process=egpu-gpu", "-accel", "kvm", "-cpu", "host",
-        "-smp", "8,sockets=1,cores=8,threads=1", "-machine", "q35", "-m",
+        "qemu-system-x86_64", "-name", "guest=gpu,process=egpu-gpu", "-accel", "kvm",
+        "-cpu", "host", "-smp", "8,sockets=1,cores=8,threads=1", "-machine", "q35", "-m",
     ]
     start = argv.index("virtio-rng-pci") + 1
     assert argv[start:start + 6] == vfio_golden_tail()

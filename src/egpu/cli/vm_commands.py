@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import shlex
@@ -22,7 +23,7 @@ from egpu.cli.host_commands import (
     passthrough_options,
     run_passthrough,
 )
-from egpu.devices.display import is_blank, request_screenshot
+from egpu.devices.display import is_blank, replaceable, request_screenshot
 from egpu.devices.nvme import parse_size
 from egpu.engine import virtual
 from egpu.engine.argv import parse_memory
@@ -90,7 +91,6 @@ def _guest_for(arch: str, *, dry_run: bool, progress: output.BarProgress) -> Gue
 @click.option("--memory", default=DEFAULT_MEMORY, show_default=True, help="e.g. 512M, 4G")
 @click.option("--disk", "disks", multiple=True, metavar="PATH[:ro]", help="extra disk (virtio)")
 @click.option("--ssh-port", type=int, default=None, help="forward 127.0.0.1:PORT to guest :22")
-@click.option("--headless", is_flag=True, help="no display window")
 @click.option("--detach", "-d", is_flag=True, help="return once QEMU is up")
 @click.option("--dry-run", is_flag=True, help="print the QEMU command; start nothing")
 @click.option("--json", "as_json", is_flag=True, help="JSON output (--dry-run, --self-test)")
@@ -109,7 +109,7 @@ def _guest_for(arch: str, *, dry_run: bool, progress: output.BarProgress) -> Gue
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[-- EXTRA QEMU ARGS]")
 def run(
     name: str | None, arch: str, cpus: int, memory: str, disks: tuple[str, ...],
-    ssh_port: int | None, headless: bool, detach: bool, dry_run: bool, as_json: bool,
+    ssh_port: int | None, detach: bool, dry_run: bool, as_json: bool,
     selftest: bool, qemu: str | None, accel: str | None, quiet: bool, nvme_size: str,
     engine: str, passthrough: str | None, no_tso: bool, bind: bool, ioreg: Path | None,
     sysfs: Path | None, systemextensions: Path | None, image: str | None, base: str | None,
@@ -121,8 +121,6 @@ def run(
     With no real eGPU on the host, the VM gets the virtual eGPU (engine user).
     """
     check_arch(arch)
-    if cpus < 1:
-        raise UsageError("--cpus must be at least 1")
     memory_mib = parse_memory(memory)
     if as_json and not (dry_run or selftest):
         raise UsageError("--json goes with --dry-run or --self-test")
@@ -311,8 +309,9 @@ def logs(name: str, follow: bool) -> None:
 @click.option("--force", is_flag=True, help="skip the clean powerdown")
 def stop(name: str, timeout: float, force: bool) -> None:
     """Stop a VM: powerdown over QMP, then SIGTERM, then SIGKILL."""
-    if timeout < 0:
-        raise UsageError("--timeout must not be negative")
+    # nan passes every comparison and inf never ends the wait
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise UsageError(f"--timeout {timeout} must be a finite, positive number of seconds")
     before = _status_of(name)
     if not before.active:
         output.notice(f"VM {name!r} is already {before.state}")
@@ -327,6 +326,9 @@ def stop(name: str, timeout: float, force: bool) -> None:
               path_type=Path), help="PNG file to write")
 def screenshot(name: str, out: Path) -> None:
     """Write what a VM's virtual display shows to a PNG file."""
+    # the display server checks again where it writes; refusing here needs no VM at all
+    if not replaceable(out.resolve()):
+        raise UsageError(f"-o {out} is not a regular file; screenshots replace only those")
     vm = store.VmDir(name).require()
     status = inspect(vm)
     display = next((s for s in status.servers if s.get("name") == "display"), None)
@@ -346,6 +348,7 @@ def screenshot(name: str, out: Path) -> None:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def ssh(name: str, user: str, command: tuple[str, ...]) -> None:
     """Open a shell (or run COMMAND) in a VM over its loopback ssh forward."""
+    lifecycle.check_ssh_user(user)
     status = _status_of(name)
     if status.state != "running":
         raise VMError(f"VM {name!r} is {status.state}", hint=f"start it: egpu run --name {name}")

@@ -22,6 +22,7 @@ from typing import Literal
 
 from egpu.engine.argv import Accel, MemoryBackend, VmSpec
 from egpu.engine.qemu import APPLE_DEVICE, EngineInfo
+from egpu.engine.qemu_options import OptionValue, option_string
 from egpu.engine.safety import HostGuard, host_guard
 from egpu.errors import EngineError, HostError, UsageError
 from egpu.host.address import PciAddress, parse_address_pattern
@@ -183,15 +184,15 @@ def apple_device_args(
         mapped = _guest_functions(card)
         several = len(mapped) > 1
         for d, fn in mapped:
-            opts = [APPLE_DEVICE, f"host={d.address.bdf}"]
+            opts: dict[str, OptionValue] = {PROP_HOST: d.address.bdf}
             if use_root and d.root:
-                opts.append(f"host-root={d.root}")
-            opts += [f"addr={slot - i:#04x}.{fn}", f"{PROP_COMPANION}=on", "rombar=0"]
+                opts[PROP_HOST_ROOT] = d.root
+            opts.update({"addr": f"{slot - i:#04x}.{fn}", PROP_COMPANION: True, "rombar": 0})
             if dma_bounce_size is not None:
-                opts.append(f"{PROP_BOUNCE}={dma_bounce_size}")
+                opts[PROP_BOUNCE] = dma_bounce_size
             if several and fn == 0:
-                opts.append("multifunction=on")
-            out.append(("-device", ",".join(opts)))
+                opts["multifunction"] = True
+            out.append(("-device", option_string(APPLE_DEVICE, opts)))
     return tuple(out)
 
 
@@ -266,10 +267,11 @@ def vfio_device_args(functions: Sequence[PciDevice]) -> tuple[tuple[str, ...], .
         ("-device", f"pcie-root-port,id={VFIO_ROOT_PORT_ID},chassis=1,slot=1"),
     ]
     for d, fn in mapped:
-        opts = [VFIO_DEVICE, f"host={d.address.full}", f"bus={VFIO_ROOT_PORT_ID}", f"addr=0x0.{fn}"]
+        opts: dict[str, OptionValue] = {
+            "host": d.address.full, "bus": VFIO_ROOT_PORT_ID, "addr": f"0x0.{fn}"}
         if several and fn == 0:
-            opts.append("multifunction=on")
-        out.append(("-device", ",".join(opts)))
+            opts["multifunction"] = True
+        out.append(("-device", option_string(VFIO_DEVICE, opts)))
     return tuple(out)
 
 
@@ -339,7 +341,7 @@ class RunPassthrough:
 
 def _assumed(spec: str | None, engine: str) -> tuple[PciDevice, ...]:
     """Functions named on the command line, taken on trust for a dry run on another OS."""
-    if spec is None or spec.strip().lower() in ("", "auto"):
+    if spec is None or spec.lower() in ("", "auto"):
         flag = "--ioreg FILE" if engine == "apple" else "--sysfs DIR"
         raise UsageError(
             f"engine {engine} cannot look for devices on this host; "
@@ -377,7 +379,7 @@ def resolve_run(
         raise UsageError("--dma-bounce-size is an option of engine apple")
     if engine not in ENGINE_CHOICES:
         raise UsageError(f"unknown engine {engine!r}; use one of: {', '.join(ENGINE_CHOICES)}")
-    spec = (passthrough or "auto").strip().lower()
+    spec = (passthrough or "auto").lower()
     if engine == "none" or (engine == "auto" and spec == "none"):
         if spec not in ("auto", "none"):
             raise UsageError("--engine none passes no device; drop --passthrough")

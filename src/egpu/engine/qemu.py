@@ -16,6 +16,7 @@ say) is skipped with a notice, never chosen. ``--qemu`` also takes a ``.app`` di
 
 from __future__ import annotations
 
+import json
 import os
 import platform
 import plistlib
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Literal
 from xml.parsers.expat import ExpatError
 
+from egpu.engine.argv import machine_type
 from egpu.errors import EngineError, UsageError
 from egpu.paths import dirs
 
@@ -54,6 +56,11 @@ _LOADERS = {
     "x86_64": ("usr/lib64/ld-linux-x86-64.so.2", "x86_64-linux-gnu"),
     "aarch64": ("usr/lib/ld-linux-aarch64.so.1", "aarch64-linux-gnu"),
 }
+# QEMU 11.1's cpu-max for virt and q35 (QMP query-machines): for an engine that cannot say
+FALLBACK_MAX_CPUS = {"aarch64": 512, "x86_64": 4096}
+# QMP over stdin: the machine types and their cpu-max, then quit
+QUERY_MACHINES = "".join(json.dumps({"execute": c}) + "\n"
+                         for c in ("qmp_capabilities", "query-machines", "quit"))
 _VERSION_RE = re.compile(r"version (\d+)\.(\d+)(?:\.(\d+))?")
 # One line of ``-device NAME,help``: ``  name=<type>   - description (default: value)``.
 _PROPERTY_RE = re.compile(r"^\s+([A-Za-z0-9_.-]+)=<([^>]*)>(.*)$")
@@ -155,6 +162,11 @@ class EngineInfo:
     # properties of the passthrough devices that vary between builds (vfio-apple-pci), by name
     properties: dict[str, tuple[DeviceProperty, ...]] = field(default_factory=dict)
     notices: tuple[str, ...] = ()  # candidates skipped on the way here
+    max_cpus: dict[str, int] = field(default_factory=dict)  # per arch, of its machine type
+
+    def cpu_limit(self, arch: str) -> int:
+        """The most vCPUs the machine type egpu uses for ``arch`` takes in this engine."""
+        return self.max_cpus.get(arch, FALLBACK_MAX_CPUS[arch])
 
     @property
     def version_text(self) -> str:
@@ -185,6 +197,7 @@ class EngineInfo:
             "accelerators": {a: list(v) for a, v in self.accelerators.items()},
             "devices": {a: list(v) for a, v in self.devices.items()},
             "properties": {d: [p.to_json() for p in v] for d, v in self.properties.items()},
+            "max_cpus": {a: self.cpu_limit(a) for a in self.arches},
             "command": {a: e.qemu(a) for a in self.arches},
         }
 
@@ -213,11 +226,11 @@ def parse_device_properties(text: str) -> tuple[DeviceProperty, ...]:
     return tuple(out[k] for k in sorted(out))
 
 
-def _run(argv: Sequence[str], env: dict[str, str]) -> str:
+def _run(argv: Sequence[str], env: dict[str, str], stdin: str = "") -> str:
     try:
         proc = subprocess.run(
             list(argv), capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
-            env={**os.environ, **env}, stdin=subprocess.DEVNULL,
+            env={**os.environ, **env}, input=stdin,
         )
     except (OSError, subprocess.TimeoutExpired) as e:
         raise EngineError(f"cannot run {argv[-1] if argv else 'qemu'}: {e}") from e
@@ -245,6 +258,23 @@ def parse_help_names(text: str, prefix: str = "") -> set[str]:
     return {ln.strip() for ln in text.splitlines()[1:] if ln.strip() and " " not in ln.strip()}
 
 
+def parse_max_cpus(text: str, machine: str) -> int | None:
+    """``cpu-max`` of ``machine`` (a name or an alias) in QMP replies, one JSON per line."""
+    for line in text.splitlines():
+        try:
+            doc = json.loads(line)
+        except ValueError:
+            continue
+        machines = doc.get("return") if isinstance(doc, dict) else None
+        if not isinstance(machines, list):
+            continue
+        for m in machines:
+            if isinstance(m, dict) and machine in (m.get("name"), m.get("alias")):
+                n = m.get("cpu-max")
+                return n if type(n) is int and n >= 1 else None
+    return None
+
+
 def probe(engine: Engine) -> EngineInfo:
     """Ask the engine its version, and per architecture its accelerators and our devices."""
     arches = tuple(a for a in ARCHES if engine.has(a))
@@ -256,12 +286,18 @@ def probe(engine: Engine) -> EngineInfo:
         raise EngineError(f"{engine.bindir}: not a QEMU (no version)")
     accels: dict[str, tuple[str, ...]] = {}
     devices: dict[str, tuple[str, ...]] = {}
+    max_cpus: dict[str, int] = {}
     for arch in arches:
         base = [*engine.qemu(arch), "-machine", "none"]
         compiled = parse_help_names(_run([*base, "-accel", "help"], env))
         accels[arch] = tuple(sorted(compiled & host_accelerators(arch)))
         names = parse_help_names(_run([*base, "-device", "help"], env), prefix="name ")
         devices[arch] = tuple(d for d in PASSTHROUGH_DEVICES if d in names)
+        replies = _run([*base, "-nodefaults", "-display", "none", "-qmp", "stdio"], env,
+                       stdin=QUERY_MACHINES)
+        most = parse_max_cpus(replies, machine_type(arch))
+        if most is not None:  # else cpu_limit falls back, and QEMU itself has the last word
+            max_cpus[arch] = most
     properties: dict[str, tuple[DeviceProperty, ...]] = {}
     if APPLE_DEVICE in devices.get(APPLE_ARCH, ()):
         # its options changed between launcher versions (dma-companion's default flipped,
@@ -269,7 +305,8 @@ def probe(engine: Engine) -> EngineInfo:
         text = _run([*engine.qemu(APPLE_ARCH), "-machine", "none", "-device",
                      f"{APPLE_DEVICE},help"], env)
         properties[APPLE_DEVICE] = parse_device_properties(text)
-    return EngineInfo(engine, version, arches, accels, devices, properties)
+    return EngineInfo(engine, version, arches, accels, devices, properties,
+                      max_cpus=max_cpus)
 
 
 def app_engine(bundle: Path, source: Source = "app") -> Engine:

@@ -147,7 +147,7 @@ def resolve_passthrough(
 
     ``apple``: every display slot for auto, and audio functions refused (see module doc).
     """
-    written = (spec or AUTO).strip()
+    written = spec or AUTO
     text = written.lower()
     ok: Callable[[PciDevice], bool] = lambda d: usable(d, rebind=rebind)  # noqa: E731
     if text == NONE:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -15,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from egpu.engine import virtual
-from egpu.engine.argv import Disk, Firmware, VmSpec, build_argv, parse_disk_option
+from egpu.engine.argv import Disk, Firmware, VmSpec, build_argv, check_cpus, parse_disk_option
 from egpu.engine.passthrough import RunPassthrough
 from egpu.engine.qemu import EngineInfo, check_arch, host_is_virtual
 from egpu.errors import ConflictError, EngineError, HostError, ImageError, UsageError, VMError
@@ -40,6 +41,7 @@ DEFAULT_IMAGE_SSH_PORT = 2222
 # its images are Ubuntu cloud images with the default user
 # (contrib/apple-vfio/image-builder/cloud-init/user-data.template)
 DEFAULT_SSH_USER = "ubuntu"
+SSH_USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,31}")  # useradd's 32-byte limit
 
 
 @dataclass(frozen=True)
@@ -94,7 +96,8 @@ def probe_disk(qemu_img: Sequence[str], env: dict[str, str], text: str) -> Disk:
         raise UsageError(f"--disk {path}: no such file")
     try:
         proc = subprocess.run(
-            [*qemu_img, "info", "--output=json", "-U", str(path)],
+            # absolute: a relative name could read as a block protocol ("nbd:...")
+            [*qemu_img, "info", "--output=json", "-U", str(path.absolute())],
             capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S,
             env={**os.environ, **env},
         )
@@ -157,8 +160,6 @@ def plan_run(
     arch = check_arch(request.arch)
     if arch not in info.arches:
         raise VMError(f"the engine has no qemu-system-{arch}")
-    if request.cpus < 1:
-        raise UsageError("--cpus must be at least 1")
     vm = store.VmDir(request.name)
     vm.check_socket_paths()
     if check_host:
@@ -176,6 +177,10 @@ def plan_run(
         check_port_free(ssh_port)
     accel, accel_notice = choose_accel(info, arch, request.accel, nested=host_is_virtual())
     gpu_engine = request.gpu.engine if request.gpu else "none"
+    gpu_plan = request.gpu.plan if request.gpu else None
+    # the accelerator the VM will run on: a passthrough plan sets its own (hvf, kvm)
+    check_cpus(request.cpus, arch, gpu_plan.accel if gpu_plan else accel,
+               machine_max=info.cpu_limit(arch), host_cpus=os.cpu_count() if check_host else None)
     card = None
     if gpu_engine == "user":
         if check_host and "vfio-user-pci" not in info.devices.get(arch, ()):
@@ -447,12 +452,21 @@ def send_console(vm: store.VmDir, data: bytes) -> None:
         s.sendall(data)
 
 
+def check_ssh_user(user: str) -> str:
+    """A guest user name, or UsageError: ssh would read a leading '-' as one of its options."""
+    if not SSH_USER_RE.fullmatch(user):
+        raise UsageError(f"bad --user {user!r}: a user name is letters, digits, '.', '_' or '-' "
+                         "(at most 32), not starting with '-' or '.'")
+    return user
+
+
 def ssh_argv(port: int, user: str, command: Sequence[str] = ()) -> list[str]:
     """The ssh command into a VM's loopback forward.
 
     Host keys are not recorded: the forward is loopback-only and a reset VM gets new keys
     (Lima does the same).
     """
+    check_ssh_user(user)
     return [
         "ssh", "-p", str(port),
         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",

@@ -45,7 +45,7 @@ RUNTIME_FILES = (
     LAST_SCREEN,
 )
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # whole string: fullmatch
 # sun_path is 108 bytes on Linux (104 on macOS); keep every socket path under the smaller.
 MAX_SOCKET_PATH = 103
 START_SLACK_S = 0.05  # psutil start times are rounded to clock ticks
@@ -53,7 +53,7 @@ START_SLACK_S = 0.05  # psutil start times are rounded to clock ticks
 
 def check_name(name: str) -> str:
     """Validate a VM name (it becomes a directory name)."""
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise UsageError(
             f"bad VM name {name!r}: use letters, digits, '.', '_' or '-' (at most 63), "
             "starting with a letter or digit"
@@ -238,4 +238,5 @@ def list_names(root: Path | None = None) -> list[str]:
     base = root or dirs().vms
     if not base.is_dir():
         return []
-    return sorted(p.name for p in base.iterdir() if NAME_RE.match(p.name) and (p / CONFIG).exists())
+    return sorted(p.name for p in base.iterdir()
+                  if NAME_RE.fullmatch(p.name) and (p / CONFIG).exists())
