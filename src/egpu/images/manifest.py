@@ -53,8 +53,9 @@ SCHEMA_VERSION = 2
 ARTIFACT_NAME_KEYS = ("artifact", "artifactFile", "artifact_file", "file", "filename")
 
 _MEDIA_TYPE_PART = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
-_MEDIA_TYPE_RE = re.compile(rf"^{_MEDIA_TYPE_PART}/{_MEDIA_TYPE_PART}$")
-_HEX64_RE = re.compile(r"^[a-f0-9]{64}$")
+# Used with fullmatch: '$' would also accept a trailing newline.
+_MEDIA_TYPE_RE = re.compile(rf"{_MEDIA_TYPE_PART}/{_MEDIA_TYPE_PART}")
+_HEX64_RE = re.compile(r"[a-f0-9]{64}")
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,7 @@ def _str(value: Any, what: str, *, optional: bool = False) -> str | None:
 def _media_type(value: Any, what: str) -> str:
     text = _str(value, what)
     assert text is not None
-    if not _MEDIA_TYPE_RE.match(text):
+    if not _MEDIA_TYPE_RE.fullmatch(text):
         raise _fail(f"{what} {text[:80]!r} is not a media type")
     return text
 
@@ -288,7 +289,7 @@ def parse_metadata(body: bytes) -> ImageMetadata:
         if not isinstance(sha, str):
             raise ImageError("image metadata sha256 must be a string")
         sha = sha.lower().removeprefix("sha256:")
-        if not _HEX64_RE.match(sha):
+        if not _HEX64_RE.fullmatch(sha):
             raise ImageError(f"image metadata sha256 {sha[:80]!r} is not 64 hex digits")
     features = doc.get("features", [])
     if isinstance(features, dict):
@@ -306,11 +307,11 @@ def parse_metadata(body: bytes) -> ImageMetadata:
         raise ImageError(f"image metadata: {e.message}") from None
 
 
-_SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+_SAFE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
 
 def safe_file_name(name: str | None) -> str | None:
     """A registry-given file name if it is plain and harmless (no path, no dot-dot), else None."""
-    if name and _SAFE_NAME_RE.match(name) and ".." not in name:
+    if name and _SAFE_NAME_RE.fullmatch(name) and ".." not in name:
         return name
     return None
