@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 import re
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import httpx
@@ -128,13 +128,46 @@ class StallWatch:
         self._start, self._got = now, 0
 
 
+def make_client(
+    *,
+    timeout: httpx.Timeout,
+    headers: Mapping[str, str] | None = None,
+    request_hooks: Sequence[Callable[[httpx.Request], None]] = (),
+) -> httpx.Client:
+    """An httpx client for ``send``: it never follows redirects itself (it would read each
+    redirect's body whole) and refuses a bad ``Location`` before httpx parses it."""
+    return httpx.Client(
+        timeout=timeout,
+        follow_redirects=False,
+        headers={**IDENTITY_HEADERS, **(headers or {})},
+        event_hooks={"request": list(request_hooks), "response": [_check_location]},
+    )
+
+
+def _check_location(response: httpx.Response) -> None:
+    # Runs before httpx looks at Location (it raises a transport-looking error on a bad one,
+    # which would be retried as if the network had failed).
+    if response.status_code in REDIRECT_STATUS and "location" in response.headers:
+        _redirect_url(response.request.url, response.headers["location"])
+
+
+def _redirect_url(base: httpx.URL, location: str) -> httpx.URL:
+    try:
+        url = base.join(location)
+    except httpx.InvalidURL:
+        raise BadRedirect(f"redirect to a bad URL {location[:80]!r}") from None
+    if url.scheme not in ("http", "https") or not url.host:
+        raise BadRedirect(f"redirect to a bad URL {location[:80]!r}")
+    return url
+
+
 def send(
     client: httpx.Client, request: httpx.Request, *, max_redirects: int = MAX_REDIRECTS
 ) -> httpx.Response:
     """Send a GET and follow its redirects; returns the final response, still streaming.
 
-    ``client`` must not follow redirects itself (httpx would read each redirect's body whole).
-    Authorization is dropped when a redirect leaves the origin, as browsers and httpx do.
+    ``client`` comes from ``make_client``. Authorization is dropped when a redirect leaves the
+    origin, as browsers and httpx do.
     """
     for _ in range(max_redirects + 1):
         response = client.send(request, stream=True)
@@ -147,12 +180,7 @@ def send(
 
 
 def _redirected(client: httpx.Client, request: httpx.Request, location: str) -> httpx.Request:
-    try:
-        url = request.url.join(location)
-    except httpx.InvalidURL:
-        raise BadRedirect(f"redirect to a bad URL {location[:80]!r}") from None
-    if url.scheme not in ("http", "https") or not url.host:
-        raise BadRedirect(f"redirect to a bad URL {location[:80]!r}")
+    url = _redirect_url(request.url, location)
     headers = httpx.Headers(request.headers)
     same_origin = (url.scheme, url.host, url.port) == (
         request.url.scheme,

@@ -31,13 +31,13 @@ from egpu.images.manifest import MANIFEST_ACCEPT, MAX_MANIFEST_BYTES
 from egpu.images.reference import Digest, OciReference, is_loopback_host
 from egpu.progress import Progress
 from egpu.transfer import (
-    IDENTITY_HEADERS,
     BadRedirect,
     Stalled,
     StallPolicy,
     StallWatch,
     TooLarge,
     TransferError,
+    make_client,
     parse_decimal,
     raw_chunks,
     read_capped,
@@ -83,13 +83,11 @@ class RegistryClient:
         self._sleep = sleep
         self.stall = stall or StallPolicy()
         self._auth: str | None = None
-        self._client = httpx.Client(
+        self._client = make_client(
             timeout=timeout
             or httpx.Timeout(self.stall.read_timeout(READ_TIMEOUT), connect=CONNECT_TIMEOUT),
-            # egpu.transfer.send follows redirects, without reading their bodies.
-            follow_redirects=False,
-            event_hooks={"request": [_check_scheme]},
-            headers={"User-Agent": "egpu", **IDENTITY_HEADERS},
+            headers={"User-Agent": "egpu"},
+            request_hooks=[_check_scheme],
         )
 
     def close(self) -> None:
