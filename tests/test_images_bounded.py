@@ -17,7 +17,7 @@ from egpu.images.pull import pull, resolve_cached
 from egpu.images.qcow2 import HEADER, QCOW2_MAGIC
 from egpu.images.reference import Digest
 from egpu.images.store import ImageStore
-from egpu.transfer import STALL_TIMEOUT_ENV
+from egpu.transfer import MIN_RATE_ENV, STALL_TIMEOUT_ENV
 from registry_server import (
     HUGE_BODY_BYTES,
     OCI_INDEX,
@@ -69,6 +69,19 @@ def leftovers(store: ImageStore) -> list[Path]:
 
 def newline_names(store: ImageStore) -> list[Path]:
     return [p for p in store.root.rglob("*") if "\n" in p.name] if store.root.exists() else []
+
+
+def test_stall_limits_are_documented_in_pull_help() -> None:
+    help_text = egpu("pull", "--help").stdout
+    assert STALL_TIMEOUT_ENV in help_text and MIN_RATE_ENV in help_text
+    assert "--stall-timeout" in help_text and "--min-rate" in help_text
+
+
+def test_bad_stall_limit_is_a_usage_error(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(STALL_TIMEOUT_ENV, "soon")
+    proc = egpu("pull", "127.0.0.1:1/egpu/x:v1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert "--stall-timeout" in proc.stderr
 
 
 # -- huge bodies ------------------------------------------------------------------------------

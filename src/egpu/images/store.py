@@ -303,7 +303,10 @@ def overlay_bases(vms_root: Path, overlay_name: str = DEFAULT_OVERLAY_NAME) -> d
 
 def _read_record(path: Path) -> RefRecord:
     try:
-        data = path.read_bytes()[:MAX_REF_RECORD]
+        with open(path, "rb") as f:
+            data = f.read(MAX_REF_RECORD + 1)  # bounded: never the whole of a runaway file
+        if len(data) > MAX_REF_RECORD:
+            raise ImageError(f"broken image record {path}: over {MAX_REF_RECORD} bytes")
         doc = json.loads(data)
     except (OSError, ValueError) as e:
         raise ImageError(f"broken image record {path}: {e}") from None
