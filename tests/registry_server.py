@@ -511,8 +511,9 @@ class TokenGate:
     blob requests with a redirect to that URL. Hostile modes: ``huge`` gives one kind of
     response (HUGE_KINDS) a HUGE_BODY_BYTES body; ``realm`` replaces the token realm URL;
     ``trickle_after`` sends blob bodies at full speed up to that many bytes, then one byte per
-    TRICKLE_PACE; ``silent_blobs`` sends a blob's headers and then nothing. ``ranges`` records
-    the Range headers of blob requests.
+    TRICKLE_PACE; ``silent_blobs`` sends a blob's headers and then nothing; ``drip_blobs``
+    sends that many bytes of each blob response, then hangs up. ``ranges`` records the Range
+    headers of blob requests.
     """
 
     def __init__(self, upstream: str, *, user: str | None = None, password: str | None = None):
@@ -534,6 +535,7 @@ class TokenGate:
         self.realm: str | None = None
         self.trickle_after: int | None = None
         self.silent_blobs = False
+        self.drip_blobs: int | None = None
         self.ranges: list[str] = []
 
         class Handler(BaseHTTPRequestHandler):
@@ -568,6 +570,10 @@ class TokenGate:
 
             def _forward_body(self, r: httpx.Response, blob: bool) -> None:
                 sent = 0
+                if blob and gate.drip_blobs is not None:
+                    self.wfile.write(r.read()[: gate.drip_blobs])
+                    self.close_connection = True
+                    return
                 for chunk in r.iter_raw():
                     limit = gate.trickle_after if blob else None
                     if limit is None or sent + len(chunk) <= limit:

@@ -42,6 +42,7 @@ DISK = HEADER.pack(QCOW2_MAGIC, 3, 0, 0, 16, 1 << 20) + bytes(range(256)) * 2048
 RSS_BOUND = 200 * 1024 * 1024
 STALL_WINDOW = "2"  # seconds: short, so a stall is seen in a few seconds
 FAST_PART = 64 * 1024  # bytes a trickling registry sends at full speed first
+DRIP_BYTES = 100  # bytes a dripping registry sends per connection before hanging up
 HEX = "ab" * 32
 
 
@@ -122,34 +123,38 @@ def test_huge_body_costs_bounded_memory(
 # -- stalls -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["trickle", "silent"])
+@pytest.mark.parametrize("mode", ["trickle", "silent", "drip"])
 def test_stalled_download_fails_and_keeps_the_partial(
     home: Path, registry: Registry, gate: TokenGate, monkeypatch: pytest.MonkeyPatch, mode: str
 ) -> None:
-    """1 byte per second (or nothing at all) after the headers: the pull fails once the window
-    is over, with the bytes so far kept, and the next pull resumes from them."""
+    """1 byte per second, nothing at all after the headers, or a few bytes per connection
+    (each reconnect gains some, so retries alone never give up): the pull fails once a window
+    is too slow, with the bytes so far kept, and the next pull resumes from them."""
     pushed = push_plain_image(registry.host, f"egpu/stall-{mode}", "v1", DISK)
     ref = f"{gate.host}/egpu/stall-{mode}:v1"
-    if mode == "trickle":
-        gate.trickle_after = FAST_PART
-        monkeypatch.setenv(STALL_TIMEOUT_ENV, STALL_WINDOW)
-        proc = egpu("pull", "--quiet", ref, timeout=60)
-    else:
+    if mode == "silent":
         gate.silent_blobs = True
         proc = egpu("pull", "--quiet", "--stall-timeout", STALL_WINDOW, ref, timeout=60)
+    else:
+        if mode == "trickle":
+            gate.trickle_after = FAST_PART
+        else:
+            gate.drip_blobs = DRIP_BYTES
+        monkeypatch.setenv(STALL_TIMEOUT_ENV, STALL_WINDOW)
+        proc = egpu("pull", "--quiet", ref, timeout=60)
     line = one_error_line(proc)
     assert f"download of plain.qcow2 stalled (under 1 KiB/s for {STALL_WINDOW} s)" in line, line
     assert line.endswith("run the pull again to resume"), line
     store = ImageStore()
     partial = store.partial_path(Digest.parse(pushed.disk_digest))
-    if mode == "trickle":
-        kept = partial.stat().st_size
-        assert FAST_PART <= kept < len(DISK)
-        assert leftovers(store) == [partial]
-    else:
+    if mode == "silent":
         kept = 0
         assert leftovers(store) == []  # nothing arrived, so no empty partial either
-    gate.trickle_after, gate.silent_blobs = None, False
+    else:
+        kept = partial.stat().st_size
+        assert (FAST_PART if mode == "trickle" else DRIP_BYTES) <= kept < len(DISK)
+        assert leftovers(store) == [partial]
+    gate.trickle_after, gate.silent_blobs, gate.drip_blobs = None, False, None
     gate.ranges.clear()
     done = egpu("pull", "--quiet", ref)
     assert done.returncode == 0, done.stderr
