@@ -8,7 +8,8 @@ Modules, pure cores first:
   a plain qcow2), ``parse_metadata`` (that layout's JSON layer).
 * ``auth`` — WWW-Authenticate challenges, credentials from podman/docker auth files.
 * ``qcow2`` — the qcow2 header's backing-file name (which base an overlay uses).
-* ``registry`` — ``RegistryClient``: token auth, retries, resumable verified blob downloads.
+* ``registry`` — ``RegistryClient``: token auth, retries, resumable verified blob downloads,
+  every body bounded and stall-watched through ``egpu.transfer``.
 * ``store`` — ``ImageStore``: blobs by digest, one record per reference, ``images``/``prune``;
   ``overlay_bases`` maps VM directories to the bases their overlays use.
 * ``pull`` — ``pull(ref)`` and ``resolve_cached(ref)``; ``DEFAULT_IMAGE``.
