@@ -15,8 +15,9 @@ import pytest
 
 from egpu.vfio_user import protocol as p
 from egpu.vfio_user.client import VfioUserClient
+from egpu.vfio_user.dispatcher import SERVER_CAPABILITIES
 from egpu.vfio_user.sample_device import BAR2_SIZE, SAMPLE_VENDOR_ID, SampleFunction
-from egpu.vfio_user.server import SERVER_CAPABILITIES, VfioUserServer
+from egpu.vfio_user.server import VfioUserServer
 
 RW = p.DMA_FLAG_READ | p.DMA_FLAG_WRITE
 
