@@ -16,17 +16,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from egpu.devices import nvme_spec as spec
 from egpu.devices.base import IrqIndex, RegionIndex
-from egpu.devices.nvme import (
-    BAR0_SIZE,
-    CLASS_NVME,
-    NvmeBacking,
-    NvmeController,
-    create,
-    parse_size,
-)
-from egpu.devices.nvme_spec import AdminOpcode, IoOpcode, make_command
+from egpu.devices.nvme import spec
+from egpu.devices.nvme.backing import NvmeBacking, parse_size
+from egpu.devices.nvme.controller import NvmeController
+from egpu.devices.nvme.function import BAR0_SIZE, CLASS_NVME, create
+from egpu.devices.nvme.spec import AdminOpcode, IoOpcode, make_command
 from egpu.dma import DmaProt, GuestMemory
 from egpu.errors import UsageError
 from egpu.pci import CapabilityId

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from egpu.devices import nvme_spec as spec
 from egpu.devices.base import IrqIndex, RegionIndex
-from egpu.devices.nvme import NvmeFunction, create
-from egpu.devices.nvme_spec import AdminOpcode, IoOpcode, make_command
+from egpu.devices.nvme import spec
+from egpu.devices.nvme.function import NvmeFunction, create
+from egpu.devices.nvme.spec import AdminOpcode, IoOpcode, make_command
 from egpu.vfio_user import protocol as p
 from egpu.vfio_user.client import VfioUserClient
 from egpu.vfio_user.server import VfioUserServer

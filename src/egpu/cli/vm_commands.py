@@ -17,7 +17,7 @@ from PIL import Image
 from egpu.cli import output
 from egpu.cli.host_commands import passthrough_options, run_passthrough
 from egpu.devices.display import is_blank, request_screenshot
-from egpu.devices.nvme import parse_size
+from egpu.devices.nvme.backing import parse_size
 from egpu.engine import virtual
 from egpu.engine.argv import parse_memory
 from egpu.engine.qemu import EngineInfo, check_arch, find_engine_info, placeholder_info

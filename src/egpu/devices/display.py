@@ -45,7 +45,7 @@ from egpu.devices.base import (
     PciFunction,
     RegionIndex,
 )
-from egpu.devices.nvme import parse_size
+from egpu.devices.nvme.backing import parse_size
 from egpu.dma import GuestMemory
 from egpu.errors import DeviceServerError, UsageError
 from egpu.pci import BarKind, ConfigSpace

@@ -1,0 +1,128 @@
+"""The NVMe controller as a vfio-user PCI function, and ``create`` for the devices registry."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from egpu.devices.base import (
+    DeviceDescription,
+    Interrupts,
+    IrqIndex,
+    IrqLine,
+    PciFunction,
+    RegionIndex,
+)
+from egpu.devices.nvme.backing import NvmeBacking, parse_size
+from egpu.devices.nvme.controller import DEFAULT_IO_QUEUES, MAX_IO_QUEUES, VENDOR_ID, NvmeController
+from egpu.dma import DmaRange, GuestMemory
+from egpu.errors import DeviceServerError, UsageError
+from egpu.pci import BarKind, ConfigSpace, MsixLayout
+from egpu.pci import Command as PciCommand
+
+DEVICE_ID = 0xE9E1  # "eGPU, function 1": not in any driver's quirk table
+CLASS_NVME = 0x010802  # mass storage, non-volatile memory, NVM Express
+BAR0_SIZE = 0x4000  # registers, doorbells, MSI-X table and PBA (Linux maps >= 8 KiB)
+MSIX_TABLE_OFFSET = 0x2000
+MSIX_PBA_OFFSET = 0x3000
+
+
+class NvmeFunction(PciFunction):
+    """The NVMe controller as a vfio-user PCI function (BAR0 trapped, MSI-X per queue)."""
+
+    def __init__(self, backing: NvmeBacking, *, max_io_queues: int = DEFAULT_IO_QUEUES,
+                 multifunction: bool = False) -> None:
+        vectors = max_io_queues + 1
+        config = ConfigSpace(vendor_id=VENDOR_ID, device_id=DEVICE_ID, class_code=CLASS_NVME,
+                             revision=2, subsystem_vendor_id=VENDOR_ID, subsystem_id=DEVICE_ID,
+                             multifunction=multifunction, interrupt_pin=0)
+        config.add_bar(0, BAR0_SIZE, BarKind.MEM64)
+        config.add_power_management()
+        config.add_msix(MsixLayout(vectors, 0, MSIX_TABLE_OFFSET, 0, MSIX_PBA_OFFSET))
+        config.add_pci_express()
+        super().__init__(config)
+        self.backing = backing
+        self.max_io_queues = max_io_queues
+        self._controller: NvmeController | None = None
+
+    def describe(self) -> DeviceDescription:
+        """Config space, BAR0, and one MSI-X vector per queue."""
+        return DeviceDescription(
+            regions=(self.config_region(), *self.bar_regions()),
+            # ERR and REQ let QEMU set up error recovery and device-request notifiers (it warns
+            # when a device has none); nothing ever signals them.
+            irqs=(IrqLine(IrqIndex.MSIX, self.max_io_queues + 1), IrqLine(IrqIndex.ERR, 1),
+                  IrqLine(IrqIndex.REQ, 1)),
+        )
+
+    def attach(self, memory: GuestMemory, interrupts: Interrupts) -> None:
+        """Build the controller on the server's guest memory and interrupt table."""
+        super().attach(memory, interrupts)
+        self._controller = NvmeController(memory, self._raise, self.backing,
+                                          max_io_queues=self.max_io_queues)
+        self.config_written(0, 0)
+
+    @property
+    def controller(self) -> NvmeController:
+        """The controller core (exists once attached)."""
+        if self._controller is None:
+            raise DeviceServerError("NVMe function used before the server attached it")
+        return self._controller
+
+    def _raise(self, vector: int) -> None:
+        self.interrupts.trigger(IrqIndex.MSIX, vector)
+
+    def bar_read(self, index: int, offset: int, count: int) -> bytes:
+        """BAR0 registers."""
+        if index != RegionIndex.BAR0:
+            return bytes(count)
+        return self.controller.bar0_read(offset, count)
+
+    def bar_write(self, index: int, offset: int, data: bytes) -> None:
+        """BAR0 registers and doorbells (the MSI-X table is QEMU's, never reaches us)."""
+        if index == RegionIndex.BAR0 and offset < MSIX_TABLE_OFFSET:
+            self.controller.bar0_write(offset, data)
+
+    def config_written(self, offset: int, size: int) -> None:
+        """Track Bus Master Enable: no DMA while the driver has it off."""
+        if self._controller is not None:
+            self._controller.bus_master = bool(self.config.command & PciCommand.BUS_MASTER)
+
+    def dma_mapped(self, dma_range: DmaRange) -> None:
+        """Pin a view of the new range for zero-copy queue and data access."""
+        self.controller.pinned.pin(dma_range)
+
+    def dma_unmapped(self, dma_range: DmaRange) -> None:
+        """Drop the pinned view before the server unmaps the range."""
+        self.controller.pinned.unpin(dma_range)
+
+    def client_disconnected(self) -> None:
+        """The client's maps are gone (their pins were dropped by dma_unmapped)."""
+        self.controller.pinned.unpin_all()
+
+    def reset(self) -> None:
+        """Function-level or device reset: controller back to power-on state."""
+        super().reset()
+        if self._controller is not None:
+            self._controller.power_on_reset()
+            self.config_written(0, 0)
+
+
+def create(backing: str | Path | None = None, size: str | int | None = "1G",
+           queues: str | int = DEFAULT_IO_QUEUES, multifunction: bool | str = False,
+           **unknown: object) -> NvmeFunction:
+    """Build the NVMe function: ``backing`` file (created sparse), ``size``, I/O ``queues``."""
+    if unknown:
+        raise UsageError(f"unknown nvme option(s): {', '.join(sorted(unknown))}",
+                         hint="known: backing, size, queues")
+    if backing is None:
+        raise UsageError("the nvme function needs a backing file", hint="--option backing=PATH")
+    try:
+        count = int(queues)
+    except ValueError:
+        raise UsageError(f"bad nvme queue count {queues!r}") from None
+    if not 1 <= count <= MAX_IO_QUEUES:
+        raise UsageError(f"nvme queue count {count} outside 1..{MAX_IO_QUEUES}")
+    mf = multifunction if isinstance(multifunction, bool) else multifunction.lower() in (
+        "1", "on", "true", "yes")
+    return NvmeFunction(NvmeBacking(Path(backing), None if size is None else parse_size(size)),
+                        max_io_queues=count, multifunction=mf)
