@@ -13,8 +13,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from egpu.devices.sample import SAMPLE_VENDOR_ID
 from egpu.vfio_user.client import VfioUserClient
-from egpu.vfio_user.sample_device import SAMPLE_VENDOR_ID
 
 
 def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:

@@ -16,10 +16,7 @@ from pathlib import Path
 import pytest
 
 from egpu.devices.base import IrqIndex, RegionIndex
-from egpu.errors import ConflictError, DeviceServerError
-from egpu.vfio_user import protocol as p
-from egpu.vfio_user.client import VfioUserClient
-from egpu.vfio_user.sample_device import (
+from egpu.devices.sample import (
     BAR2_SIZE,
     DMA_FROM_DEVICE,
     DMA_TO_DEVICE,
@@ -33,6 +30,9 @@ from egpu.vfio_user.sample_device import (
     SAMPLE_VENDOR_ID,
     SampleFunction,
 )
+from egpu.errors import ConflictError, DeviceServerError
+from egpu.vfio_user import protocol as p
+from egpu.vfio_user.client import VfioUserClient
 from egpu.vfio_user.server import VfioUserServer
 
 CONFIG = RegionIndex.CONFIG

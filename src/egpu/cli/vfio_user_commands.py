@@ -11,13 +11,11 @@ import click
 
 from egpu.cli import output
 from egpu.devices import DEVICE_MODULES, create_device
-from egpu.devices.base import DeviceBackend
 from egpu.devices.display import DisplayFunction, serve_screenshots
 from egpu.errors import UsageError
-from egpu.vfio_user.sample_device import create as create_sample
 from egpu.vfio_user.server import VfioUserServer
 
-FUNCTIONS = (*DEVICE_MODULES, "sample")
+FUNCTIONS = tuple(DEVICE_MODULES)
 SCREENSHOT_OPTION = "screenshot_request"  # the display option naming the request file
 
 
@@ -29,13 +27,6 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
             raise UsageError(f"--option {pair!r} is not KEY=VALUE")
         options[key.replace("-", "_")] = value
     return options
-
-
-def build_device(function: str, options: dict[str, str]) -> DeviceBackend:
-    """The device model for ``--function`` (``sample`` is the protocol test device)."""
-    if function == "sample":
-        return create_sample(**options)
-    return create_device(function, **options)
 
 
 @click.group("vfio-user")
@@ -56,7 +47,7 @@ def serve(socket_path: Path, function: str, options: tuple[str, ...], verbose: b
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
     parsed = _parse_options(options)
-    device = build_device(function, parsed)
+    device = create_device(function, **parsed)
     server = VfioUserServer(device, socket_path)
     server.listen()
     request = parsed.get(SCREENSHOT_OPTION)

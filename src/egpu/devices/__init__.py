@@ -17,6 +17,7 @@ from egpu.errors import NotFoundError
 DEVICE_MODULES: dict[str, str] = {
     "display": "egpu.devices.display",
     "nvme": "egpu.devices.nvme",
+    "sample": "egpu.devices.sample",  # the protocol test device: no guest driver binds it
 }
 
 

@@ -1,4 +1,4 @@
-"""A minimal PCI function for protocol tests and smoke runs against any vfio-user client.
+"""The sample PCI function: protocol tests and smoke runs against any vfio-user client.
 
 BAR0 (4 KiB, trapped): scratch registers plus three commands that exercise the server paths a
 real device uses; the MSI-X table and PBA live at its end. BAR2 (64 KiB) is shared memory whose
