@@ -21,18 +21,6 @@ DEVICE_MODULES: dict[str, str] = {
 }
 
 
-def available_devices() -> list[str]:
-    """Names of device models whose module is present and exposes ``create``."""
-    names = []
-    for name, module in DEVICE_MODULES.items():
-        try:
-            if callable(getattr(importlib.import_module(module), "create", None)):
-                names.append(name)
-        except ImportError:
-            continue
-    return names
-
-
 def create_device(name: str, **options: Any) -> DeviceBackend:
     """Build the device model registered as ``name`` with ``options``."""
     module = DEVICE_MODULES.get(name)
