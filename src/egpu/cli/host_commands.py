@@ -14,7 +14,7 @@ import click
 from rich.markup import escape
 
 from egpu.cli import output
-from egpu.engine.argv import MIB, parse_memory
+from egpu.engine.argv import parse_memory
 from egpu.engine.passthrough import ENGINE_CHOICES, RunPassthrough, resolve_run
 from egpu.engine.qemu import EngineInfo, find_engine_info, host_machine
 from egpu.errors import EngineError, HostError
@@ -27,6 +27,7 @@ from egpu.host.facts import (
     gather_facts,
     live_platform,
 )
+from egpu.units import MIB
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -155,7 +156,8 @@ def _print_check(c: Check) -> None:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="JSON output")
-@click.option("--memory", default=None, metavar="SIZE", help="guest memory to check, e.g. 14G")
+@click.option("--memory", default=None, metavar="SIZE",
+              help="guest memory to check, e.g. 14G (a bare number is MiB)")
 @click.option("--qemu", default=None, metavar="PATH", help="check this qemu-system binary")
 @host_source_options
 def doctor(
