@@ -34,8 +34,8 @@ class Rig:
     """A server thread on one end of a socketpair; the test is QEMU plus the guest driver."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.device: NvmeFunction = create(backing=str(tmp_path / "nvme.img"), size="4M",
-                                           queues="1")
+        self.device: NvmeFunction = create(backing=tmp_path / "nvme.img", size=4 << 20,
+                                           queues=1)
         self.server = VfioUserServer(self.device)
         self.ram_fd = os.memfd_create("guest-ram")
         os.ftruncate(self.ram_fd, RAM_SIZE)

@@ -6,6 +6,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from egpu.devices import device_options
+from egpu.devices.nvme.function import SIZE as NVME_SIZE
 from egpu.engine.argv import parse_memory
 from egpu.errors import UsageError
 from egpu.units import GIB, KIB, MIB, TIB, format_size, parse_size
@@ -39,6 +41,7 @@ def test_bare_numbers_are_in_the_unit_the_option_declares() -> None:
     assert parse_size("4096B") == 4096
     assert parse_size("512", bare_unit=MIB) == 512 * MIB
     assert parse_memory("512") == 512  # --memory documents MiB, as QEMU's -m does
+    assert NVME_SIZE.parse("2097152") == 2 * MIB  # nvme's size documents bytes
 
 
 def test_fractions_must_land_on_whole_units() -> None:
@@ -54,3 +57,12 @@ def test_fractions_must_land_on_whole_units() -> None:
 def test_refused(text: str) -> None:
     with pytest.raises(UsageError):
         parse_size(text)
+
+
+def test_every_size_option_uses_the_one_parser() -> None:
+    # nvme's size and display's vram both accept what egpu.units accepts (fractions included,
+    # which nvme's own parser refused) and agree on bare numbers.
+    assert NVME_SIZE.parse("1.5M") == 3 * MIB // 2
+    vram = next(o for o in device_options("display") if o.name == "vram")
+    assert vram.parse("16777216") == 16 * MIB
+    assert vram.parse("16MiB") == 16 * MIB

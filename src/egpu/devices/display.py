@@ -45,7 +45,7 @@ from egpu.devices.base import (
     PciFunction,
     RegionIndex,
 )
-from egpu.devices.nvme.backing import parse_size
+from egpu.devices.options import DeviceOption, OptionType
 from egpu.dma import GuestMemory
 from egpu.errors import DeviceServerError, UsageError
 from egpu.pci import BarKind, ConfigSpace
@@ -445,17 +445,21 @@ class DisplayFunction(PciFunction):
             raise DeviceServerError(f"cannot write screenshot {path}: {e.strerror}") from e
 
 
-def create(vram: str | int = DEFAULT_VRAM, multifunction: bool | str = True,
-           screenshot_request: str | Path | None = None, **unknown: object) -> DisplayFunction:
-    """Build the display function: ``vram`` size, ``screenshot_request`` file path (optional)."""
-    if unknown:
-        raise UsageError(f"unknown display option(s): {', '.join(sorted(unknown))}",
-                         hint="known: vram, multifunction, screenshot_request")
-    mf = multifunction if isinstance(multifunction, bool) else multifunction.lower() in (
-        "1", "on", "true", "yes")
-    return DisplayFunction(parse_size(vram), multifunction=mf,
-                           screenshot_request=None if screenshot_request is None
-                           else Path(screenshot_request))
+VRAM = DeviceOption("vram", OptionType.SIZE, DEFAULT_VRAM, "video memory (BAR0), a power of two",
+                    minimum=MIN_VRAM, maximum=MAX_VRAM)
+MULTIFUNCTION = DeviceOption("multifunction", OptionType.BOOL, True,
+                             "set the multifunction bit of the PCI header (function 0 of a card)")
+SCREENSHOT_REQUEST = DeviceOption(
+    "screenshot_request", OptionType.PATH, None,
+    "request file through which `egpu screenshot` asks this server for a PNG")
+OPTIONS = (VRAM, MULTIFUNCTION, SCREENSHOT_REQUEST)
+
+
+def create(vram: int = DEFAULT_VRAM, multifunction: bool = True,
+           screenshot_request: Path | None = None) -> DisplayFunction:
+    """Build the display function from parsed :data:`OPTIONS`."""
+    return DisplayFunction(vram, multifunction=multifunction,
+                           screenshot_request=screenshot_request)
 
 
 # -- screenshot requests between processes -------------------------------------------------------

@@ -22,6 +22,7 @@ from egpu.devices.base import (
     MmapArea,
     PciFunction,
 )
+from egpu.devices.options import DeviceOption
 from egpu.dma import DmaError
 from egpu.pci import BarKind, ConfigSpace, MsixLayout
 
@@ -119,6 +120,9 @@ class SampleFunction(PciFunction):
         self.resets += 1
 
 
-def create(**_options: object) -> SampleFunction:
-    """Factory used by ``egpu vfio-user serve --function sample``."""
+OPTIONS: tuple[DeviceOption, ...] = ()  # nothing to configure
+
+
+def create() -> SampleFunction:
+    """Build the sample function (``egpu vfio-user serve --function sample``)."""
     return SampleFunction()

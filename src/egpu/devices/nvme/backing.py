@@ -49,22 +49,6 @@ class NvmeBacking:
             self.fd = -1
 
 
-def parse_size(text: str | int) -> int:
-    """Parse ``1G``, ``512M``, ``64K`` or a byte count; raises UsageError."""
-    if isinstance(text, int):
-        return text
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    number, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
-    try:
-        value = int(number) * units[unit]
-    except ValueError:
-        raise UsageError(f"bad size {text!r}", hint="use a number with K, M, G or T") from None
-    if value <= 0:
-        raise UsageError(f"bad size {text!r}", hint="it must be positive")
-    return value
-
-
 def pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
     """Write every byte of ``views`` at ``offset``, resuming after short writes."""
     while views:

@@ -12,12 +12,14 @@ from egpu.devices.base import (
     PciFunction,
     RegionIndex,
 )
-from egpu.devices.nvme.backing import NvmeBacking, parse_size
+from egpu.devices.nvme.backing import NvmeBacking
 from egpu.devices.nvme.controller import DEFAULT_IO_QUEUES, MAX_IO_QUEUES, VENDOR_ID, NvmeController
+from egpu.devices.options import DeviceOption, OptionType
 from egpu.dma import DmaRange, GuestMemory
 from egpu.errors import DeviceServerError, UsageError
 from egpu.pci import BarKind, ConfigSpace, MsixLayout
 from egpu.pci import Command as PciCommand
+from egpu.units import GIB, MIB
 
 DEVICE_ID = 0xE9E1  # "eGPU, function 1": not in any driver's quirk table
 CLASS_NVME = 0x010802  # mass storage, non-volatile memory, NVM Express
@@ -107,22 +109,23 @@ class NvmeFunction(PciFunction):
             self.config_written(0, 0)
 
 
-def create(backing: str | Path | None = None, size: str | int | None = "1G",
-           queues: str | int = DEFAULT_IO_QUEUES, multifunction: bool | str = False,
-           **unknown: object) -> NvmeFunction:
-    """Build the NVMe function: ``backing`` file (created sparse), ``size``, I/O ``queues``."""
-    if unknown:
-        raise UsageError(f"unknown nvme option(s): {', '.join(sorted(unknown))}",
-                         hint="known: backing, size, queues")
+MIN_SIZE = MIB  # the least a namespace may be: refused where the size is parsed
+DEFAULT_SIZE = GIB
+BACKING = DeviceOption("backing", OptionType.PATH, None,
+                       "storage file of the namespace (created sparse, never shrunk); required")
+SIZE = DeviceOption("size", OptionType.SIZE, DEFAULT_SIZE,
+                    "namespace size; the file grows sparse to it", minimum=MIN_SIZE)
+QUEUES = DeviceOption("queues", OptionType.INT, DEFAULT_IO_QUEUES, "I/O queue pairs offered",
+                      minimum=1, maximum=MAX_IO_QUEUES)
+MULTIFUNCTION = DeviceOption("multifunction", OptionType.BOOL, False,
+                             "set the multifunction bit of the PCI header")
+OPTIONS = (BACKING, SIZE, QUEUES, MULTIFUNCTION)
+
+
+def create(backing: Path | None = None, size: int = DEFAULT_SIZE,
+           queues: int = DEFAULT_IO_QUEUES, multifunction: bool = False) -> NvmeFunction:
+    """Build the NVMe function from parsed :data:`OPTIONS`."""
     if backing is None:
-        raise UsageError("the nvme function needs a backing file", hint="--option backing=PATH")
-    try:
-        count = int(queues)
-    except ValueError:
-        raise UsageError(f"bad nvme queue count {queues!r}") from None
-    if not 1 <= count <= MAX_IO_QUEUES:
-        raise UsageError(f"nvme queue count {count} outside 1..{MAX_IO_QUEUES}")
-    mf = multifunction if isinstance(multifunction, bool) else multifunction.lower() in (
-        "1", "on", "true", "yes")
-    return NvmeFunction(NvmeBacking(Path(backing), None if size is None else parse_size(size)),
-                        max_io_queues=count, multifunction=mf)
+        raise UsageError("the nvme function needs a backing file", hint="-o backing=PATH")
+    return NvmeFunction(NvmeBacking(backing, size), max_io_queues=queues,
+                        multifunction=multifunction)
