@@ -692,6 +692,17 @@ def test_smallest_namespace_is_one_mib(tmp_path: Path) -> None:
     fn.backing.close()
 
 
+def test_standalone_backing_defaults_to_a_sparse_file_in_the_data_dir(egpu_home: Path) -> None:
+    fn = create_device("nvme", {"size": "2M"})
+    assert isinstance(fn, NvmeFunction)
+    try:
+        path = egpu_home / "data" / "devices" / "nvme.img"
+        assert fn.backing.path == path
+        assert path.stat().st_size == 2 << 20 and path.stat().st_blocks == 0
+    finally:
+        fn.backing.close()
+
+
 def test_existing_backing_file_is_never_shrunk(tmp_path: Path) -> None:
     path = tmp_path / "big.img"
     path.write_bytes(b"x" * 8192)

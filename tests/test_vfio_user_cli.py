@@ -110,6 +110,22 @@ def test_bad_device_option_is_one_line(egpu_home: Path, function: str, option: s
     assert not (egpu_home / "data" / "devices").exists()
 
 
+def test_nvme_standalone_gets_a_sparse_backing_in_the_data_dir(egpu_home: Path) -> None:
+    sock_path = Path(tempfile.mkdtemp(prefix="vu", dir="/tmp")) / "fn.sock"
+    proc = subprocess.Popen(serve_argv(sock_path, "nvme", "size=8M"), stderr=subprocess.PIPE)
+    try:
+        wait_for_socket(sock_path, proc)
+        backing = egpu_home / "data" / "devices" / "nvme.img"
+        assert backing.stat().st_size == 8 << 20 and backing.stat().st_blocks == 0
+        assert stat.S_IMODE(backing.stat().st_mode) == 0o600
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def test_public_socket_dir_is_refused(egpu_home: Path) -> None:
     public = Path(tempfile.mkdtemp(prefix="vu", dir="/tmp"))
     os.chmod(public, 0o755)

@@ -16,7 +16,8 @@ from egpu.devices.nvme.backing import NvmeBacking
 from egpu.devices.nvme.controller import DEFAULT_IO_QUEUES, MAX_IO_QUEUES, VENDOR_ID, NvmeController
 from egpu.devices.options import DeviceOption, OptionType
 from egpu.dma import DmaRange, GuestMemory
-from egpu.errors import DeviceServerError, UsageError
+from egpu.errors import DeviceServerError
+from egpu.paths import dirs
 from egpu.pci import BarKind, ConfigSpace, MsixLayout
 from egpu.pci import Command as PciCommand
 from egpu.units import GIB, MIB
@@ -109,10 +110,12 @@ class NvmeFunction(PciFunction):
             self.config_written(0, 0)
 
 
+DEFAULT_BACKING_NAME = "nvme.img"
 MIN_SIZE = MIB  # the least a namespace may be: refused where the size is parsed
 DEFAULT_SIZE = GIB
 BACKING = DeviceOption("backing", OptionType.PATH, None,
-                       "storage file of the namespace (created sparse, never shrunk); required")
+                       "storage file of the namespace (created sparse, never shrunk)",
+                       default_text=f"<egpu data dir>/devices/{DEFAULT_BACKING_NAME}")
 SIZE = DeviceOption("size", OptionType.SIZE, DEFAULT_SIZE,
                     "namespace size; the file grows sparse to it", minimum=MIN_SIZE)
 QUEUES = DeviceOption("queues", OptionType.INT, DEFAULT_IO_QUEUES, "I/O queue pairs offered",
@@ -122,10 +125,16 @@ MULTIFUNCTION = DeviceOption("multifunction", OptionType.BOOL, False,
 OPTIONS = (BACKING, SIZE, QUEUES, MULTIFUNCTION)
 
 
+def default_backing() -> Path:
+    """Where a standalone nvme function keeps its storage: egpu's data dir (read at start)."""
+    return dirs().devices / DEFAULT_BACKING_NAME
+
+
 def create(backing: Path | None = None, size: int = DEFAULT_SIZE,
            queues: int = DEFAULT_IO_QUEUES, multifunction: bool = False) -> NvmeFunction:
-    """Build the NVMe function from parsed :data:`OPTIONS`."""
+    """Build the NVMe function from parsed :data:`OPTIONS` (no backing: :func:`default_backing`)."""
     if backing is None:
-        raise UsageError("the nvme function needs a backing file", hint="-o backing=PATH")
+        backing = default_backing()
+        backing.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     return NvmeFunction(NvmeBacking(backing, size), max_io_queues=queues,
                         multifunction=multifunction)
