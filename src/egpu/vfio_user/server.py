@@ -87,13 +87,22 @@ class VfioUserServer:
         if self.socket_path is None:
             raise DeviceServerError("no socket path to listen on")
         prepare_socket_dir(self.socket_path)
+        # Bound under a dot name, renamed once listening: whoever waits for the path to exist
+        # (the supervisor, then QEMU) could otherwise connect between bind and listen and be
+        # refused. One byte longer than the final path, within the VM store's socket margin.
+        staging = self.socket_path.with_name("." + self.socket_path.name)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            sock.bind(str(self.socket_path))
-            os.chmod(self.socket_path, 0o600)
+            with contextlib.suppress(FileNotFoundError):
+                staging.unlink()  # left by a server that died mid-listen; the dir is ours
+            sock.bind(str(staging))
+            os.chmod(staging, 0o600)
             sock.listen(1)
+            os.rename(staging, self.socket_path)
         except OSError as e:
             sock.close()
+            with contextlib.suppress(OSError):
+                staging.unlink()
             raise DeviceServerError(f"cannot listen on {self.socket_path}: {e}") from e
         self._listener = sock
 
