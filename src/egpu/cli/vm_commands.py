@@ -89,8 +89,8 @@ def _guest_for(arch: str, *, dry_run: bool, progress: output.BarProgress) -> Gue
               help="accelerator [default: best available]")
 @click.option("--quiet", "-q", is_flag=True, help="no progress output")
 @click.option("--nvme-size", default=virtual.DEFAULT_NVME_SIZE, show_default=True,
-              help="virtual eGPU: size of its NVMe function's (sparse) storage, at least 1M "
-              "(a bare number is bytes)")
+              help="virtual eGPU: size of its NVMe function's (sparse) storage, "
+              f"{NVME_SIZE.bounds()} (a bare number is bytes)")
 @click.option("--image", default=None, is_flag=False, flag_value=DEFAULT_IMAGE,
               metavar="REF", help=f"boot a full guest image [bare --image: {DEFAULT_IMAGE}]")
 @click.option("--base", default=None, metavar="PATH", help="boot a local qcow2 (with an overlay)")

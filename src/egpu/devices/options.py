@@ -64,10 +64,11 @@ class DeviceOption:
                 raise UsageError(f"{what} {text!r} is not a whole number") from None
         low, high = self.minimum, self.maximum
         if (low is not None and value < low) or (high is not None and value > high):
-            raise UsageError(f"{what} {text!r} is out of range ({self._bounds()})")
+            raise UsageError(f"{what} {text!r} is out of range ({self.bounds()})")
         return value
 
-    def _bounds(self) -> str:
+    def bounds(self) -> str:
+        """The allowed range in words (``at least 1M``, ``1 to 64``)."""
         show = format_size if self.type is OptionType.SIZE else str
         if self.maximum is None:
             return f"at least {show(self.minimum or 0)}"
@@ -93,7 +94,7 @@ class DeviceOption:
             default = "on" if self.default else "off"
         else:
             default = str(self.default)
-        bounds = "" if self.minimum is None and self.maximum is None else f"; {self._bounds()}"
+        bounds = "" if self.minimum is None and self.maximum is None else f"; {self.bounds()}"
         return f"{self.help} [default: {default}{bounds}]"
 
 
