@@ -32,6 +32,8 @@ def assert_clean_failure(cli: Cli, proc: object, code: int, words: str) -> None:
         (("--disk", "/nonexistent/disk.img"), 2, "no such file"),
         (("--qemu", "/nonexistent/qemu-system-aarch64"), 2, "no such file"),
         (("--ssh-port", "70000"), 2, "not a TCP port number"),
+        (("--nvme-size", "512K"), 2, "--nvme-size '512K' is out of range (at least 1M)"),
+        (("--nvme-size", "big"), 2, "bad --nvme-size 'big'"),
     ],
 )
 def test_bad_run_input(cli: Cli, args: tuple[str, ...], code: int, words: str) -> None:

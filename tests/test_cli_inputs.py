@@ -136,7 +136,7 @@ def test_screenshot_refuses_a_target_that_is_not_a_regular_file(cli: Cli,
 
 
 def test_display_server_writes_only_regular_files(tmp_path: Path) -> None:
-    display = create(vram="1M")
+    display = create(vram=1 << 20)
     try:
         for target in special_files(tmp_path):
             kind = stat.S_IFMT(os.stat(target).st_mode)
@@ -155,7 +155,7 @@ def test_display_server_writes_only_regular_files(tmp_path: Path) -> None:
 
 
 def test_screenshot_request_carries_any_file_name(tmp_path: Path) -> None:
-    display = create(vram="1M")
+    display = create(vram=1 << 20)
     request = tmp_path / "screenshot.request"
     previous = signal.getsignal(SCREENSHOT_SIGNAL)
     try:

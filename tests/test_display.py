@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from egpu.devices import create_device
 from egpu.devices.base import IrqIndex, RegionIndex
 from egpu.devices.display import (
     DISPI_ENABLED,
@@ -29,7 +30,6 @@ from egpu.devices.display import (
     DisplayFunction,
     DisplayRegisters,
     ScanoutMode,
-    create,
     is_blank,
     render,
     request_screenshot,
@@ -202,15 +202,18 @@ def test_hostile_register_writes_keep_the_scanout_sane(writes: list[tuple[int, b
 
 
 def test_create_options() -> None:
-    f = create(vram="8M")
+    f = create_device("display", {"vram": "8M"})
+    assert isinstance(f, DisplayFunction)
     try:
         assert f.framebuffer.size == 8 << 20
     finally:
         f.framebuffer.close()
-    with pytest.raises(UsageError):
-        create(vram="3M")
-    with pytest.raises(UsageError):
-        create(depth=3)
+    with pytest.raises(UsageError, match="power of two"):
+        create_device("display", {"vram": "3M"})
+    with pytest.raises(UsageError, match="out of range"):
+        create_device("display", {"vram": "512M"})
+    with pytest.raises(UsageError, match=r"unknown display option\(s\): depth"):
+        create_device("display", {"depth": "3"})
 
 
 def test_screenshot_request_round_trip(fn: DisplayFunction, tmp_path: Path) -> None:

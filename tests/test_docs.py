@@ -101,8 +101,8 @@ def test_license_is_the_gpl_2_text_the_package_declares() -> None:
 def test_architecture_names_every_package_and_module() -> None:
     text = ARCHITECTURE.read_text()
     missing = [str(p.relative_to(SRC)) for p in _modules() if str(p.relative_to(SRC)) not in text]
-    missing += [f"src/egpu/{p.parent.name}/" for p in _packages()
-                if p.parent != SRC and f"src/egpu/{p.parent.name}/" not in text]
+    missing += [f"src/egpu/{p.parent.relative_to(SRC)}/" for p in _packages()
+                if p.parent != SRC and f"src/egpu/{p.parent.relative_to(SRC)}/" not in text]
     assert not missing, f"docs/ARCHITECTURE.md does not mention: {', '.join(missing)}"
 
 

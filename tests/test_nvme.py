@@ -16,17 +16,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from egpu.devices import nvme_spec as spec
+from egpu.devices import create_device
 from egpu.devices.base import IrqIndex, RegionIndex
-from egpu.devices.nvme import (
-    BAR0_SIZE,
-    CLASS_NVME,
-    NvmeBacking,
-    NvmeController,
-    create,
-    parse_size,
-)
-from egpu.devices.nvme_spec import AdminOpcode, IoOpcode, make_command
+from egpu.devices.nvme import spec
+from egpu.devices.nvme.backing import NvmeBacking
+from egpu.devices.nvme.controller import NvmeController
+from egpu.devices.nvme.function import BAR0_SIZE, CLASS_NVME, NvmeFunction, create
+from egpu.devices.nvme.spec import AdminOpcode, IoOpcode, make_command
 from egpu.dma import DmaProt, GuestMemory
 from egpu.errors import UsageError
 from egpu.pci import CapabilityId
@@ -648,7 +644,7 @@ def _run_hostile(guest: Guest, ops: list[tuple[str, int, object]]) -> None:
 
 
 def test_function_description_and_config(tmp_path: Path) -> None:
-    fn = create(backing=str(tmp_path / "d.img"), size="64M", queues="2")
+    fn = create(backing=tmp_path / "d.img", size=64 << 20, queues=2)
     try:
         cfg = fn.config
         assert cfg.u16(0) == 0x1234
@@ -667,17 +663,44 @@ def test_function_description_and_config(tmp_path: Path) -> None:
         fn.backing.close()
 
 
-def test_create_rejects_bad_options(tmp_path: Path) -> None:
-    with pytest.raises(UsageError):
-        create()
-    with pytest.raises(UsageError):
-        create(backing=str(tmp_path / "x"), queues="0")
-    with pytest.raises(UsageError):
-        create(backing=str(tmp_path / "x"), colour="red")
-    with pytest.raises(UsageError):
-        create(backing=str(tmp_path / "x"), size="12Q")
-    with pytest.raises(UsageError):
-        create(backing=str(tmp_path / "x"), size="100")  # less than one block
+@pytest.mark.parametrize(
+    ("options", "words"),
+    [
+        ({"queues": "0"}, "nvme option queues '0' is out of range (1 to 64)"),
+        ({"queues": "many"}, "nvme option queues 'many' is not a whole number"),
+        ({"colour": "red"}, "unknown nvme option(s): colour"),
+        ({"size": "12Q"}, "bad nvme option size '12Q'"),
+        ({"size": "100"}, "nvme option size '100' is out of range (at least 1M)"),
+        ({"size": "512K"}, "nvme option size '512K' is out of range (at least 1M)"),  # issue 8
+        ({"multifunction": "maybe"}, "nvme option multifunction 'maybe' is not a boolean"),
+        ({"backing": ""}, "nvme option backing needs a path"),
+    ],
+)
+def test_bad_options_are_refused_before_anything_is_made(
+    tmp_path: Path, options: dict[str, str], words: str
+) -> None:
+    with pytest.raises(UsageError) as e:
+        create_device("nvme", {"backing": str(tmp_path / "x"), **options})
+    assert words in str(e.value)
+    assert not (tmp_path / "x").exists()
+
+
+def test_smallest_namespace_is_one_mib(tmp_path: Path) -> None:
+    fn = create_device("nvme", {"backing": str(tmp_path / "x"), "size": "1M"})
+    assert (tmp_path / "x").stat().st_size == 1 << 20
+    assert isinstance(fn, NvmeFunction)
+    fn.backing.close()
+
+
+def test_standalone_backing_defaults_to_a_sparse_file_in_the_data_dir(egpu_home: Path) -> None:
+    fn = create_device("nvme", {"size": "2M"})
+    assert isinstance(fn, NvmeFunction)
+    try:
+        path = egpu_home / "data" / "devices" / "nvme.img"
+        assert fn.backing.path == path
+        assert path.stat().st_size == 2 << 20 and path.stat().st_blocks == 0
+    finally:
+        fn.backing.close()
 
 
 def test_existing_backing_file_is_never_shrunk(tmp_path: Path) -> None:
@@ -689,11 +712,3 @@ def test_existing_backing_file_is_never_shrunk(tmp_path: Path) -> None:
     b = NvmeBacking(path, None)
     assert b.blocks == 16
     b.close()
-
-
-def test_parse_size() -> None:
-    assert parse_size("1G") == 1 << 30
-    assert parse_size("512MiB") == 512 << 20
-    assert parse_size("4096") == 4096
-    with pytest.raises(UsageError):
-        parse_size("-1")

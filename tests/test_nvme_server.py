@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from egpu.devices import nvme_spec as spec
 from egpu.devices.base import IrqIndex, RegionIndex
-from egpu.devices.nvme import NvmeFunction, create
-from egpu.devices.nvme_spec import AdminOpcode, IoOpcode, make_command
+from egpu.devices.nvme import spec
+from egpu.devices.nvme.function import NvmeFunction, create
+from egpu.devices.nvme.spec import AdminOpcode, IoOpcode, make_command
 from egpu.vfio_user import protocol as p
 from egpu.vfio_user.client import VfioUserClient
 from egpu.vfio_user.server import VfioUserServer
@@ -34,8 +34,8 @@ class Rig:
     """A server thread on one end of a socketpair; the test is QEMU plus the guest driver."""
 
     def __init__(self, tmp_path: Path) -> None:
-        self.device: NvmeFunction = create(backing=str(tmp_path / "nvme.img"), size="4M",
-                                           queues="1")
+        self.device: NvmeFunction = create(backing=tmp_path / "nvme.img", size=4 << 20,
+                                           queues=1)
         self.server = VfioUserServer(self.device)
         self.ram_fd = os.memfd_create("guest-ram")
         os.ftruncate(self.ram_fd, RAM_SIZE)

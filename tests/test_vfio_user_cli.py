@@ -13,8 +13,10 @@ import tempfile
 import time
 from pathlib import Path
 
+import pytest
+
+from egpu.devices.sample import SAMPLE_VENDOR_ID
 from egpu.vfio_user.client import VfioUserClient
-from egpu.vfio_user.sample_device import SAMPLE_VENDOR_ID
 
 
 def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
@@ -64,6 +66,64 @@ def test_bad_option_is_a_usage_error(egpu_home: Path) -> None:
     )
     assert proc.returncode == 2 and "KEY=VALUE" in proc.stderr
     assert not sock_path.exists()
+
+
+def serve_argv(sock_path: Path, function: str, *options: str) -> list[str]:
+    argv = [sys.executable, "-m", "egpu", "vfio-user", "serve", "--socket", str(sock_path),
+            "--function", function]
+    for option in options:
+        argv += ["-o", option]
+    return argv
+
+
+def test_help_lists_every_functions_options(egpu_home: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "egpu", "vfio-user", "serve", "--help"],
+                          capture_output=True, text=True, timeout=60, check=True)
+    text = " ".join(proc.stdout.split())  # click wraps to the terminal width
+    for function in ("display", "nvme", "sample"):
+        assert f"Options of --function {function} (-o KEY=VALUE)" in text
+    for words in ("vram=SIZE", "screenshot_request=PATH", "backing=PATH", "size=SIZE",
+                  "queues=N", "[default: 4; 1 to 64]", "[default: 1G; at least 1M]"):
+        assert words in text, proc.stdout
+
+
+@pytest.mark.parametrize(
+    ("function", "option", "words"),
+    [
+        ("nvme", "colour=red", "unknown nvme option(s): colour (known: backing, size, queues"),
+        ("nvme", "size=512K", "nvme option size '512K' is out of range (at least 1M)"),
+        ("nvme", "queues=65", "nvme option queues '65' is out of range (1 to 64)"),
+        ("display", "vram=lots", "bad display option vram 'lots'"),
+        ("display", "multifunction=maybe", "display option multifunction 'maybe' is not a"),
+        ("sample", "x=1", "unknown sample option(s): x (known: none)"),
+    ],
+)
+def test_bad_device_option_is_one_line(egpu_home: Path, function: str, option: str,
+                                       words: str) -> None:
+    sock_path = Path(tempfile.mkdtemp(prefix="vu", dir="/tmp")) / "fn.sock"
+    proc = subprocess.run(serve_argv(sock_path, function, option), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 2, proc.stderr
+    err = proc.stderr.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and words in err, err
+    assert not sock_path.exists()
+    assert not (egpu_home / "data" / "devices").exists()
+
+
+def test_nvme_standalone_gets_a_sparse_backing_in_the_data_dir(egpu_home: Path) -> None:
+    sock_path = Path(tempfile.mkdtemp(prefix="vu", dir="/tmp")) / "fn.sock"
+    proc = subprocess.Popen(serve_argv(sock_path, "nvme", "size=8M"), stderr=subprocess.PIPE)
+    try:
+        wait_for_socket(sock_path, proc)
+        backing = egpu_home / "data" / "devices" / "nvme.img"
+        assert backing.stat().st_size == 8 << 20 and backing.stat().st_blocks == 0
+        assert stat.S_IMODE(backing.stat().st_mode) == 0o600
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 def test_public_socket_dir_is_refused(egpu_home: Path) -> None:

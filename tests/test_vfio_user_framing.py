@@ -13,10 +13,11 @@ from collections.abc import Iterator
 
 import pytest
 
+from egpu.devices.sample import BAR2_SIZE, SAMPLE_VENDOR_ID, SampleFunction
 from egpu.vfio_user import protocol as p
 from egpu.vfio_user.client import VfioUserClient
-from egpu.vfio_user.sample_device import BAR2_SIZE, SAMPLE_VENDOR_ID, SampleFunction
-from egpu.vfio_user.server import SERVER_CAPABILITIES, VfioUserServer
+from egpu.vfio_user.dispatcher import SERVER_CAPABILITIES
+from egpu.vfio_user.server import VfioUserServer
 
 RW = p.DMA_FLAG_READ | p.DMA_FLAG_WRITE
 
@@ -208,7 +209,7 @@ def test_remote_dma_is_chunked_by_the_client_limit() -> None:
             serve_dma(m)  # type: ignore[arg-type]
 
         client._serve_dma = spy  # type: ignore[method-assign]
-        from egpu.vfio_user.sample_device import (
+        from egpu.devices.sample import (
             DMA_TO_DEVICE,
             REG_DMA_ADDR,
             REG_DMA_CMD,

@@ -11,11 +11,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from egpu.devices.base import Interrupts
+from egpu.devices.sample import BAR0_SIZE, BAR2_SIZE, SampleFunction
 from egpu.dma import GuestMemory
 from egpu.vfio_user import protocol as p
 from egpu.vfio_user.client import VfioUserClient
-from egpu.vfio_user.sample_device import BAR0_SIZE, BAR2_SIZE, SampleFunction
-from egpu.vfio_user.server import Dispatcher, VfioUserServer
+from egpu.vfio_user.dispatcher import Dispatcher
+from egpu.vfio_user.server import VfioUserServer
 
 u16 = st.integers(0, 0xFFFF)
 u32 = st.integers(0, 0xFFFFFFFF)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from egpu.devices.sample import SAMPLE_DEVICE_ID, SAMPLE_VENDOR_ID, SampleFunction
 from egpu.dma import DmaRange
-from egpu.vfio_user.sample_device import SAMPLE_DEVICE_ID, SAMPLE_VENDOR_ID, SampleFunction
 from egpu.vfio_user.server import VfioUserServer
 
 pytestmark = pytest.mark.qemu

@@ -16,10 +16,7 @@ from pathlib import Path
 import pytest
 
 from egpu.devices.base import IrqIndex, RegionIndex
-from egpu.errors import ConflictError, DeviceServerError
-from egpu.vfio_user import protocol as p
-from egpu.vfio_user.client import VfioUserClient
-from egpu.vfio_user.sample_device import (
+from egpu.devices.sample import (
     BAR2_SIZE,
     DMA_FROM_DEVICE,
     DMA_TO_DEVICE,
@@ -33,6 +30,9 @@ from egpu.vfio_user.sample_device import (
     SAMPLE_VENDOR_ID,
     SampleFunction,
 )
+from egpu.errors import ConflictError, DeviceServerError
+from egpu.vfio_user import protocol as p
+from egpu.vfio_user.client import VfioUserClient
 from egpu.vfio_user.server import VfioUserServer
 
 CONFIG = RegionIndex.CONFIG
@@ -544,6 +544,32 @@ def test_socket_is_private_and_server_stops(tmp_path: Path) -> None:
     assert not thread.is_alive() and not sock_path.exists()
     s.close()
     assert server.clients_served == 4  # the ConflictError probe connected too
+
+
+def test_socket_path_appears_only_once_listening(tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # The supervisor starts QEMU as soon as the path exists: a path bound but not yet
+    # listening would refuse QEMU's connect.
+    sock_path = tmp_path / "srv" / "fn0.sock"
+    seen_at_listen: list[bool] = []
+
+    class Recording(socket.socket):
+        def listen(self, backlog: int = 1) -> None:
+            seen_at_listen.append(sock_path.exists())
+            super().listen(backlog)
+
+    monkeypatch.setattr(socket, "socket", Recording)
+    server = VfioUserServer(SampleFunction(), sock_path)
+    server.listen()
+    try:
+        assert seen_at_listen == [False]
+        assert sorted(p.name for p in sock_path.parent.iterdir()) == ["fn0.sock"]
+        assert stat.S_IMODE(sock_path.stat().st_mode) == 0o600
+        monkeypatch.undo()
+        with socket.socket(socket.AF_UNIX) as s:
+            s.connect(str(sock_path))  # listening: the backlog takes it without a server loop
+    finally:
+        server.close()
 
 
 def test_public_directory_is_refused(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 Layout (all under one root when ``EGPU_HOME`` is set)::
 
     data/vms/<name>/        one directory per VM (see egpu.vm.store)
+    data/devices/           storage of device servers run on their own (egpu vfio-user serve)
     cache/engine/           the private QEMU engine
     cache/guest/<arch>/     built-in guest kernel + initramfs
     cache/debs/             downloaded distribution packages
@@ -33,6 +34,10 @@ class Dirs:
     @property
     def vms(self) -> Path:
         return self.data / "vms"
+
+    @property
+    def devices(self) -> Path:
+        return self.data / "devices"
 
     @property
     def engine(self) -> Path:

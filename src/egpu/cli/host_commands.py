@@ -15,7 +15,7 @@ import click
 from rich.markup import escape
 
 from egpu.cli import output
-from egpu.engine.argv import MIB, parse_memory
+from egpu.engine.argv import parse_memory
 from egpu.engine.passthrough import ENGINE_CHOICES, RunPassthrough, resolve_run
 from egpu.engine.qemu import (
     APPLE_DEVICE,
@@ -44,6 +44,7 @@ from egpu.host.facts import (
 from egpu.host.slots import bound_since_start, function_label
 from egpu.images.reference import parse_reference
 from egpu.images.store import ImageStore
+from egpu.units import MIB
 from egpu.vm import store
 from egpu.vm.status import VmStatus, inspect
 
@@ -282,7 +283,8 @@ def _print_check(c: Check) -> None:
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True, help="JSON output")
-@click.option("--memory", default=None, metavar="SIZE", help="guest memory to check, e.g. 14G")
+@click.option("--memory", default=None, metavar="SIZE",
+              help="guest memory to check, e.g. 14G (a bare number is MiB)")
 @click.option("--qemu", default=None, metavar="PATH",
               help="check this qemu-system binary, or a host app (X.app)")
 @click.option("--image", default=None, metavar="REF", help="Mac: check this image's GPU driver")

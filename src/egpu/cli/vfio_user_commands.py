@@ -10,15 +10,11 @@ from types import FrameType
 import click
 
 from egpu.cli import output
-from egpu.devices import DEVICE_MODULES, create_device
-from egpu.devices.base import DeviceBackend
-from egpu.devices.display import DisplayFunction, serve_screenshots
+from egpu.devices import DEVICE_MODULES, create_device, device_options
 from egpu.errors import UsageError
-from egpu.vfio_user.sample_device import create as create_sample
 from egpu.vfio_user.server import VfioUserServer
 
-FUNCTIONS = (*DEVICE_MODULES, "sample")
-SCREENSHOT_OPTION = "screenshot_request"  # the display option naming the request file
+FUNCTIONS = tuple(DEVICE_MODULES)
 
 
 def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -31,11 +27,19 @@ def _parse_options(pairs: tuple[str, ...]) -> dict[str, str]:
     return options
 
 
-def build_device(function: str, options: dict[str, str]) -> DeviceBackend:
-    """The device model for ``--function`` (``sample`` is the protocol test device)."""
-    if function == "sample":
-        return create_sample(**options)
-    return create_device(function, **options)
+class _ServeCommand(click.Command):
+    """``serve`` whose help lists every function's declared ``-o`` options."""
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        for function in FUNCTIONS:
+            declared = device_options(function)
+            with formatter.section(f"Options of --function {function} (-o KEY=VALUE)"):
+                if declared:
+                    formatter.write_dl([(f"{o.name}={o.type.value}", o.describe())
+                                        for o in declared])
+                else:
+                    formatter.write_text("none")
+        super().format_epilog(ctx, formatter)
 
 
 @click.group("vfio-user")
@@ -43,26 +47,26 @@ def vfio_user() -> None:
     """Serve virtual PCI functions over the vfio-user protocol."""
 
 
-@vfio_user.command("serve")
+@vfio_user.command("serve", cls=_ServeCommand)
 @click.option("--socket", "socket_path", required=True, type=click.Path(path_type=Path),
               help="UNIX socket to listen on (its directory is made private, 0700).")
 @click.option("--function", "function", required=True, type=click.Choice(FUNCTIONS),
               help="Which device function to serve.")
 @click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE",
-              help="Device option, passed to the model (repeatable).")
+              help="Device option of the function, listed below (repeatable).")
 @click.option("-v", "--verbose", is_flag=True, help="Log connections and refused requests.")
 def serve(socket_path: Path, function: str, options: tuple[str, ...], verbose: bool) -> None:
-    """Serve one PCI function on SOCKET until SIGTERM/SIGINT (clients may come and go)."""
+    """Serve one PCI function on SOCKET until SIGTERM/SIGINT (clients may come and go).
+
+    Sizes take K, M, G or T (1024-based); a bare number is bytes.
+    """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
-    parsed = _parse_options(options)
-    device = build_device(function, parsed)
+    device = create_device(function, _parse_options(options))
+    # A display given screenshot_request answers `egpu screenshot` by signal from here on: the
+    # server attaches it in this, the main, thread (devices/display.py).
     server = VfioUserServer(device, socket_path)
     server.listen()
-    request = parsed.get(SCREENSHOT_OPTION)
-    if isinstance(device, DisplayFunction) and request:
-        # `egpu screenshot` asks this process for a PNG by signal (devices/display.py).
-        serve_screenshots(device, Path(request))
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         server.stop()

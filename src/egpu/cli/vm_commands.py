@@ -24,7 +24,7 @@ from egpu.cli.host_commands import (
     run_passthrough,
 )
 from egpu.devices.display import is_blank, replaceable, request_screenshot
-from egpu.devices.nvme import parse_size
+from egpu.devices.nvme.function import SIZE as NVME_SIZE
 from egpu.engine import virtual
 from egpu.engine.argv import parse_memory
 from egpu.engine.qemu import (
@@ -88,7 +88,8 @@ def _guest_for(arch: str, *, dry_run: bool, progress: output.BarProgress) -> Gue
 @click.option("--name", default=None, help=f"VM name [default: {DEFAULT_NAME}]")
 @click.option("--arch", default="aarch64", show_default=True, help="guest architecture")
 @click.option("--cpus", default=DEFAULT_CPUS, show_default=True, type=int)
-@click.option("--memory", default=DEFAULT_MEMORY, show_default=True, help="e.g. 512M, 4G")
+@click.option("--memory", default=DEFAULT_MEMORY, show_default=True,
+              help="e.g. 512M, 4G (a bare number is MiB)")
 @click.option("--disk", "disks", multiple=True, metavar="PATH[:ro]", help="extra disk (virtio)")
 @click.option("--ssh-port", type=int, default=None, help="forward 127.0.0.1:PORT to guest :22")
 @click.option("--detach", "-d", is_flag=True, help="return once QEMU is up")
@@ -101,7 +102,8 @@ def _guest_for(arch: str, *, dry_run: bool, progress: output.BarProgress) -> Gue
               help="accelerator [default: best available]")
 @click.option("--quiet", "-q", is_flag=True, help="no progress output")
 @click.option("--nvme-size", default=virtual.DEFAULT_NVME_SIZE, show_default=True,
-              help="virtual eGPU: size of its NVMe function's (sparse) storage")
+              help="virtual eGPU: size of its NVMe function's (sparse) storage, "
+              f"{NVME_SIZE.bounds()} (a bare number is bytes)")
 @click.option("--image", default=None, is_flag=False, flag_value=DEFAULT_IMAGE,
               metavar="REF", help=f"boot a full guest image [bare --image: {DEFAULT_IMAGE}]")
 @click.option("--base", default=None, metavar="PATH", help="boot a local qcow2 (with an overlay)")
@@ -131,7 +133,7 @@ def run(
     if selftest and (image or base):
         raise UsageError("--self-test runs the built-in guest; drop --image/--base")
     vm_name = store.check_name(name or (SELFTEST_NAME if selftest else DEFAULT_NAME))
-    parse_size(nvme_size)
+    NVME_SIZE.parse(nvme_size, "--nvme-size")
     # cheap checks first: bad input must fail before anything is downloaded or built
     for disk in disks:
         lifecycle.assumed_disk(disk)

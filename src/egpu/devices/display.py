@@ -47,7 +47,7 @@ from egpu.devices.base import (
     PciFunction,
     RegionIndex,
 )
-from egpu.devices.nvme import parse_size
+from egpu.devices.options import DeviceOption, OptionType
 from egpu.dma import GuestMemory
 from egpu.errors import DeviceServerError, UsageError
 from egpu.pci import BarKind, ConfigSpace
@@ -76,7 +76,6 @@ VGA_PORT_BASE = 0x3C0
 DISPI_OFFSET = 0x500
 QEXT_OFFSET = 0x600
 QEXT_SIZE = 8
-QEXT_REG_SIZE = 0x600
 QEXT_REG_ENDIAN = 0x604
 ENDIAN_LITTLE = 0x1E1E1E1E
 ENDIAN_BIG = 0xBEBEBEBE
@@ -476,17 +475,21 @@ def replaceable(path: Path) -> bool:
         return False
 
 
-def create(vram: str | int = DEFAULT_VRAM, multifunction: bool | str = True,
-           screenshot_request: str | Path | None = None, **unknown: object) -> DisplayFunction:
-    """Build the display function: ``vram`` size, ``screenshot_request`` file path (optional)."""
-    if unknown:
-        raise UsageError(f"unknown display option(s): {', '.join(sorted(unknown))}",
-                         hint="known: vram, multifunction, screenshot_request")
-    mf = multifunction if isinstance(multifunction, bool) else multifunction.lower() in (
-        "1", "on", "true", "yes")
-    return DisplayFunction(parse_size(vram), multifunction=mf,
-                           screenshot_request=None if screenshot_request is None
-                           else Path(screenshot_request))
+VRAM = DeviceOption("vram", OptionType.SIZE, DEFAULT_VRAM, "video memory (BAR0), a power of two",
+                    minimum=MIN_VRAM, maximum=MAX_VRAM)
+MULTIFUNCTION = DeviceOption("multifunction", OptionType.BOOL, True,
+                             "set the multifunction bit of the PCI header (function 0 of a card)")
+SCREENSHOT_REQUEST = DeviceOption(
+    "screenshot_request", OptionType.PATH, None,
+    "request file through which `egpu screenshot` asks this server for a PNG")
+OPTIONS = (VRAM, MULTIFUNCTION, SCREENSHOT_REQUEST)
+
+
+def create(vram: int = DEFAULT_VRAM, multifunction: bool = True,
+           screenshot_request: Path | None = None) -> DisplayFunction:
+    """Build the display function from parsed :data:`OPTIONS`."""
+    return DisplayFunction(vram, multifunction=multifunction,
+                           screenshot_request=screenshot_request)
 
 
 # -- screenshot requests between processes -------------------------------------------------------

@@ -6,7 +6,6 @@ ready-made argument lists (``VmSpec.devices``); this module composes the machine
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,10 +13,8 @@ from typing import Literal
 
 from egpu.engine.qemu_options import OptionValue, option_string
 from egpu.errors import UsageError
+from egpu.units import MIB, parse_size
 
-MIB = 1 << 20
-_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
-_UNIT_MIB = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
 MIN_MEMORY_MIB = 64
 MAX_MEMORY_MIB = 1 << 22  # 4 TiB
 MIN_CPUS = 1
@@ -35,16 +32,11 @@ MemoryBackend = Literal["plain", "memfd-shared", "prealloc"]
 
 
 def parse_memory(text: str) -> int:
-    """Parse a memory size (``512M``, ``2G``, ``1.5GiB``, bare numbers are MiB) into MiB."""
-    m = _SIZE_RE.match(text)
-    if not m:
-        raise UsageError(f"bad memory size {text!r}; use e.g. 512M or 4G")
-    mib = float(m.group(1)) * _UNIT_MIB[m.group(2).upper()]
-    if mib != int(mib):
-        raise UsageError(f"memory size {text!r} is not a whole number of MiB")
+    """Guest memory in MiB from ``512M``, ``2G``, ``1.5GiB`` (a bare number is MiB, as in QEMU)."""
+    mib = parse_size(text, bare_unit=MIB, granule=MIB, what="memory size") // MIB
     if not MIN_MEMORY_MIB <= mib <= MAX_MEMORY_MIB:
         raise UsageError(f"memory size {text!r} out of range ({MIN_MEMORY_MIB}M to 4T)")
-    return int(mib)
+    return mib
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,18 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from egpu.devices.display import SCREENSHOT_REQUEST
+from egpu.devices.nvme.function import BACKING as NVME_BACKING
+from egpu.devices.nvme.function import DEFAULT_SIZE
+from egpu.devices.nvme.function import SIZE as NVME_SIZE
 from egpu.engine.argv import VmSpec
 from egpu.engine.qemu_options import json_option
+from egpu.units import format_size
 
 # Clear of the slots QEMU hands out to -device entries without an addr (they count up from 1)
 # and of q35's fixed functions at 0x1f.
 GUEST_SLOT = 0x10
-DEFAULT_NVME_SIZE = "1G"
+DEFAULT_NVME_SIZE = format_size(DEFAULT_SIZE)  # as `--nvme-size` shows it
 # The guest checks that need the card (egpu/guest/checks).
 CHECKS = ("nvme", "display")
 
@@ -51,16 +56,13 @@ class VirtualEgpuPlan:
         return replace(spec, memory_backend="memfd-shared", devices=spec.devices + self.devices)
 
 
-SCREENSHOT_OPTION = "screenshot_request"
-
-
 def screenshot_request_of(options: object) -> Path | None:
     """The screenshot request file named in a server's recorded options, if any."""
     if not isinstance(options, list | tuple):
         return None
     for option in options:
         key, _, value = str(option).partition("=")
-        if key == SCREENSHOT_OPTION and value:
+        if key == SCREENSHOT_REQUEST.name and value:
             return Path(value)
     return None
 
@@ -87,11 +89,11 @@ def virtual_egpu_plan(
     request = servers_dir / "screenshot.request"
     display = DeviceServer(
         "display", 0, servers_dir / "display.sock", servers_dir / "display.log",
-        (f"{SCREENSHOT_OPTION}={request}",),
+        (SCREENSHOT_REQUEST.pair(request),),
     )
     nvme = DeviceServer(
         "nvme", 1, servers_dir / "nvme.sock", servers_dir / "nvme.log",
-        (f"backing={nvme_backing}", f"size={nvme_size}"),
+        (NVME_BACKING.pair(nvme_backing), f"{NVME_SIZE.name}={nvme_size}"),
     )
     servers = (display, nvme)
     return VirtualEgpuPlan(

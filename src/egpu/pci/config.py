@@ -16,7 +16,6 @@ from egpu.errors import DeviceServerError
 
 CONFIG_SPACE_SIZE = 4096  # PCIe extended configuration space
 LEGACY_CONFIG_SIZE = 256
-EXTENDED_CAP_START = 0x100
 
 # Type-0 header offsets (PCI Local Bus 3.0, section 6.1).
 VENDOR_ID = 0x00
@@ -24,10 +23,8 @@ DEVICE_ID = 0x02
 COMMAND = 0x04
 STATUS = 0x06
 REVISION_ID = 0x08
-CLASS_PROG = 0x09
 CLASS_CODE = 0x09  # 3 bytes: prog-if, subclass, base class
 CACHE_LINE_SIZE = 0x0C
-LATENCY_TIMER = 0x0D
 HEADER_TYPE = 0x0E
 BAR0 = 0x10
 SUBSYSTEM_VENDOR_ID = 0x2C
@@ -146,11 +143,8 @@ PCIE_DEVSTA = 0x0A
 PCIE_LNKCAP = 0x0C
 PCIE_LNKCTL = 0x10
 PCIE_LNKSTA = 0x12
-PCIE_DEVCAP2 = 0x24
-PCIE_DEVCTL2 = 0x28
 PCIE_LNKCAP2 = 0x2C
 PCIE_LNKCTL2 = 0x30
-PCIE_LNKSTA2 = 0x32
 PCIE_DEVCAP_FLR = 1 << 28
 # DEVCTL: correctable/non-fatal/fatal/UR reporting, relaxed ordering, max payload, extended tag,
 # phantom, aux power, no snoop, max read request, initiate FLR (bit 15, reads as zero).

@@ -47,14 +47,6 @@ class Command(enum.IntEnum):
     MIG_DATA_WRITE = 18
 
 
-_COMMANDS = {c.value: c for c in Command}
-
-
-def command_from_wire(value: int) -> Command | None:
-    """The Command for a raw number, or None (unsupported: the server answers ENOSYS)."""
-    return _COMMANDS.get(value)
-
-
 @dataclass(frozen=True)
 class Header:
     """A decoded message header."""

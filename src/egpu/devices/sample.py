@@ -1,4 +1,4 @@
-"""A minimal PCI function for protocol tests and smoke runs against any vfio-user client.
+"""The sample PCI function: protocol tests and smoke runs against any vfio-user client.
 
 BAR0 (4 KiB, trapped): scratch registers plus three commands that exercise the server paths a
 real device uses; the MSI-X table and PBA live at its end. BAR2 (64 KiB) is shared memory whose
@@ -22,6 +22,7 @@ from egpu.devices.base import (
     MmapArea,
     PciFunction,
 )
+from egpu.devices.options import DeviceOption
 from egpu.dma import DmaError
 from egpu.pci import BarKind, ConfigSpace, MsixLayout
 
@@ -119,6 +120,9 @@ class SampleFunction(PciFunction):
         self.resets += 1
 
 
-def create(**_options: object) -> SampleFunction:
-    """Factory used by ``egpu vfio-user serve --function sample``."""
+OPTIONS: tuple[DeviceOption, ...] = ()  # nothing to configure
+
+
+def create() -> SampleFunction:
+    """Build the sample function (``egpu vfio-user serve --function sample``)."""
     return SampleFunction()

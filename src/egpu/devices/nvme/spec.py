@@ -24,9 +24,7 @@ REG_NSSR = 0x20
 REG_AQA = 0x24
 REG_ASQ = 0x28
 REG_ACQ = 0x30
-REG_CMBLOC = 0x38
 REG_CMBSZ = 0x3C
-REG_AREA_SIZE = 0x1000  # registers live below the first doorbell
 DOORBELL_BASE = 0x1000
 
 NVME_VERSION_1_4 = 0x00010400
@@ -36,15 +34,11 @@ CAP_TO_SHIFT = 24
 CAP_DSTRD_SHIFT = 32
 CAP_CSS_NVM = 1 << 37
 CAP_MPSMIN_SHIFT = 48
-CAP_MPSMAX_SHIFT = 52
 
 CC_EN = 1 << 0
 CC_CSS_SHIFT, CC_CSS_MASK = 4, 0x7
 CC_MPS_SHIFT, CC_MPS_MASK = 7, 0xF
 CC_SHN_SHIFT, CC_SHN_MASK = 14, 0x3
-CC_IOSQES_SHIFT = 16
-CC_IOCQES_SHIFT = 20
-CC_ES_MASK = 0xF
 
 CSTS_RDY = 1 << 0
 CSTS_CFS = 1 << 1
@@ -62,7 +56,6 @@ SQE_SIZE = 64
 CQE_SIZE = 16
 SQES_LOG2 = 6
 CQES_LOG2 = 4
-MAX_ADMIN_QUEUE_ENTRIES = AQA_SIZE_MASK + 1
 
 
 # -- submission and completion entries (spec 4.2, 4.6) -----------------------------------------

@@ -1,67 +1,31 @@
-"""Function 1 of the virtual eGPU: an NVMe controller that moves all its data by DMA.
-
-Linux's in-tree ``nvme`` driver binds it (class 0x010802). It stands in for GPU DMA traffic: every
-byte read or written goes between the backing file and guest memory through the server's
-guest-memory table, zero-copy (``os.preadv``/``os.pwritev`` into views of the mapped guest RAM).
-
-Threat model: the guest programs everything the controller reads — register values, queue bases
-and sizes, doorbell values, submission entries, PRP entries and lists. All of it is decoded here,
-in one place each (registers in :meth:`NvmeController.bar0_write`, commands in the ``_admin_*`` and
-``_io_*`` handlers, data pointers in :meth:`NvmeController.prp_segments`), checked against what
-the controller offered (CAP.MQES, the queue count granted, the MSI-X vectors, MDTS, the namespace
-size), and either answered with an NVMe error status or masked and logged. Guest memory is reached
-only through :class:`~egpu.dma.GuestMemory`, which refuses any address outside the mapped ranges;
-a queue in unmapped memory makes the controller fatal (CSTS.CFS), as real hardware does on a
-master abort, until the driver resets it.
-"""
+"""The NVMe controller core: registers, queues, admin and NVM commands. No PCI, no sockets."""
 
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import errno
 import logging
 import os
 import struct
-import sys
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import ClassVar
 
-from egpu.devices import nvme_spec as spec
-from egpu.devices.base import (
-    DeviceDescription,
-    Interrupts,
-    IrqIndex,
-    IrqLine,
-    PciFunction,
-    RegionIndex,
-)
-from egpu.devices.nvme_spec import AdminOpcode, Command, Feature, Identify, IoOpcode, LogPage
+from egpu.devices.nvme import spec
+from egpu.devices.nvme.backing import NvmeBacking, pwritev_all
+from egpu.devices.nvme.falloc import punch_hole
+from egpu.devices.nvme.spec import AdminOpcode, Command, Feature, Identify, IoOpcode, LogPage
 from egpu.devices.pinned import PinnedGuestMemory
-from egpu.dma import DmaError, DmaRange, GuestMemory
-from egpu.errors import DeviceServerError, UsageError
-from egpu.pci import BarKind, ConfigSpace, MsixLayout
-from egpu.pci import Command as PciCommand
+from egpu.dma import DmaError, GuestMemory
+from egpu.errors import UsageError
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("egpu.devices.nvme")
 
-# -- PCI identity and BAR layout ---------------------------------------------------------------
-
-VENDOR_ID = 0x1234  # the QEMU/Bochs vendor id the display function uses too
-DEVICE_ID = 0xE9E1  # "eGPU, function 1": not in any driver's quirk table
-CLASS_NVME = 0x010802  # mass storage, non-volatile memory, NVM Express
-BAR0_SIZE = 0x4000  # registers, doorbells, MSI-X table and PBA (Linux maps >= 8 KiB)
-MSIX_TABLE_OFFSET = 0x2000
-MSIX_PBA_OFFSET = 0x3000
-
+VENDOR_ID = 0x1234  # the QEMU/Bochs vendor id the display function uses too (PCI and Identify)
 DEFAULT_IO_QUEUES = 4
 MAX_IO_QUEUES = 64  # doorbells for 65 queue pairs fit below the MSI-X table
 DEFAULT_MQES = 1023  # CAP.MQES, 0-based: 1024 entries per I/O queue
 DEFAULT_MDTS = 8  # 2**8 pages = 1 MiB per command
-DEFAULT_LBA_SHIFT = 9
 CAP_TIMEOUT_500MS = 20  # CAP.TO: the driver waits up to 10 s for CSTS.RDY
 AER_LIMIT = 4  # outstanding Asynchronous Event Requests (AERL + 1)
 HOSTILE_LOG_LIMIT = 32  # warnings about guest misbehaviour before going quiet
@@ -102,60 +66,6 @@ class CompletionQueue:
     tail: int = 0
     phase: int = 1
     sqs: list[int] = field(default_factory=list)
-
-
-class NvmeBacking:
-    """The namespace's storage: a (sparse) file of ``size`` bytes, kept open."""
-
-    def __init__(self, path: Path, size: int | None, lba_shift: int = DEFAULT_LBA_SHIFT) -> None:
-        block = 1 << lba_shift
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        except OSError as e:
-            raise DeviceServerError(f"cannot open NVMe backing file {path}: {e.strerror}") from e
-        try:
-            current = os.fstat(fd).st_size
-            if size is None:
-                size = current
-            size -= size % block
-            if size < block:
-                raise UsageError(f"NVMe backing {path} is smaller than one {block}-byte block",
-                                 hint="pass a size such as 1G")
-            if current < size:
-                os.ftruncate(fd, size)  # sparse: grows without writing, never shrinks user data
-        except OSError as e:
-            os.close(fd)
-            raise DeviceServerError(f"cannot size NVMe backing file {path}: {e.strerror}") from e
-        except BaseException:
-            os.close(fd)
-            raise
-        self.path = path
-        self.fd = fd
-        self.size = size
-        self.lba_shift = lba_shift
-        self.blocks = size >> lba_shift
-
-    def close(self) -> None:
-        """Close the file (idempotent)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-
-def parse_size(text: str | int) -> int:
-    """Parse ``1G``, ``512M``, ``64K`` or a byte count; raises UsageError."""
-    if isinstance(text, int):
-        return text
-    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    t = text.strip().upper().removesuffix("B").removesuffix("I")
-    number, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
-    try:
-        value = int(number) * units[unit]
-    except ValueError:
-        raise UsageError(f"bad size {text!r}", hint="use a number with K, M, G or T") from None
-    if value <= 0:
-        raise UsageError(f"bad size {text!r}", hint="it must be positive")
-    return value
 
 
 @dataclass(frozen=True)
@@ -814,14 +724,14 @@ class NvmeController:
         try:
             views = self._windows(segments, False)
             if views is not None:
-                _pwritev_all(fd, views, offset)
+                pwritev_all(fd, views, offset)
                 return spec.SUCCESS
             for addr, n in segments:
                 try:
                     with self.memory.view(addr, n) as v:
-                        _pwritev_all(fd, [v], offset)
+                        pwritev_all(fd, [v], offset)
                 except DmaError:
-                    _pwritev_all(fd, [memoryview(self.memory.read(addr, n))], offset)
+                    pwritev_all(fd, [memoryview(self.memory.read(addr, n))], offset)
                 offset += n
         except DmaError as e:
             self._hostile(f"write DMA failed: {e}")
@@ -869,7 +779,7 @@ class NvmeController:
         try:
             while length:
                 n = min(length, len(zeros))
-                _pwritev_all(self.backing.fd, [zeros[:n]], offset)
+                pwritev_all(self.backing.fd, [zeros[:n]], offset)
                 offset += n
                 length -= n
         except OSError as e:
@@ -877,140 +787,3 @@ class NvmeController:
             return spec.INTERNAL_ERROR
         return spec.SUCCESS
 
-
-_FALLOC_FL_KEEP_SIZE = 0x01  # linux/falloc.h
-_FALLOC_FL_PUNCH_HOLE = 0x02
-_libc: ctypes.CDLL | None = None
-
-
-def punch_hole(fd: int, offset: int, length: int) -> bool:
-    """Deallocate a range of a file (it then reads as zeros); False when unsupported."""
-    global _libc
-    if sys.platform != "linux":
-        return False
-    if _libc is None:
-        _libc = ctypes.CDLL(None, use_errno=True)
-    fallocate = _libc.fallocate
-    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fallocate.restype = ctypes.c_int
-    result: int = fallocate(fd, _FALLOC_FL_PUNCH_HOLE | _FALLOC_FL_KEEP_SIZE, offset, length)
-    return result == 0
-
-
-def _pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
-    """Write every byte of ``views`` at ``offset``, resuming after short writes."""
-    while views:
-        n = os.pwritev(fd, views, offset)
-        if n <= 0:
-            raise OSError(errno.EIO, "short write")
-        offset += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views = views[1:]
-        if views and n:
-            views = [views[0][n:], *views[1:]]
-
-
-# -- the PCI function ---------------------------------------------------------------------------
-
-
-class NvmeFunction(PciFunction):
-    """The NVMe controller as a vfio-user PCI function (BAR0 trapped, MSI-X per queue)."""
-
-    def __init__(self, backing: NvmeBacking, *, max_io_queues: int = DEFAULT_IO_QUEUES,
-                 multifunction: bool = False) -> None:
-        vectors = max_io_queues + 1
-        config = ConfigSpace(vendor_id=VENDOR_ID, device_id=DEVICE_ID, class_code=CLASS_NVME,
-                             revision=2, subsystem_vendor_id=VENDOR_ID, subsystem_id=DEVICE_ID,
-                             multifunction=multifunction, interrupt_pin=0)
-        config.add_bar(0, BAR0_SIZE, BarKind.MEM64)
-        config.add_power_management()
-        config.add_msix(MsixLayout(vectors, 0, MSIX_TABLE_OFFSET, 0, MSIX_PBA_OFFSET))
-        config.add_pci_express()
-        super().__init__(config)
-        self.backing = backing
-        self.max_io_queues = max_io_queues
-        self._controller: NvmeController | None = None
-
-    def describe(self) -> DeviceDescription:
-        """Config space, BAR0, and one MSI-X vector per queue."""
-        return DeviceDescription(
-            regions=(self.config_region(), *self.bar_regions()),
-            # ERR and REQ let QEMU set up error recovery and device-request notifiers (it warns
-            # when a device has none); nothing ever signals them.
-            irqs=(IrqLine(IrqIndex.MSIX, self.max_io_queues + 1), IrqLine(IrqIndex.ERR, 1),
-                  IrqLine(IrqIndex.REQ, 1)),
-        )
-
-    def attach(self, memory: GuestMemory, interrupts: Interrupts) -> None:
-        """Build the controller on the server's guest memory and interrupt table."""
-        super().attach(memory, interrupts)
-        self._controller = NvmeController(memory, self._raise, self.backing,
-                                          max_io_queues=self.max_io_queues)
-        self.config_written(0, 0)
-
-    @property
-    def controller(self) -> NvmeController:
-        """The controller core (exists once attached)."""
-        if self._controller is None:
-            raise DeviceServerError("NVMe function used before the server attached it")
-        return self._controller
-
-    def _raise(self, vector: int) -> None:
-        self.interrupts.trigger(IrqIndex.MSIX, vector)
-
-    def bar_read(self, index: int, offset: int, count: int) -> bytes:
-        """BAR0 registers."""
-        if index != RegionIndex.BAR0:
-            return bytes(count)
-        return self.controller.bar0_read(offset, count)
-
-    def bar_write(self, index: int, offset: int, data: bytes) -> None:
-        """BAR0 registers and doorbells (the MSI-X table is QEMU's, never reaches us)."""
-        if index == RegionIndex.BAR0 and offset < MSIX_TABLE_OFFSET:
-            self.controller.bar0_write(offset, data)
-
-    def config_written(self, offset: int, size: int) -> None:
-        """Track Bus Master Enable: no DMA while the driver has it off."""
-        if self._controller is not None:
-            self._controller.bus_master = bool(self.config.command & PciCommand.BUS_MASTER)
-
-    def dma_mapped(self, dma_range: DmaRange) -> None:
-        """Pin a view of the new range for zero-copy queue and data access."""
-        self.controller.pinned.pin(dma_range)
-
-    def dma_unmapped(self, dma_range: DmaRange) -> None:
-        """Drop the pinned view before the server unmaps the range."""
-        self.controller.pinned.unpin(dma_range)
-
-    def client_disconnected(self) -> None:
-        """The client's maps are gone (their pins were dropped by dma_unmapped)."""
-        self.controller.pinned.unpin_all()
-
-    def reset(self) -> None:
-        """Function-level or device reset: controller back to power-on state."""
-        super().reset()
-        if self._controller is not None:
-            self._controller.power_on_reset()
-            self.config_written(0, 0)
-
-
-def create(backing: str | Path | None = None, size: str | int | None = "1G",
-           queues: str | int = DEFAULT_IO_QUEUES, multifunction: bool | str = False,
-           **unknown: object) -> NvmeFunction:
-    """Build the NVMe function: ``backing`` file (created sparse), ``size``, I/O ``queues``."""
-    if unknown:
-        raise UsageError(f"unknown nvme option(s): {', '.join(sorted(unknown))}",
-                         hint="known: backing, size, queues")
-    if backing is None:
-        raise UsageError("the nvme function needs a backing file", hint="--option backing=PATH")
-    try:
-        count = int(queues)
-    except ValueError:
-        raise UsageError(f"bad nvme queue count {queues!r}") from None
-    if not 1 <= count <= MAX_IO_QUEUES:
-        raise UsageError(f"nvme queue count {count} outside 1..{MAX_IO_QUEUES}")
-    mf = multifunction if isinstance(multifunction, bool) else multifunction.lower() in (
-        "1", "on", "true", "yes")
-    return NvmeFunction(NvmeBacking(Path(backing), None if size is None else parse_size(size)),
-                        max_io_queues=count, multifunction=mf)
