@@ -434,13 +434,6 @@ def follow_log(
             time.sleep(POLL_S)
 
 
-def send_console(vm: store.VmDir, data: bytes) -> None:
-    """Type into the VM's serial console."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.connect(str(vm.console_socket))
-        s.sendall(data)
-
-
 def ssh_argv(port: int, user: str, command: Sequence[str] = ()) -> list[str]:
     """The ssh command into a VM's loopback forward.
 
