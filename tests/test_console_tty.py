@@ -158,10 +158,15 @@ def test_attached_run_is_the_guests_terminal(cli: Cli, tmux: Tmux) -> None:
         assert time.monotonic() < deadline, log.read_text(errors="replace")[-2000:]
         time.sleep(POLL_S)
     cli("stop", "tty", check=True)
+    stopped = cli("console", "tty", input="")
+    assert stopped.returncode == 1 and "VM 'tty' is stopped" in stopped.stderr
+    unknown = cli("console", "nosuch", input="")
+    assert unknown.returncode == 1 and "no VM named 'nosuch'" in unknown.stderr
 
 
 def test_closing_the_terminal_stops_the_vm_cleanly(cli: Cli, tmux: Tmux) -> None:
-    run_attached(cli, tmux, "hup")
+    tmux.start("main", "run", "--name", "hup", "--engine", "none", "--accel", "tcg")
+    cli.wait_for("hup", lambda s: s["guest_ready"], timeout=BOOT_TIMEOUT_S)
     pid = cli.status("hup")["pid"]
     tmux("kill-session", "-t", "t")  # the terminal closes: SIGHUP
     final = cli.wait_for("hup", lambda s: s["state"] in ("stopped", "crashed"),
