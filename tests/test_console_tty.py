@@ -149,6 +149,17 @@ def test_attached_run_is_the_guests_terminal(cli: Cli, tmux: Tmux) -> None:
     tmux.wait("again", lambda s: tmux.dead("again"))
     assert cli.status("tty")["state"] == "running"
 
+    # closing the terminal of a session that only looked in leaves the VM running
+    tmux.start("look", "console", "tty")
+    tmux.wait("look", lambda s: "attached to the console of VM 'tty'" in s)
+    pid = int(tmux("display-message", "-p", "-t", "t:look", "#{pane_pid}"))
+    tmux("kill-window", "-t", "t:look")
+    deadline = time.monotonic() + ANSWER_TIMEOUT_S
+    while Path(f"/proc/{pid}").exists():
+        assert time.monotonic() < deadline, "egpu console outlived its terminal"
+        time.sleep(POLL_S)
+    assert cli.status("tty")["state"] == "running"
+
     # not at a terminal, `egpu console` types what it is given, every byte of it
     piped = cli("console", "tty", input="echo piped=$((3*3))\n")
     assert piped.returncode == 0, piped.stderr

@@ -281,13 +281,17 @@ def console_command(name: str) -> None:
     if at_terminal:
         output.notice(f"attached to the console of VM {name!r}; {console.DETACH_KEY_NAME} detaches "
                       "(Enter shows a prompt)")
+    # this session only looks in: whatever ends it, a VM started detached stays so
     try:
         outcome = _session(vm, sys.stdin.fileno(), raw=at_terminal,
                            log_offset=console.log_end(vm))
-    except (KeyboardInterrupt, console.Signalled):
-        # this session only looks in: the VM was started detached and stays so
+    except KeyboardInterrupt:
         outcome = console.Outcome.DETACHED
-    if outcome is console.Outcome.ENDED:
+    except console.Signalled as e:
+        outcome = console.Outcome.HUNG_UP if e.signum == signal.SIGHUP else console.Outcome.DETACHED
+    if outcome is console.Outcome.HUNG_UP:
+        _leave_terminal()
+    elif outcome is console.Outcome.ENDED:
         output.notice(f"\nVM {name!r} {_ended(vm).state}")
     elif outcome is console.Outcome.DETACHED and at_terminal:
         _detached_notice(name)
