@@ -43,9 +43,11 @@ class FakeChardev:
                 # already left cannot take it)
                 with contextlib.suppress(OSError):
                     conn.sendall(b"echoed by the guest\r\n")
-                while chunk := conn.recv(4096):
-                    with self.lock:
-                        received += chunk
+                # a client that leaves with output unread resets the connection (as to QEMU)
+                with contextlib.suppress(ConnectionResetError):
+                    while chunk := conn.recv(4096):
+                        with self.lock:
+                            received += chunk
 
     def received(self) -> list[bytes]:
         with self.lock:

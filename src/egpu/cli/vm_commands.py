@@ -279,8 +279,10 @@ def console_command(name: str) -> None:
         raise VMError(f"VM {name!r} is {status.state}", hint=f"start it: egpu run --name {name}")
     at_terminal = sys.stdin.isatty()
     if at_terminal:
-        output.notice(f"attached to the console of VM {name!r}; {console.DETACH_KEY_NAME} detaches "
-                      "(Enter shows a prompt)")
+        # output from before is in the log: replayed here, the shell's terminal queries in it
+        # would be answered by this terminal and typed into whatever runs in the guest now
+        output.notice(f"attached to the console of VM {name!r} ({console.DETACH_KEY_NAME} "
+                      f"detaches; earlier output: egpu logs {name}); Enter shows a prompt")
     # this session only looks in: whatever ends it, a VM started detached stays so
     try:
         outcome = _session(vm, sys.stdin.fileno(), raw=at_terminal,
