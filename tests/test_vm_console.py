@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
+import termios
 import threading
 import time
 from collections.abc import Iterator
@@ -186,3 +188,34 @@ def test_end_of_input_and_a_vanished_screen_end_the_session(
     finally:
         os.close(reader_gone_w)
     assert outcome is console.Outcome.HUNG_UP
+
+
+@pytest.fixture
+def terminal() -> Iterator[int]:
+    """The terminal end of a pseudo-terminal pair."""
+    controller, terminal = os.openpty()
+    yield terminal
+    os.close(terminal)
+    os.close(controller)
+
+
+def test_raw_mode_for_the_session_and_the_terminal_restored_on_every_way_out(
+        terminal: int) -> None:
+    before = termios.tcgetattr(terminal)
+    with console.raw_terminal(terminal):
+        lflag = termios.tcgetattr(terminal)[3]
+        # no local echo, no line buffering, Ctrl-C and Ctrl-Z are bytes for the guest
+        assert lflag & (termios.ECHO | termios.ICANON | termios.ISIG) == 0
+    assert termios.tcgetattr(terminal) == before
+
+    with pytest.raises(RuntimeError), console.raw_terminal(terminal):
+        raise RuntimeError("a failure inside the session")
+    assert termios.tcgetattr(terminal) == before
+
+    previous = signal.getsignal(signal.SIGHUP)
+    with pytest.raises(console.Signalled) as caught, console.signals_raise(signal.SIGHUP), \
+            console.raw_terminal(terminal):
+        signal.raise_signal(signal.SIGHUP)
+    assert caught.value.signum == signal.SIGHUP
+    assert termios.tcgetattr(terminal) == before
+    assert signal.getsignal(signal.SIGHUP) == previous
