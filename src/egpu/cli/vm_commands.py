@@ -201,11 +201,9 @@ def _with_screen_check(
 
 
 def _attach(name: str) -> None:
-    """Show the console until the VM ends; at a terminal, keystrokes go to the guest as typed.
-
-    Ctrl-] detaches (the VM keeps running). A hang-up, SIGTERM, or Ctrl-C when not at a terminal
-    (at one, Ctrl-C is the guest's) stop the VM cleanly.
-    """
+    """Show the console until the VM ends; at a terminal, keystrokes go to the guest as typed."""
+    # Ctrl-] detaches (the VM keeps running). A hang-up, SIGTERM, or Ctrl-C when not at a
+    # terminal (at one, Ctrl-C is the guest's) stop the VM cleanly.
     vm = store.VmDir(name)
     keyboard = sys.stdin.fileno() if sys.stdin.isatty() else None
     if keyboard is None:

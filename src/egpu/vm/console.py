@@ -1,12 +1,12 @@
-"""A VM's serial console for a person: keystrokes in over one connection, the guest's output out.
+"""A VM's serial console for a person: keystrokes in over one connection held for the session,
+the guest's output shown from its console log."""
 
-QEMU's socket chardev serves one client at a time, and when a client hangs up it drops the
-bytes the UART has not taken yet (a 16-byte FIFO), so keystrokes go over one connection held
-for the whole session. What the guest prints is shown from ``serial.log``: QEMU's ``logfile=``
-gets every byte whether or not anyone is connected, so a session shows it exactly once and
-misses nothing written while it was detached. The connection's own copy of the output is read
-and dropped; left unread it would fill the socket and stall the guest's UART.
-"""
+# Why this shape (measured against QEMU 11): QEMU's socket chardev serves one client at a time
+# and, when a client hangs up, drops the bytes the UART has not taken yet (a 16-byte FIFO), so
+# a connection per line lost all but 16 bytes. QEMU's logfile= gets every byte whether or not
+# anyone is connected, so output read from the log appears once and nothing printed while
+# detached is missed. The connection's own copy of the output is read and dropped: left unread
+# it would fill the socket and stall the guest's UART.
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ import os
 import selectors
 import signal
 import socket
-import sys
+import struct
 import termios
 import time
 import tty
@@ -38,6 +38,7 @@ READ_SIZE = 65536
 FLUSH_TIMEOUT_S = 2.0  # for keystrokes typed just before the detach key
 # the screen or keyboard went away: a closed terminal (EIO) or a closed pipe (EPIPE)
 GONE_ERRNOS = (errno.EIO, errno.EPIPE, errno.ENXIO)
+_C_INT = struct.Struct("i")  # the ioctl's argument
 
 
 class Outcome(enum.Enum):
@@ -79,10 +80,8 @@ def signals_raise(*signums: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def raw_terminal(fd: int) -> Iterator[None]:
-    """Put a terminal in raw mode for the block and restore it on every way out.
-
-    Raw: no local echo (the guest echoes), no line buffering, Ctrl-C is a byte for the guest.
-    """
+    """Put a terminal in raw mode for the block and restore it on every way out."""
+    # raw: no local echo (the guest echoes), no line buffering, Ctrl-C a byte for the guest
     saved = termios.tcgetattr(fd)
     tty.setraw(fd, termios.TCSANOW)
     try:
@@ -121,8 +120,8 @@ def _connect(vm: store.VmDir) -> socket.socket:
 
 def _unread(sock: socket.socket) -> int:
     """Bytes sent on a UNIX socket that its peer has not read yet."""
-    count = fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, b"\0" * 4)
-    return int.from_bytes(count, sys.byteorder)
+    (count,) = _C_INT.unpack(fcntl.ioctl(sock.fileno(), termios.TIOCOUTQ, _C_INT.pack(0)))
+    return int(count)
 
 
 def _write_all(fd: int, data: bytes) -> None:
@@ -258,12 +257,10 @@ def log_end(vm: store.VmDir) -> int:
 
 def attach(vm: store.VmDir, *, keyboard: int | None, screen: int, ended: Callable[[], bool],
            log_offset: int = 0) -> Outcome:
-    """Show the VM's console output from ``log_offset`` on ``screen`` and, given a ``keyboard``,
-    send every byte read from it to the guest, until detach, the VM's end, or either side going.
-
-    Signals that should end the session are the caller's: they arrive as exceptions
-    (KeyboardInterrupt, :class:`Signalled`) and leave through here with the connection closed.
-    """
+    """Show the console log from ``log_offset`` on ``screen``; send every byte ``keyboard`` gives
+    to the guest; until detach, the VM's end, or either side going away."""
+    # signals that end the session are the caller's: they arrive as exceptions (Ctrl-C,
+    # Signalled) and leave through here with the connection closed
     if keyboard is None:
         return _Session(vm, None, screen, ended).run(log_offset)
     with console_lock(vm):
