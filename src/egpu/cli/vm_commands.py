@@ -1,14 +1,15 @@
-"""VM lifecycle commands: run, status, list, logs, stop."""
+"""VM lifecycle commands: run, console, status, list, logs, stop."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import platform
 import shlex
 import shutil
+import signal
 import sys
-import threading
 from functools import partial
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from egpu.errors import EgpuError, EngineError, UsageError, VMError
 from egpu.guest import protocol as guest_protocol
 from egpu.guest.assets import GuestAssets, ensure_guest, planned_guest
 from egpu.images.pull import DEFAULT_IMAGE
-from egpu.vm import lifecycle, store
+from egpu.vm import console, lifecycle, store
 from egpu.vm.status import VmStatus, inspect
 
 DEFAULT_NAME = "default"
@@ -169,7 +170,7 @@ def run(
         _finish_selftest(vm_name, as_json)
     elif detach:
         output.notice(f"VM {vm_name!r} running (pid {status.pid}); "
-                      f"console: egpu logs {vm_name} -f; stop: egpu stop {vm_name}")
+                      f"console: egpu console {vm_name}; stop: egpu stop {vm_name}")
     else:
         _attach(vm_name)
 
@@ -217,33 +218,100 @@ def _with_screen_check(
 
 
 def _attach(name: str) -> None:
-    """Show the console until the VM ends; Ctrl-C shuts it down cleanly."""
+    """Show the console until the VM ends; at a terminal, keystrokes go to the guest as typed."""
+    # Ctrl-] detaches (the VM keeps running). A hang-up, SIGTERM, or Ctrl-C when not at a
+    # terminal (at one, Ctrl-C is the guest's) stop the VM cleanly.
     vm = store.VmDir(name)
-    output.notice(f"VM {name!r} started; Ctrl-C stops it")
-
-    if sys.stdin.isatty():
-        threading.Thread(target=_forward_stdin, args=(vm,), daemon=True).start()
+    keyboard = sys.stdin.fileno() if sys.stdin.isatty() else None
+    if keyboard is None:
+        output.notice(f"VM {name!r} started; Ctrl-C stops it")
+    else:
+        output.notice(f"VM {name!r} started; {console.DETACH_KEY_NAME} detaches (the VM keeps "
+                      "running), closing the terminal stops it")
+    outcome: console.Outcome | None
     try:
-        ended = partial(lifecycle.has_ended, vm)
-        for chunk in lifecycle.follow_log(vm.serial_log, follow=True, until=ended):
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.flush()
+        outcome = _session(vm, keyboard, raw=keyboard is not None, log_offset=0)
     except KeyboardInterrupt:
-        output.notice(f"\nstopping {name!r} ...")
-        status = lifecycle.stop(name)
-        output.notice(f"VM {name!r} {status.state}")
+        outcome = None
+    except console.Signalled as e:
+        outcome = console.Outcome.HUNG_UP if e.signum == signal.SIGHUP else None
+    if outcome is console.Outcome.DETACHED:
+        _detached_notice(name)
         return
+    if outcome is console.Outcome.ENDED:
+        _ended(vm)
+        return
+    # interrupted, terminated, or its terminal is gone: the VM goes with it
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    if outcome in (console.Outcome.HUNG_UP, console.Outcome.INPUT_CLOSED):
+        _leave_terminal()
+    output.notice(f"\nstopping {name!r} ...")
+    status = lifecycle.stop(name)
+    output.notice(f"VM {name!r} {status.state}")
+
+
+def _session(
+    vm: store.VmDir, keyboard: int | None, *, raw: bool, log_offset: int
+) -> console.Outcome:
+    """One console session on this process's terminal (raw when ``raw``), output on stdout."""
+    ended = partial(lifecycle.has_ended, vm)
+    with console.signals_raise(signal.SIGHUP, signal.SIGTERM), contextlib.ExitStack() as stack:
+        if raw and keyboard is not None:
+            stack.enter_context(console.raw_terminal(keyboard))
+        return console.attach(vm, keyboard=keyboard, screen=sys.stdout.fileno(), ended=ended,
+                              log_offset=log_offset)
+
+
+def _ended(vm: store.VmDir) -> VmStatus:
+    """The status of a VM whose QEMU ended; VMError when it crashed."""
     status = inspect(vm)
     if status.state == "crashed":
-        raise VMError(f"VM {name!r} crashed: {'; '.join(status.problems) or 'unknown reason'}")
+        raise VMError(f"VM {vm.name!r} crashed: "
+                      f"{'; '.join(status.problems) or 'unknown reason'}")
+    return status
 
 
-def _forward_stdin(vm: store.VmDir) -> None:
-    for line in sys.stdin.buffer:
-        try:
-            lifecycle.send_console(vm, line)
-        except OSError:
-            return
+def _leave_terminal() -> None:
+    """Point stdin, stdout and stderr at /dev/null: the terminal is gone, writes would fail."""
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+
+
+def _detached_notice(name: str) -> None:
+    output.notice(f"\ndetached from VM {name!r}, which keeps running: 'egpu console {name}' "
+                  f"returns to it, 'egpu stop {name}' stops it")
+
+
+@click.command(name="console")
+@click.argument("name")
+def console_command(name: str) -> None:
+    """Attach to a running VM's serial console; Ctrl-] detaches, the VM keeps running."""
+    vm = store.VmDir(name).require()
+    status = inspect(vm)
+    if status.state != "running":
+        raise VMError(f"VM {name!r} is {status.state}", hint=f"start it: egpu run --name {name}")
+    at_terminal = sys.stdin.isatty()
+    if at_terminal:
+        # output from before is in the log: replayed here, the shell's terminal queries in it
+        # would be answered by this terminal and typed into whatever runs in the guest now
+        output.notice(f"attached to the console of VM {name!r} ({console.DETACH_KEY_NAME} "
+                      f"detaches; earlier output: egpu logs {name}); Enter shows a prompt")
+    # this session only looks in: whatever ends it, a VM started detached stays so
+    try:
+        outcome = _session(vm, sys.stdin.fileno(), raw=at_terminal,
+                           log_offset=console.log_end(vm))
+    except KeyboardInterrupt:
+        outcome = console.Outcome.DETACHED
+    except console.Signalled as e:
+        outcome = console.Outcome.HUNG_UP if e.signum == signal.SIGHUP else console.Outcome.DETACHED
+    if outcome is console.Outcome.HUNG_UP:
+        _leave_terminal()
+    elif outcome is console.Outcome.ENDED:
+        output.notice(f"\nVM {name!r} {_ended(vm).state}")
+    elif outcome is console.Outcome.DETACHED and at_terminal:
+        _detached_notice(name)
 
 
 @click.command()
@@ -364,6 +432,6 @@ def ssh(name: str, user: str, command: tuple[str, ...]) -> None:
 
 def register(group: click.Group) -> None:
     """Add this module's commands to the root group."""
-    for command in (run, status, list_vms, logs, stop, screenshot, ssh):
+    for command in (run, console_command, status, list_vms, logs, stop, screenshot, ssh):
         group.add_command(command)
 

@@ -445,13 +445,6 @@ def follow_log(
             time.sleep(POLL_S)
 
 
-def send_console(vm: store.VmDir, data: bytes) -> None:
-    """Type into the VM's serial console."""
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.connect(str(vm.console_socket))
-        s.sendall(data)
-
-
 def check_ssh_user(user: str) -> str:
     """A guest user name, or UsageError: ssh would read a leading '-' as one of its options."""
     if not SSH_USER_RE.fullmatch(user):
