@@ -6,7 +6,8 @@ import shlex
 from pathlib import Path
 
 import pytest
-from tests.conftest import Cli
+
+from conftest import Cli
 
 
 @pytest.mark.parametrize("arch", ["aarch64", "x86_64"])

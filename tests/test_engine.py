@@ -8,7 +8,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.conftest import Cli
+from conftest import Cli
 
 
 def test_engine_json_reports_real_capabilities(cli: Cli) -> None:

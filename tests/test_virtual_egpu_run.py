@@ -12,8 +12,8 @@ from pathlib import Path
 import psutil
 import pytest
 from PIL import Image
-from tests.conftest import Cli
 
+from conftest import Cli
 from egpu.devices.display import is_blank
 
 pytestmark = pytest.mark.qemu

@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.conftest import Cli
+
+from conftest import Cli
 
 pytestmark = pytest.mark.qemu
 
