@@ -33,9 +33,9 @@ def mac(ioreg: str = "ioreg-rtx-bound.plist", sysext: str = "sysext-enabled.txt"
     return replace(base, **kw)  # type: ignore[arg-type]
 
 
-def linux(tmp_path: Path, fns: list | None = None, **kw: object) -> HostFacts:
+def linux(tmp_path: Path, fns: list[object] | None = None, **kw: object) -> HostFacts:
     snap = read_sysfs(T.build(tmp_path, fns if fns is not None else T.host_functions(),
-                              thunderbolt=kw.pop("thunderbolt", None)))  # type: ignore[arg-type]
+                              thunderbolt=kw.pop("thunderbolt", None)))
     base = HostFacts(
         platform="linux", system="Linux 6.12.0", machine="x86_64", devices=snap.devices,
         iommu_enabled=snap.iommu_enabled, vfio_pci_loaded=snap.vfio_pci_loaded,
@@ -231,8 +231,9 @@ def test_passthrough_options_for_run(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from egpu.cli.host_commands import passthrough_options, run_passthrough
+    from egpu.engine.passthrough import RunPassthrough
 
-    seen = {}
+    seen: dict[str, RunPassthrough] = {}
 
     @click.command()
     @passthrough_options
@@ -243,11 +244,14 @@ def test_passthrough_options_for_run(tmp_path: Path) -> None:
                                       "--passthrough", "08:00", "--no-tso"])
     assert r.exit_code == 0, r.output
     got = seen["run"]
+    assert got.plan is not None
     assert got.engine == "apple" and got.plan.accel_options == ()
     assert got.plan.functions == ("0000:08:00.0", "0000:08:00.1")
     T.build(tmp_path, T.host_functions("nvidia", "snd_hda_intel"))
     r = CliRunner().invoke(fake_run, ["--sysfs", str(tmp_path), "--engine", "vfio", "--bind"])
     assert r.exit_code == 0, r.output
-    assert seen["run"].engine == "vfio" and len(seen["run"].plan.functions) == 2
+    got = seen["run"]
+    assert got.plan is not None
+    assert got.engine == "vfio" and len(got.plan.functions) == 2
     r = CliRunner().invoke(fake_run, ["--engine", "bogus"])
     assert r.exit_code == 2

@@ -11,17 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from egpu.errors import HostError
-from egpu.host.device import DEXT_NAME
+from egpu.host.device import DEXT_NAME, PciDevice
 from egpu.host.ioreg import parse_ioreg, parse_pcidebug
 
 FIXTURES = Path(__file__).parent / "fixtures" / "host"
 
 
-def load(name: str, **kw: str) -> list:
+def load(name: str, **kw: str) -> list[PciDevice]:
     return parse_ioreg((FIXTURES / name).read_bytes(), origin=name, **kw)
 
 
-def by_addr(devs: list, bdf: str):
+def by_addr(devs: list[PciDevice], bdf: str) -> PciDevice:
     (d,) = [d for d in devs if d.address.bdf == bdf]
     return d
 
@@ -117,7 +117,7 @@ def test_garbage_is_a_host_error(data: bytes) -> None:
 
 
 def test_wrong_types_are_host_errors() -> None:
-    entry = {
+    entry: dict[str, object] = {
         "IOObjectClass": "IOPCIDevice", "IORegistryEntryName": "x", "pcidebug": "1:0:0",
         "vendor-id": "10de", "device-id": b"\x00\x00",
     }

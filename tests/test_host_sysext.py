@@ -10,12 +10,12 @@ from hypothesis import strategies as st
 
 from egpu.errors import HostError
 from egpu.host.device import DEFAULT_DEXT_BUNDLE_ID
-from egpu.host.sysext import classify, parse_systemextensions
+from egpu.host.sysext import DextState, classify, parse_systemextensions
 
 FIXTURES = Path(__file__).parent / "fixtures" / "host"
 
 
-def state(name: str, bundle: str = DEFAULT_DEXT_BUNDLE_ID):
+def state(name: str, bundle: str = DEFAULT_DEXT_BUNDLE_ID) -> DextState:
     return parse_systemextensions((FIXTURES / name).read_text(), bundle, origin=name)
 
 

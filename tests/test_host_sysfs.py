@@ -12,9 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from egpu.errors import HostError
+from egpu.host.device import PciDevice
 from egpu.host.facts import HostSource, discover, read_dev_vfio, vfio_pci_module_available
 from egpu.host.slots import resolve_passthrough
-from egpu.host.sysfs import parse_link_speed, parse_resource, read_sysfs
+from egpu.host.sysfs import SysfsSnapshot, parse_link_speed, parse_resource, read_sysfs
 
 FIXTURES = Path(__file__).parent / "fixtures" / "host"
 
@@ -34,7 +35,7 @@ def load_tree_builder() -> ModuleType:
 T = load_tree_builder()
 
 
-def dev(snap, bdf: str):
+def dev(snap: SysfsSnapshot, bdf: str) -> PciDevice:
     (d,) = [d for d in snap.devices if d.address.bdf == bdf]
     return d
 

@@ -16,6 +16,7 @@ from egpu.engine.passthrough import (
     vfio_plan,
 )
 from egpu.errors import EngineError, HostError, UsageError
+from egpu.host.device import PciDevice
 from egpu.host.facts import Discovery
 from egpu.host.ioreg import parse_ioreg
 from egpu.host.slots import resolve_passthrough
@@ -26,7 +27,7 @@ FIXTURES = Path(__file__).parent / "fixtures" / "host"
 QEMU = ["qemu-system-aarch64"]
 
 
-def mac_devices() -> list:
+def mac_devices() -> list[PciDevice]:
     return parse_ioreg((FIXTURES / "ioreg-rtx-bound.plist").read_bytes())
 
 
@@ -109,7 +110,7 @@ def test_apple_needs_firmware_and_one_slot() -> None:
         apple_device_args([sel.functions[0], sel.functions[0]])
 
 
-def linux_devices(tmp_path: Path, *drivers: str) -> list:
+def linux_devices(tmp_path: Path, *drivers: str) -> list[PciDevice]:
     return list(read_sysfs(T.build(tmp_path, T.host_functions(*drivers))).devices)
 
 

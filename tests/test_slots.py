@@ -12,7 +12,7 @@ from egpu.errors import NotFoundError, UsageError
 from egpu.host.address import PciAddress, parse_address, parse_address_pattern
 from egpu.host.device import PciDevice
 from egpu.host.ioreg import parse_ioreg
-from egpu.host.slots import resolve_passthrough
+from egpu.host.slots import Selection, resolve_passthrough
 
 FIXTURES = Path(__file__).parent / "fixtures" / "host"
 
@@ -90,7 +90,7 @@ def devs(name: str) -> list[PciDevice]:
     return parse_ioreg((FIXTURES / name).read_bytes())
 
 
-def bdfs(sel) -> list[str]:
+def bdfs(sel: Selection) -> list[str]:
     return [d.address.bdf for d in sel.functions]
 
 
