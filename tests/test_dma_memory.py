@@ -113,7 +113,11 @@ def test_view_is_zero_copy_and_unmap_waits_for_it(memfd: int) -> None:
     with mem.view(0x1000, 16, writable=True) as v:
         v[:4] = b"ABCD"
         assert os.pread(memfd, 4, 0x1000) == b"ABCD"
-        t = threading.Thread(target=lambda: (mem.remove(0, MIB), removed.set()))
+        def remove() -> None:
+            mem.remove(0, MIB)
+            removed.set()
+
+        t = threading.Thread(target=remove)
         t.start()
         time.sleep(0.05)
         assert not removed.is_set()  # unmap blocked while the view is pinned
