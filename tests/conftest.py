@@ -17,11 +17,24 @@ from typing import Any
 
 import platformdirs
 import pytest
+from hypothesis import HealthCheck, settings
 
 from egpu.paths import CACHE_ENV, HOME_ENV
 
 # Engine and guest assets are provisioned once by ./run-tests (egpu setup) into the user cache.
 SHARED_CACHE = Path(os.environ.get(CACHE_ENV) or platformdirs.user_cache_dir("egpu"))
+
+# One hypothesis policy for every property test. No deadline and no too-slow check: the two
+# cores are shared, so how long an example takes says nothing about the code. CI (any CI
+# environment sets CI) tries more examples and prints a blob to replay a failure with.
+CI_ENV = "CI"
+settings.register_profile(
+    "dev", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "ci", settings.get_profile("dev"), max_examples=300, print_blob=True
+)
+settings.load_profile("ci" if os.environ.get(CI_ENV) else "dev")
 
 
 @dataclass

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from egpu.dma import DmaAccessError, DmaMapError, DmaProt, GuestMemory
@@ -173,7 +173,6 @@ def test_clear_drops_everything(memfd: int) -> None:
     assert mem.ranges() == ()
 
 
-@settings(max_examples=200, deadline=None)
 @given(st.lists(st.tuples(st.integers(0, 64), st.integers(1, 16)), max_size=12),
        st.integers(0, 80 * 4096), st.integers(0, 16 * 4096))
 def test_accesses_succeed_exactly_when_fully_mapped(

@@ -8,7 +8,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from egpu.errors import HostError
@@ -209,7 +209,6 @@ def test_vfio_module_lookup(tmp_path: Path) -> None:
     assert vfio_pci_module_available(tmp_path, "6.1.0-test")
 
 
-@settings(max_examples=200, deadline=None)
 @given(st.text(max_size=300))
 def test_resource_text_is_parsed_or_refused(text: str) -> None:
     try:
@@ -219,7 +218,6 @@ def test_resource_text_is_parsed_or_refused(text: str) -> None:
     assert all(0 <= i < 6 for i in bars)
 
 
-@settings(max_examples=200, deadline=None)
 @given(st.text(max_size=30))
 def test_link_speed_text_never_raises(text: str) -> None:
     v = parse_link_speed(text)
