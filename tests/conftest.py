@@ -37,6 +37,17 @@ settings.register_profile(
 settings.load_profile("ci" if os.environ.get(CI_ENV) else "dev")
 
 
+# Fixtures that run a server on loopback: a test using one is a network test, marked here so
+# that no such test can miss the marker.
+NETWORK_FIXTURES = frozenset({"registry"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if NETWORK_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.network)
+
+
 @dataclass
 class Cli:
     """Runs ``python -m egpu`` in a subprocess with the test's environment."""

@@ -8,6 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from conftest import Cli
 
 
@@ -32,6 +34,7 @@ def test_engine_text_output(cli: Cli) -> None:
     assert "QEMU" in text and "vfio-user-pci" in text and "aarch64" in text
 
 
+@pytest.mark.download  # the engine's Debian packages, into a fresh cache
 def test_provision_survives_interruption_and_is_idempotent(cli: Cli, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     env = {**cli.env, "EGPU_CACHE": str(cache), "PATH": "/usr/bin:/bin"}

@@ -107,10 +107,8 @@ def test_second_call_is_cached_and_needs_no_network(
         built: assets.GuestAssets, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(MIRROR_ENV, UNREACHABLE_MIRROR)
     with shared_cache():
-        t0 = time.monotonic()
         again = assets.ensure_guest(built.arch)
-    assert again == built
-    assert time.monotonic() - t0 < 5  # not a timing test: a rebuild would fail without a mirror
+    assert again == built  # a rebuild would have failed: there is no mirror
 
 
 def test_unknown_arch_is_a_guest_error() -> None:
@@ -118,6 +116,7 @@ def test_unknown_arch_is_a_guest_error() -> None:
         assets.ensure_guest("riscv64")
 
 
+@pytest.mark.network  # asks a mirror on loopback that nobody serves
 def test_failed_build_is_one_line_and_leaves_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
@@ -172,6 +171,7 @@ def test_only_builds_unused_for_a_while_are_pruned(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [".build-x", "bbbb", "cccc"]
 
 
+@pytest.mark.download  # the Debian package indexes, into a fresh cache
 def test_a_build_killed_midway_leaves_nothing_half_made(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Kill -9 a build wherever it is, then build again: the result is complete and clean."""

@@ -230,6 +230,7 @@ def test_corrupted_blob_keeps_previous_image(
     assert first.path.read_bytes() == disks[0]
 
 
+@pytest.mark.network  # connects to a loopback port nobody listens on
 def test_unreachable_registry(home: Path) -> None:
     from registry_server import free_port
 

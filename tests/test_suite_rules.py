@@ -1,4 +1,4 @@
-"""Rules the suite keeps about itself: one hypothesis policy."""
+"""Rules the suite keeps about itself: one hypothesis policy, declared tiers."""
 
 from __future__ import annotations
 
@@ -6,11 +6,13 @@ import ast
 import os
 from pathlib import Path
 
+import pytest
 from hypothesis import settings
 
 from conftest import CI_ENV
 
 TESTS = Path(__file__).resolve().parent
+TIERS = ("qemu", "network", "download")
 
 
 def test_one_hypothesis_profile_without_a_deadline() -> None:
@@ -35,3 +37,16 @@ def test_no_test_overrides_the_profile_deadline() -> None:
     modules = sorted(TESTS.glob("test_*.py"))
     offenders = [p.name for p in modules if "deadline" in _settings_keywords(p)]
     assert offenders == []
+
+
+def test_tiers_are_declared(pytestconfig: pytest.Config) -> None:
+    declared = {line.split(":", 1)[0].strip() for line in pytestconfig.getini("markers")}
+    assert declared >= set(TIERS)
+    assert pytestconfig.getoption("strict_markers")  # a misspelt tier is an error, not a no-op
+
+
+def test_registry_tests_are_network_tests(request: pytest.FixtureRequest) -> None:
+    network = [i for i in request.session.items if "registry" in getattr(i, "fixturenames", ())]
+    if not network:
+        pytest.skip("no registry test selected in this run")
+    assert all(i.get_closest_marker("network") is not None for i in network)
