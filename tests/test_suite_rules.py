@@ -1,4 +1,4 @@
-"""Rules the suite keeps about itself: one hypothesis policy, declared tiers."""
+"""Rules the suite keeps about itself: one hypothesis policy, declared tiers, no private paths."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ import pytest
 from hypothesis import settings
 
 from conftest import CI_ENV
+from egpu.paths import CACHE_ENV
+from registry_server import engine_tool
 
 TESTS = Path(__file__).resolve().parent
 TIERS = ("qemu", "network", "download")
@@ -50,3 +52,12 @@ def test_registry_tests_are_network_tests(request: pytest.FixtureRequest) -> Non
     if not network:
         pytest.skip("no registry test selected in this run")
     assert all(i.get_closest_marker("network") is not None for i in network)
+
+
+def test_engine_tools_come_only_from_a_provisioned_engine(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(pytest.fail.Exception, match="egpu setup"):
+        engine_tool("qemu-img")
