@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -96,7 +97,6 @@ def test_pull_reference_layout_with_cli(home: Path, registry: Registry, disks: l
     path = Path(result["path"])
     assert path.read_bytes() == disks[0]
     assert path.name == pushed.disk_digest.split(":")[1]  # content-addressed
-    assert not os.access(path, os.W_OK) or os.geteuid() == 0
     assert path.stat().st_mode & 0o222 == 0  # the base is read-only
 
     listed = json.loads(egpu("images", "--json").stdout)
@@ -413,7 +413,7 @@ def test_progress_bar_on_a_terminal(
     assert proc.wait(timeout=60) == 0
     text = seen.decode(errors="replace")
     assert "plain.qcow2" in text and "/3.5 MB" in text  # label and size
-    assert "MB/s" in text or "kB/s" in text  # rate
+    assert re.search(r"\d+\.\d [kMG]B/s", text), text  # a rate; its unit follows the speed
     assert "0:00:0" in text  # time remaining
 
 

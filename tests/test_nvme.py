@@ -593,6 +593,8 @@ def test_prp_walk_is_bounded_and_exact(guest: Guest, prp1: int, prp2: int, lengt
     if prp2 >= RAM_BASE and prp2 + 8 * len(list_words) <= RAM_BASE + RAM_SIZE:
         guest.poke(prp2, struct.pack(f"<{len(list_words)}Q", *list_words))
     result = guest.ctrl.prp_segments(prp1, prp2, length)
+    if prp1 & 0x3:  # a misaligned first pointer is refused before anything is read
+        assert result == spec.INVALID_PRP_OFFSET
     if isinstance(result, int):
         assert result in (spec.INVALID_PRP_OFFSET, spec.DATA_TRANSFER_ERROR)
     else:
