@@ -20,6 +20,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from egpu.paths import CACHE_ENV, HOME_ENV
+from egpu.vm.store import QEMU_PID
 
 # Engine and guest assets are provisioned once by ./run-tests (egpu setup) into the user cache.
 SHARED_CACHE = Path(os.environ.get(CACHE_ENV) or platformdirs.user_cache_dir("egpu"))
@@ -36,6 +37,8 @@ settings.register_profile(
 )
 settings.load_profile("ci" if os.environ.get(CI_ENV) else "dev")
 
+
+QEMU_MARK = "qemu"
 
 # Fixtures that run a server on loopback: a test using one is a network test, marked here so
 # that no such test can miss the marker.
@@ -93,14 +96,25 @@ class Cli:
 
 
 @pytest.fixture
-def egpu_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A private, short EGPU_HOME (UNIX socket paths must stay short) with the shared cache."""
+def egpu_home(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A private, short EGPU_HOME (UNIX socket paths must stay short) with the shared cache.
+
+    A test that started a VM under it without the qemu marker fails: the quick tier stays quick.
+    """
     home = Path(tempfile.mkdtemp(prefix="egpu-t", dir="/tmp"))
     monkeypatch.setenv(HOME_ENV, str(home))
     monkeypatch.setenv(CACHE_ENV, str(SHARED_CACHE))
     yield home
+    started = started_qemu(home)
     _stop_leftovers(home)
     shutil.rmtree(home, ignore_errors=True)
+    if started and request.node.get_closest_marker(QEMU_MARK) is None:
+        pytest.fail(f"started QEMU ({started[0].parent.name}) without the {QEMU_MARK} marker")
+
+
+def started_qemu(home: Path) -> list[Path]:
+    """The QEMU pid files the VM layer wrote under an EGPU_HOME: each is a VM it started."""
+    return sorted(home.glob(f"data/vms/*/{QEMU_PID}"))
 
 
 def _recorded_pids(home: Path) -> Iterator[int]:

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 from hypothesis import settings
 
-from conftest import CI_ENV
+from conftest import CI_ENV, started_qemu
 from egpu.paths import CACHE_ENV
+from egpu.vm.store import QEMU_PID
 from registry_server import engine_tool
 
 TESTS = Path(__file__).resolve().parent
@@ -61,3 +62,13 @@ def test_engine_tools_come_only_from_a_provisioned_engine(
     monkeypatch.setenv("PATH", str(tmp_path))
     with pytest.raises(pytest.fail.Exception, match="egpu setup"):
         engine_tool("qemu-img")
+
+
+def test_a_started_vm_is_seen_under_its_home(tmp_path: Path) -> None:
+    assert started_qemu(tmp_path) == []
+    vm = tmp_path / "data" / "vms" / "vm1"
+    vm.mkdir(parents=True)
+    (vm / "supervisor.pid").write_text("1\n")  # a supervisor alone has not started QEMU yet
+    assert started_qemu(tmp_path) == []
+    (vm / QEMU_PID).write_text("2\n")
+    assert started_qemu(tmp_path) == [vm / QEMU_PID]
