@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated EGPU_HOME per test, one shared cache, and a CLI runner."""
+"""Shared fixtures and policy: a private EGPU_HOME per test, one shared cache, a CLI runner,
+the hypothesis profile and the test tiers (markers declared in pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,6 @@ settings.register_profile(
     "ci", settings.get_profile("dev"), max_examples=300, print_blob=True
 )
 settings.load_profile("ci" if os.environ.get(CI_ENV) else "dev")
-
 
 QEMU_MARK = "qemu"
 
