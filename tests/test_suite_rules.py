@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import os
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,15 @@ from egpu.vm.store import QEMU_PID
 from registry_server import engine_tool
 
 TESTS = Path(__file__).resolve().parent
+PYPROJECT = TESTS.parent / "pyproject.toml"
 TIERS = ("qemu", "network", "download")
+
+
+def test_mypy_strict_covers_the_tests_and_the_bench() -> None:
+    mypy = tomllib.loads(PYPROJECT.read_text())["tool"]["mypy"]
+    assert mypy["strict"] is True
+    assert set(mypy["files"]) >= {"src/egpu", "tests", "bench"}
+    assert not any(o.get("ignore_errors") for o in mypy.get("overrides", []))
 
 
 def test_one_hypothesis_profile_without_a_deadline() -> None:
