@@ -233,7 +233,7 @@ def push_reference_image(
     file_name: str = "disk.qcow2",
     metadata: dict[str, Any] | None = None,
 ) -> Pushed:
-    """Push the reference project's layout: qcow2 layer + JSON layer, artifactType set."""
+    """Push scottjg/qemu-vfio-apple's layout: qcow2 layer + JSON layer, artifactType set."""
     meta = (
         metadata
         if metadata is not None

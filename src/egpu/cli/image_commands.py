@@ -31,7 +31,7 @@ def _size(n: int) -> str:
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def pull_command(ref: str, quiet: bool, as_json: bool) -> None:
-    """Download an image (default: the reference's docker-profile image) into the cache.
+    """Download an image (default: scottjg/qemu-vfio-apple's docker-profile image) into the cache.
 
     REF is registry/repository[:tag|@sha256:digest]. An interrupted pull resumes.
     """

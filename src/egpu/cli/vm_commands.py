@@ -15,12 +15,24 @@ import click
 from PIL import Image
 
 from egpu.cli import output
-from egpu.cli.host_commands import passthrough_options, run_passthrough
+from egpu.cli.host_commands import (
+    check_guest_drivers,
+    guest_drivers,
+    hotplug_for,
+    passthrough_options,
+    run_passthrough,
+)
 from egpu.devices.display import is_blank, request_screenshot
 from egpu.devices.nvme import parse_size
 from egpu.engine import virtual
 from egpu.engine.argv import parse_memory
-from egpu.engine.qemu import EngineInfo, check_arch, find_engine_info, placeholder_info
+from egpu.engine.qemu import (
+    APPLE_DEVICE,
+    EngineInfo,
+    check_arch,
+    find_engine_info,
+    placeholder_info,
+)
 from egpu.engine.select import ensure_engine_info
 from egpu.engine.virtual import screenshot_request_of
 from egpu.errors import EgpuError, EngineError, UsageError, VMError
@@ -55,15 +67,16 @@ def _engine_for(
     if dry_run and gpu_engine == "apple" and platform.system() != "Darwin" and not qemu:
         # this host's QEMU is not the one a Mac runs: show the command by program name
         return placeholder_info()
+    need = APPLE_DEVICE if gpu_engine == "apple" else None
     if dry_run:
         # a dry run starts nothing and downloads nothing, so it works without any engine
         try:
-            return find_engine_info(qemu)
+            return find_engine_info(qemu, need)
         except EngineError:
-            if qemu:
+            if qemu or need:
                 raise
             return placeholder_info()
-    return ensure_engine_info(qemu, progress=progress)
+    return ensure_engine_info(qemu, progress=progress, need=need)
 
 
 def _guest_for(arch: str, *, dry_run: bool, progress: output.BarProgress) -> GuestAssets:
@@ -100,7 +113,8 @@ def run(
     selftest: bool, qemu: str | None, accel: str | None, quiet: bool, nvme_size: str,
     engine: str, passthrough: str | None, no_tso: bool, bind: bool, ioreg: Path | None,
     sysfs: Path | None, systemextensions: Path | None, image: str | None, base: str | None,
-    extra: tuple[str, ...],
+    extra: tuple[str, ...], force: bool = False, allow_sleep: bool = False,
+    dma_bounce_size: str | None = None,
 ) -> None:
     """Boot a VM (the built-in guest unless an image is given).
 
@@ -126,9 +140,12 @@ def run(
     if ssh_port is not None:
         lifecycle.check_port_free(ssh_port)
     gpu = run_passthrough(engine, passthrough, ioreg=ioreg, sysfs=sysfs,
-                          systemextensions=systemextensions, no_tso=no_tso, bind=bind)
+                          systemextensions=systemextensions, no_tso=no_tso, bind=bind,
+                          allow_sleep=allow_sleep, dma_bounce_size=dma_bounce_size)
+    gpu = check_guest_drivers(gpu, guest_drivers(image, base), force=force)
     progress = output.BarProgress(quiet=quiet or as_json)
     info = _engine_for(qemu, gpu.engine, dry_run=dry_run, progress=progress)
+    gpu = gpu.for_engine(info)
     # a full image brings its own kernel; the built-in guest's paths are then unused
     full_image = bool(image or base)
     guest = _guest_for(arch, dry_run=dry_run or full_image, progress=progress)
@@ -139,7 +156,7 @@ def run(
     )
     plan = lifecycle.plan_run(request, info, guest, check_host=not dry_run)
     if not as_json:
-        for notice in (*gpu.notices, *plan.notices):
+        for notice in (*info.notices, *gpu.notices, *plan.notices):
             output.notice(notice)
     if dry_run:
         if as_json:
@@ -232,12 +249,19 @@ def _forward_stdin(vm: store.VmDir) -> None:
 @click.command()
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True)
-def status(name: str | None, as_json: bool) -> None:
+@click.option("--ioreg", default=None, metavar="FILE", type=click.Path(path_type=Path),
+              help="Mac: compare with a saved `ioreg -a -l` dump instead of this registry")
+def status(name: str | None, as_json: bool, ioreg: Path | None) -> None:
     """Show the state of one VM, or of all."""
     statuses = [_status_of(name)] if name else [_status_of(n) for n in store.list_names()]
+    late = hotplug_for(statuses, ioreg)
     if as_json:
-        output.emit_json(statuses[0].to_json() if name else [s.to_json() for s in statuses])
+        docs = [{**s.to_json(), "hotplug": late.get(s.name, [])} for s in statuses]
+        output.emit_json(docs[0] if name else docs)
         return
+    for notes in late.values():
+        for note in notes:
+            output.notice(note)
     if name:
         s = statuses[0]
         for key, value in s.to_json().items():

@@ -20,7 +20,9 @@ _UNIT_MIB = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
 MIN_MEMORY_MIB = 64
 MAX_MEMORY_MIB = 1 << 22  # 4 TiB
 MAX_CPUS = 512
-RAM_BACKEND_ID = "pc.ram"  # the reference launcher's name for it (REFERENCE.md section 4)
+# the name scottjg/qemu-vfio-apple's launcher gives it (contrib/apple-vfio/qemu-vfio-apple/
+# VMLauncher.swift, buildQemuArgv)
+RAM_BACKEND_ID = "pc.ram"
 FIRMWARE_MENU_WAIT_MS = 0  # no firmware boot-menu countdown
 
 Accel = Literal["tcg", "kvm", "hvf"]

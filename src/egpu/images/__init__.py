@@ -1,10 +1,11 @@
-"""images layer (see DESIGN.md): OCI pulls, the content-addressed cache, overlays, firmware.
+"""images layer: OCI pulls, the content-addressed cache, per-VM qcow2 overlays and UEFI firmware
+for full guest images; used by the vm layer (docs/ARCHITECTURE.md).
 
 Modules, pure cores first:
 
 * ``reference`` — ``parse_reference`` (``registry/repository[:tag|@sha256:digest]``), ``Digest``.
-* ``manifest`` — manifest/index parsing, ``select_layout`` (reference layout or plain qcow2),
-  ``parse_metadata`` (the reference layout's JSON layer).
+* ``manifest`` — manifest/index parsing, ``select_layout`` (scottjg/qemu-vfio-apple's layout or
+  a plain qcow2), ``parse_metadata`` (that layout's JSON layer).
 * ``auth`` — WWW-Authenticate challenges, credentials from podman/docker auth files.
 * ``qcow2`` — the qcow2 header's backing-file name (which base an overlay uses).
 * ``registry`` — ``RegistryClient``: token auth, retries, resumable verified blob downloads.

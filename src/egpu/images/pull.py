@@ -2,7 +2,7 @@
 
 Order of trust: the manifest's bytes are hashed (and must equal a pinned digest), every blob is
 hashed against its descriptor, the qcow2 is also checked against the sha256 in the image's JSON
-layer, and only then is anything renamed into the cache and the reference recorded. A failed
+layer, and only then is anything renamed into the cache and the image reference recorded. A failed
 pull leaves the previously pulled image and its record untouched.
 """
 
@@ -34,7 +34,8 @@ from egpu.images.registry import RegistryClient
 from egpu.images.store import ImageStore, RefRecord
 from egpu.progress import Progress, SilentProgress
 
-# The reference project's docker-profile image (REFERENCE.md section 1).
+# scottjg/qemu-vfio-apple's docker-profile image: its publish script tags that profile
+# docker-latest (contrib/apple-vfio/image-builder/scripts/publish-to-ghcr.sh).
 DEFAULT_IMAGE = "ghcr.io/scottjg/qemu-vfio-apple-images:docker-latest"
 DEFAULT_ARCHITECTURE = "arm64"
 MAX_INDEX_DEPTH = 1

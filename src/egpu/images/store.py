@@ -5,7 +5,7 @@ Layout under ``egpu.paths.dirs().images``::
     blobs/sha256/<hex>      verified blobs (disk images, their JSON, manifests); read-only
     partial/<hex>           downloads in progress (kept across processes so pulls resume)
     locks/<hex>.lock        one lock per blob, so concurrent pulls never write the same file
-    refs/<key>.json         one RefRecord per reference pulled (key = sha256 of the reference)
+    refs/<key>.json         one RefRecord per image reference pulled (key = its sha256)
 
 A blob is renamed into ``blobs/`` only after its digest was checked, so anything there is whole.
 """

@@ -35,8 +35,11 @@ DEFAULT_STOP_TIMEOUT_S = 30.0
 QEMU_IMG_TIMEOUT_S = 30
 POLL_S = 0.05
 MAX_PORT = 65535
-DEFAULT_IMAGE_SSH_PORT = 2222  # as the reference launcher
-DEFAULT_SSH_USER = "ubuntu"  # the reference images are Ubuntu cloud images
+# scottjg/qemu-vfio-apple's launcher default (contrib/apple-vfio/qemu-vfio-apple/main.swift)
+DEFAULT_IMAGE_SSH_PORT = 2222
+# its images are Ubuntu cloud images with the default user
+# (contrib/apple-vfio/image-builder/cloud-init/user-data.template)
+DEFAULT_SSH_USER = "ubuntu"
 
 
 @dataclass(frozen=True)
@@ -125,8 +128,8 @@ def choose_accel(
 ) -> tuple[str, str | None]:
     """The accelerator and a notice: the one asked for if offered, else the best offered.
 
-    Inside a VM (``nested``) KVM is not chosen by default: nested KVM crashed guests early on
-    the machines this was built on (REFERENCE.md section 6).
+    Inside a VM (``nested``) KVM is not chosen by default: on the machines egpu was developed on,
+    nested KVM guests died early with a KVM internal-error.
     """
     offered = info.accelerators.get(arch, ())
     if wanted:
@@ -215,6 +218,9 @@ def plan_run(
         image=boot.source if boot else None,
         bind_functions=list(request.gpu.plan.functions)
         if request.bind and request.gpu and request.gpu.plan and gpu_engine == "vfio" else [],
+        host_guard=request.gpu.guard.to_json() if request.gpu and request.gpu.guard else None,
+        gpu_bound_at_start=list(request.gpu.bound_at_start)
+        if request.gpu and request.gpu.bound_at_start is not None else None,
     )
     notices = (accel_notice,) if accel_notice and spec.accel == accel else ()
     return RunPlan(vm=vm, spec=spec, config=config, argv=argv, boot=boot, notices=notices)

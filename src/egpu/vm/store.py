@@ -35,6 +35,7 @@ OVERLAY = "overlay.qcow2"
 EFI_VARS = "efivars.fd"
 NVME_BACKING = "egpu-nvme.img"  # the virtual eGPU's NVMe storage (sparse; kept across runs)
 LAST_SCREEN = "last-screen.png"  # what the virtual display showed when QEMU ended
+POWER_ASSERTION_PID = "power-assertion.pid"  # macOS: the caffeinate holding off idle sleep
 VFIO_BIND = "vfio-bind.json"  # functions egpu moved to vfio-pci, and their previous drivers
 
 # Files that belong to one run; removed before the next run starts.
@@ -78,6 +79,8 @@ class VmConfig:
     image: str | None = None
     servers: list[dict[str, Any]] = field(default_factory=list)  # device servers to start
     bind_functions: list[str] = field(default_factory=list)  # --bind: move these to vfio-pci
+    host_guard: dict[str, Any] | None = None  # engine.safety.HostGuard: kept while QEMU runs
+    gpu_bound_at_start: list[str] | None = None  # apple: functions claimed when it started
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)

@@ -22,6 +22,7 @@ from types import FrameType
 from typing import Any
 
 from egpu.devices.display import request_screenshot
+from egpu.engine.safety import HostGuard, qos_preexec
 from egpu.engine.virtual import screenshot_request_of
 from egpu.errors import EgpuError
 from egpu.vm import qmp, store
@@ -57,6 +58,8 @@ class Supervisor:
         self.server_failure: str | None = None
         self.terminating = False
         self.warnings: list[str] = []
+        self.guard = HostGuard.from_json(self.config.host_guard)
+        self.assertion: subprocess.Popen[bytes] | None = None
 
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
         self.terminating = True
@@ -123,9 +126,10 @@ class Supervisor:
             log_start = os.fstat(log.fileno()).st_size  # earlier runs' output is not this run's
             self.qemu = subprocess.Popen(
                 self.config.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, **self.config.env},
+                env={**os.environ, **self.config.env}, preexec_fn=qos_preexec(self.guard),
             )
         self.vm.write_pid(store.QEMU_PID, self.qemu.pid)
+        self.start_assertion(self.qemu.pid)
         powerdown_sent: float | None = None
         while self.qemu.poll() is None:
             time.sleep(POLL_S)
@@ -137,6 +141,7 @@ class Supervisor:
             if powerdown_sent is not None and time.monotonic() - powerdown_sent > POWERDOWN_GRACE_S:
                 self.qemu.terminate()
                 powerdown_sent = None
+        self.end_assertion()
         self.keep_last_screen()
         self.stop_servers()
         self.warnings += restore_bindings(self.vm)
@@ -151,6 +156,32 @@ class Supervisor:
                 return log.read().decode(errors="replace")
         except OSError:
             return ""
+
+    def start_assertion(self, qemu_pid: int) -> None:
+        """Hold the host awake while a passed-through GPU runs (caffeinate -i -w QEMU_PID)."""
+        if self.guard is None or not self.guard.power_assertion:
+            return
+        argv = self.guard.assertion_argv(qemu_pid)
+        try:
+            self.assertion = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError as e:
+            self.warnings.append(f"no power assertion ({argv[0]}: {e.strerror or e}): "
+                                 "the host may sleep under the GPU")
+            return
+        self.vm.write_pid(store.POWER_ASSERTION_PID, self.assertion.pid)
+
+    def end_assertion(self) -> None:
+        """Release the power assertion (``-w`` ends it with QEMU; this makes sure)."""
+        if self.assertion is None:
+            return
+        if self.assertion.poll() is None:
+            self.assertion.terminate()
+        try:
+            self.assertion.wait(SERVER_STOP_S)
+        except subprocess.TimeoutExpired:
+            self.assertion.kill()
+            self.assertion.wait()
 
     def keep_last_screen(self) -> None:
         """Ask a live display server for the last picture the guest showed (post-mortem)."""
