@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from egpu.paths import CACHE_ENV, HOME_ENV
-from egpu.vm.store import QEMU_PID
+from egpu.vm.store import QEMU_LOG, QEMU_PID
 
 # Engine and guest assets are provisioned once by ./run-tests (egpu setup) into the user cache.
 SHARED_CACHE = Path(os.environ.get(CACHE_ENV) or platformdirs.user_cache_dir("egpu"))
@@ -109,12 +109,17 @@ def egpu_home(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -
     _stop_leftovers(home)
     shutil.rmtree(home, ignore_errors=True)
     if started and request.node.get_closest_marker(QEMU_MARK) is None:
-        pytest.fail(f"started QEMU ({started[0].parent.name}) without the {QEMU_MARK} marker")
+        pytest.fail(f"started QEMU (VM {started[0].name}) without the {QEMU_MARK} marker")
 
 
 def started_qemu(home: Path) -> list[Path]:
-    """The QEMU pid files the VM layer wrote under an EGPU_HOME: each is a VM it started."""
-    return sorted(home.glob(f"data/vms/*/{QEMU_PID}"))
+    """VM directories under an EGPU_HOME where the supervisor started QEMU.
+
+    It opens QEMU's log, starts QEMU and records its pid; tests that fake a running VM write
+    only the pid file, so both must be there.
+    """
+    return sorted(d for d in home.glob("data/vms/*")
+                  if (d / QEMU_LOG).is_file() and (d / QEMU_PID).is_file())
 
 
 def _recorded_pids(home: Path) -> Iterator[int]:

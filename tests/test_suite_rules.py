@@ -12,7 +12,7 @@ from hypothesis import settings
 
 from conftest import CI_ENV, started_qemu
 from egpu.paths import CACHE_ENV
-from egpu.vm.store import QEMU_PID
+from egpu.vm.store import QEMU_LOG, QEMU_PID
 from registry_server import engine_tool
 
 TESTS = Path(__file__).resolve().parent
@@ -77,7 +77,7 @@ def test_a_started_vm_is_seen_under_its_home(tmp_path: Path) -> None:
     assert started_qemu(tmp_path) == []
     vm = tmp_path / "data" / "vms" / "vm1"
     vm.mkdir(parents=True)
-    (vm / "supervisor.pid").write_text("1\n")  # a supervisor alone has not started QEMU yet
+    (vm / QEMU_PID).write_text("2\n")  # what a test faking a running VM writes
     assert started_qemu(tmp_path) == []
-    (vm / QEMU_PID).write_text("2\n")
-    assert started_qemu(tmp_path) == [vm / QEMU_PID]
+    (vm / QEMU_LOG).write_text("")  # the supervisor opens it for QEMU
+    assert started_qemu(tmp_path) == [vm]
