@@ -48,7 +48,7 @@ def wait_for(path: Path, proc: subprocess.Popen[bytes]) -> None:
     deadline = time.monotonic() + 30
     while not path.exists():
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"server did not start: {proc.args}")
+            raise SystemExit(f"server did not start: {proc.args!r}")
         time.sleep(0.02)
 
 

@@ -1,4 +1,5 @@
-"""Shared fixtures: an isolated EGPU_HOME per test, one shared cache, and a CLI runner."""
+"""Shared fixtures and policy: a private EGPU_HOME per test, one shared cache, a CLI runner,
+the hypothesis profile and the test tiers (markers declared in pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -17,11 +18,37 @@ from typing import Any
 
 import platformdirs
 import pytest
+from hypothesis import HealthCheck, settings
 
 from egpu.paths import CACHE_ENV, HOME_ENV
+from egpu.vm.store import QEMU_LOG, QEMU_PID
 
 # Engine and guest assets are provisioned once by ./run-tests (egpu setup) into the user cache.
 SHARED_CACHE = Path(os.environ.get(CACHE_ENV) or platformdirs.user_cache_dir("egpu"))
+
+# One hypothesis policy for every property test. No deadline and no too-slow check: the two
+# cores are shared, so how long an example takes says nothing about the code. CI (any CI
+# environment sets CI) tries more examples and prints a blob to replay a failure with.
+CI_ENV = "CI"
+settings.register_profile(
+    "dev", max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow]
+)
+settings.register_profile(
+    "ci", settings.get_profile("dev"), max_examples=300, print_blob=True
+)
+settings.load_profile("ci" if os.environ.get(CI_ENV) else "dev")
+
+QEMU_MARK = "qemu"
+
+# Fixtures that run a server on loopback: a test using one is a network test, marked here so
+# that no such test can miss the marker.
+NETWORK_FIXTURES = frozenset({"registry"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if NETWORK_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.network)
 
 
 @dataclass
@@ -69,14 +96,30 @@ class Cli:
 
 
 @pytest.fixture
-def egpu_home(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
-    """A private, short EGPU_HOME (UNIX socket paths must stay short) with the shared cache."""
+def egpu_home(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Path]:
+    """A private, short EGPU_HOME (UNIX socket paths must stay short) with the shared cache.
+
+    A test that started a VM under it without the qemu marker fails: the quick tier stays quick.
+    """
     home = Path(tempfile.mkdtemp(prefix="egpu-t", dir="/tmp"))
     monkeypatch.setenv(HOME_ENV, str(home))
     monkeypatch.setenv(CACHE_ENV, str(SHARED_CACHE))
     yield home
+    started = started_qemu(home)
     _stop_leftovers(home)
     shutil.rmtree(home, ignore_errors=True)
+    if started and request.node.get_closest_marker(QEMU_MARK) is None:
+        pytest.fail(f"started QEMU (VM {started[0].name}) without the {QEMU_MARK} marker")
+
+
+def started_qemu(home: Path) -> list[Path]:
+    """VM directories under an EGPU_HOME where the supervisor started QEMU.
+
+    It opens QEMU's log, starts QEMU and records its pid; tests that fake a running VM write
+    only the pid file, so both must be there.
+    """
+    return sorted(d for d in home.glob("data/vms/*")
+                  if (d / QEMU_LOG).is_file() and (d / QEMU_PID).is_file())
 
 
 def _recorded_pids(home: Path) -> Iterator[int]:

@@ -7,6 +7,7 @@ not depend on the VM layer above them.
 from __future__ import annotations
 
 import asyncio
+import io
 import os
 import subprocess
 import threading
@@ -40,8 +41,9 @@ class GuestRun:
     started: float = field(default_factory=time.monotonic)
 
     def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        while chunk := self.proc.stdout.read1(4096):
+        stream = self.proc.stdout
+        assert isinstance(stream, io.BufferedReader)  # read1: whatever has arrived, no waiting
+        while chunk := stream.read1(4096):
             with self._lock:
                 self._buf += chunk
 

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.qemu
+# fio comes from Debian's archive the first time (then from the cache)
+pytestmark = [pytest.mark.qemu, pytest.mark.download]
 
 SCRIPT = Path(__file__).resolve().parent.parent / "bench" / "nvme_vs_builtin.py"
 ROW = re.compile(r"^(4k randread QD1 IOPS|1M seq read MB/s)\s+([0-9.]+)\s+([0-9.]+)\s+([0-9.]+)",

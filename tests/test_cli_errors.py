@@ -4,20 +4,24 @@ from __future__ import annotations
 
 import socket
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
-from tests.conftest import Cli
+
+from conftest import Cli
 
 
-def assert_clean_failure(cli: Cli, proc: object, code: int, words: str) -> None:
+def assert_clean_failure(
+    cli: Cli, proc: subprocess.CompletedProcess[str], code: int, words: str
+) -> None:
     assert proc.returncode == code, proc.stderr
-    err = str(proc.stderr).strip()
+    err = proc.stderr.strip()
     assert len(err.splitlines()) == 1, err
     assert err.startswith("error: ") and words in err, err
     assert "Traceback" not in err
     vms = cli.home / "data" / "vms"
-    assert not vms.exists() or not any(vms.iterdir()), list(vms.iterdir())
+    assert not vms.exists(), list(vms.iterdir())  # refused before any VM directory is made
 
 
 @pytest.mark.parametrize(

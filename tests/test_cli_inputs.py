@@ -11,14 +11,14 @@ from pathlib import Path
 
 import pytest
 from PIL import Image
-from tests.conftest import Cli
-from tests.test_cli_errors import assert_clean_failure
 
+from conftest import Cli
 from egpu.devices.display import SCREENSHOT_SIGNAL, create, request_screenshot, serve_screenshots
 from egpu.engine.argv import check_cpus
 from egpu.engine.qemu import find_engine_info, parse_max_cpus
 from egpu.errors import DeviceServerError, UsageError
 from egpu.vm.lifecycle import ssh_argv
+from test_cli_errors import assert_clean_failure
 
 # what QEMU 11.1 answers to query-machines, cut to the fields read and a neighbour
 QMP_REPLIES = "\n".join([

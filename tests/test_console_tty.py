@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from tests.conftest import Cli
+
+from conftest import Cli
 
 pytestmark = pytest.mark.qemu
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
@@ -183,7 +183,6 @@ def test_render_clips_to_vram_and_blank_states() -> None:
     assert not is_blank(image)
 
 
-@settings(max_examples=300, deadline=None)
 @given(writes=st.lists(st.tuples(st.integers(0, MMIO_SIZE - 1), st.binary(min_size=1,
                                                                            max_size=8)),
                        max_size=30))

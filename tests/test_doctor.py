@@ -9,7 +9,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from tests.mac_app import make_app
 
 from egpu.host.doctor import Check, blocking, run_checks
 from egpu.host.facts import (
@@ -26,6 +25,7 @@ from egpu.host.ioreg import parse_ioreg
 from egpu.host.sysext import parse_systemextensions
 from egpu.host.sysfs import read_sysfs
 from egpu.vm import store
+from mac_app import make_app
 from test_host_sysfs import T
 
 FIXTURES = Path(__file__).parent / "fixtures" / "host"
@@ -44,9 +44,9 @@ def mac(ioreg: str = "ioreg-rtx-bound.plist", sysext: str = "sysext-enabled.txt"
     return replace(base, **kw)  # type: ignore[arg-type]
 
 
-def linux(tmp_path: Path, fns: list | None = None, **kw: object) -> HostFacts:
+def linux(tmp_path: Path, fns: list[object] | None = None, **kw: object) -> HostFacts:
     snap = read_sysfs(T.build(tmp_path, fns if fns is not None else T.host_functions(),
-                              thunderbolt=kw.pop("thunderbolt", None)))  # type: ignore[arg-type]
+                              thunderbolt=kw.pop("thunderbolt", None)))
     base = HostFacts(
         platform="linux", system="Linux 6.12.0", machine="x86_64", devices=snap.devices,
         iommu_enabled=snap.iommu_enabled, vfio_pci_loaded=snap.vfio_pci_loaded,
@@ -243,8 +243,9 @@ def test_passthrough_options_for_run(tmp_path: Path) -> None:
     from click.testing import CliRunner
 
     from egpu.cli.host_commands import passthrough_options, run_passthrough
+    from egpu.engine.passthrough import RunPassthrough
 
-    seen = {}
+    seen: dict[str, RunPassthrough] = {}
 
     @click.command()
     @passthrough_options
@@ -255,12 +256,15 @@ def test_passthrough_options_for_run(tmp_path: Path) -> None:
                                       "--passthrough", "08:00", "--no-tso"])
     assert r.exit_code == 0, r.output
     got = seen["run"]
+    assert got.plan is not None
     assert got.engine == "apple" and got.plan.accel_options == ()
     assert got.plan.functions == ("0000:08:00.0",)  # the extension refuses the audio function
     T.build(tmp_path, T.host_functions("nvidia", "snd_hda_intel"))
     r = CliRunner().invoke(fake_run, ["--sysfs", str(tmp_path), "--engine", "vfio", "--bind"])
     assert r.exit_code == 0, r.output
-    assert seen["run"].engine == "vfio" and len(seen["run"].plan.functions) == 2
+    got = seen["run"]
+    assert got.plan is not None
+    assert got.engine == "vfio" and len(got.plan.functions) == 2
     r = CliRunner().invoke(fake_run, ["--engine", "bogus"])
     assert r.exit_code == 2
 

@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from tests.conftest import Cli
-from tests.mac_app import make_app, make_qemu_dir
 
+from conftest import Cli
 from egpu.engine.qemu import (
     APPLE_DEVICE,
     choose_engine,
@@ -19,6 +18,7 @@ from egpu.engine.qemu import (
     survey_engines,
 )
 from egpu.errors import EngineError
+from mac_app import make_app, make_qemu_dir
 
 
 def test_engine_json_reports_real_capabilities(cli: Cli) -> None:
@@ -42,6 +42,7 @@ def test_engine_text_output(cli: Cli) -> None:
     assert "QEMU" in text and "vfio-user-pci" in text and "aarch64" in text
 
 
+@pytest.mark.download  # the engine's Debian packages, into a fresh cache
 def test_provision_survives_interruption_and_is_idempotent(cli: Cli, tmp_path: Path) -> None:
     cache = tmp_path / "cache"
     env = {**cli.env, "EGPU_CACHE": str(cache), "PATH": "/usr/bin:/bin"}

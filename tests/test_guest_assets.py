@@ -22,8 +22,7 @@ from egpu.paths import CACHE_ENV
 from guest_helpers import shared_cache
 
 UNREACHABLE_MIRROR = "http://127.0.0.1:9/debian"
-# somewhere inside a build (index update, unpacking, assembly); any point must be safe
-KILL_AFTER_S = 8
+BUILD_START_TIMEOUT_S = 300  # the index update comes first, from Debian's archive
 
 
 @pytest.fixture(scope="module", params=ARCHES)
@@ -107,10 +106,8 @@ def test_second_call_is_cached_and_needs_no_network(
         built: assets.GuestAssets, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(MIRROR_ENV, UNREACHABLE_MIRROR)
     with shared_cache():
-        t0 = time.monotonic()
         again = assets.ensure_guest(built.arch)
-    assert again == built
-    assert time.monotonic() - t0 < 5  # not a timing test: a rebuild would fail without a mirror
+    assert again == built  # a rebuild would have failed: there is no mirror
 
 
 def test_unknown_arch_is_a_guest_error() -> None:
@@ -118,6 +115,7 @@ def test_unknown_arch_is_a_guest_error() -> None:
         assets.ensure_guest("riscv64")
 
 
+@pytest.mark.network  # asks a mirror on loopback that nobody serves
 def test_failed_build_is_one_line_and_leaves_nothing(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(CACHE_ENV, str(tmp_path))
@@ -125,8 +123,8 @@ def test_failed_build_is_one_line_and_leaves_nothing(
     with pytest.raises(GuestError) as info:
         assets.ensure_guest("aarch64")
     assert "\n" not in str(info.value) and "aarch64" in str(info.value)
-    arch_dir = tmp_path / "guest" / "aarch64"
-    assert not arch_dir.exists() or not list(arch_dir.iterdir())
+    # the mirror is asked first: nothing exists for the architecture until packages arrive
+    assert not (tmp_path / "guest" / "aarch64").exists()
 
 
 def test_partial_or_stale_cache_is_not_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
@@ -172,9 +170,10 @@ def test_only_builds_unused_for_a_while_are_pruned(tmp_path: Path) -> None:
     assert sorted(p.name for p in tmp_path.iterdir()) == [".build-x", "bbbb", "cccc"]
 
 
+@pytest.mark.download  # the Debian package indexes, into a fresh cache
 def test_a_build_killed_midway_leaves_nothing_half_made(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Kill -9 a build wherever it is, then build again: the result is complete and clean."""
+    """Kill -9 a build while it unpacks, then build again: the result is complete and clean."""
     cache = tmp_path / "cache"
     cache.mkdir()
     with shared_cache() as shared:
@@ -184,12 +183,19 @@ def test_a_build_killed_midway_leaves_nothing_half_made(
     proc = subprocess.Popen(
         [sys.executable, "-c", "from egpu.guest.assets import ensure_guest; "
          "ensure_guest('aarch64')"], env=env)
-    time.sleep(KILL_AFTER_S)
-    proc.kill()
-    proc.wait()
+    arch_dir = cache / "guest" / "aarch64"
+    deadline = time.monotonic() + BUILD_START_TIMEOUT_S
+    try:
+        # midway for certain: its build directory exists, half filled
+        while not any(arch_dir.glob(".build-*")):
+            assert proc.poll() is None, "the build ended before it could be interrupted"
+            assert time.monotonic() < deadline, "the build never started unpacking"
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
     monkeypatch.setenv(CACHE_ENV, str(cache))
     again = assets.ensure_guest("aarch64")
     assert again.kernel.read_bytes() == built.kernel.read_bytes()
     assert gzip.decompress(again.initramfs.read_bytes())[:6] == cpio.MAGIC
-    arch_dir = cache / "guest" / "aarch64"
     assert [p.name for p in arch_dir.iterdir()] == [again.kernel.parent.name]

@@ -9,7 +9,7 @@ import struct
 
 import pytest
 import zstandard
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from egpu.guest import bzimage
@@ -82,7 +82,6 @@ def test_pvh_note_detection() -> None:
     assert not bzimage.has_pvh_entry(b"\x7fELF")
 
 
-@settings(deadline=None)  # no timing: the machine is shared
 @given(st.binary(max_size=3000))
 def test_garbage_never_raises_anything_else(blob: bytes) -> None:
     bzimage.has_pvh_entry(blob)
@@ -90,7 +89,6 @@ def test_garbage_never_raises_anything_else(blob: bytes) -> None:
         bzimage.extract_vmlinux(blob)
 
 
-@settings(deadline=None)  # no timing: the machine is shared
 @given(st.integers(0, len(PVH_ELF) - 1), st.binary(min_size=1, max_size=8))
 def test_corrupted_elf_never_raises(at: int, junk: bytes) -> None:
     elf = bytearray(PVH_ELF)

@@ -9,7 +9,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from egpu.guest import cpio
@@ -58,7 +58,6 @@ def test_gzip_is_reproducible() -> None:
     assert cpio.gzip_archive(SAMPLE) == cpio.gzip_archive(SAMPLE)
 
 
-@settings(deadline=None)  # no timing: the machine is shared
 @given(st.lists(st.tuples(names, st.binary(max_size=300), st.integers(0, 0o7777)),
                 max_size=12, unique_by=lambda t: t[0]))
 def test_round_trip_any_files(files: list[tuple[str, bytes, int]]) -> None:
@@ -66,7 +65,6 @@ def test_round_trip_any_files(files: list[tuple[str, bytes, int]]) -> None:
     assert cpio.parse(cpio.archive(entries)) == entries
 
 
-@settings(deadline=None)  # no timing: the machine is shared
 @given(st.binary(max_size=400))
 def test_parser_rejects_garbage_with_value_error(blob: bytes) -> None:
     with contextlib.suppress(ValueError):
@@ -93,7 +91,7 @@ def test_gnu_cpio_lists_and_extracts_it(tmp_path: Path) -> None:
     assert by_name["bin/busybox"].startswith("-rwxr-xr-x")
     assert by_name["bin/sh"].startswith("lrwxrwxrwx") and by_name["bin/sh"].endswith("-> busybox")
     assert by_name["dev/console"].startswith("crw-------")
-    assert "5,   1" in by_name["dev/console"] or "5, 1" in by_name["dev/console"]
+    assert by_name["dev/console"].split()[4:6] == ["5,", "1"]  # major, minor
     assert by_name["dev/null"].startswith("crw-rw-rw-")
     # extract everything but the device nodes and compare contents
     subprocess.run(["cpio", "-idm", "--quiet", "--no-absolute-filenames", "bin*", "init", "empty"],

@@ -6,7 +6,7 @@ import contextlib
 import struct
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from egpu.guest import kmod
@@ -67,14 +67,12 @@ def test_not_a_module_is_a_value_error() -> None:
         kmod.parse_modinfo(elf[:100], "x")
 
 
-@settings(deadline=None)  # no timing: the machine is shared
 @given(st.binary(max_size=512))
 def test_garbage_raises_only_value_error(blob: bytes) -> None:
     with contextlib.suppress(ValueError):
         kmod.parse_modinfo(blob, "x")
 
 
-@settings(deadline=None)  # no timing: the machine is shared
 @given(st.integers(0, 400), st.binary(min_size=1, max_size=8))
 def test_corrupted_module_raises_only_value_error(at: int, junk: bytes) -> None:
     elf = bytearray(make_elf(["depends=a", "name=m"]))
@@ -115,7 +113,6 @@ def test_hard_cycle_is_reported() -> None:
         kmod.load_order(["a"], mods(a="b", b="a"), frozenset())
 
 
-@settings(deadline=None)  # no timing: the machine is shared
 @given(st.dictionaries(st.integers(0, 15), st.sets(st.integers(0, 15), max_size=4), max_size=16),
        st.sets(st.integers(0, 15)))
 def test_order_respects_every_edge_of_a_random_dag(edges: dict[int, set[int]],
@@ -142,7 +139,6 @@ def test_load_groups_splits_independent_chains_and_keeps_order() -> None:
     assert groups == [["nvme_core", "nvme"], ["drm", "bochs", "ttm"], ["evdev"]]
 
 
-@settings(deadline=None)  # no timing: the machine is shared
 @given(st.dictionaries(st.integers(0, 15), st.sets(st.integers(0, 15), max_size=3), max_size=16))
 def test_load_groups_partition_the_order_without_cross_dependencies(
         edges: dict[int, set[int]]) -> None:

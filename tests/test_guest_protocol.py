@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from egpu.guest import protocol as p
@@ -125,7 +125,6 @@ def test_the_last_result_line_wins() -> None:
     assert r is not None and r.ok
 
 
-@settings(deadline=None)  # no timing: the machine is shared
 @given(st.text(max_size=2000))
 def test_any_text_never_raises(text: str) -> None:
     p.find_ready(text)
@@ -143,14 +142,12 @@ json_values = st.recursive(
     max_leaves=20)
 
 
-@settings(deadline=None)  # no timing: the machine is shared
 @given(json_values)
 def test_any_json_never_raises(doc: Any) -> None:
     r = p.parse_selftest(line(doc))
     assert r is not None and not r.ok
 
 
-@settings(deadline=None)  # no timing: the machine is shared
 @given(st.dictionaries(st.sampled_from(["ok", "checks", "x"]), json_values, max_size=3))
 def test_json_with_the_right_keys_never_raises(doc: dict[str, Any]) -> None:
     r = p.parse_selftest(line(doc))
@@ -160,7 +157,6 @@ def test_json_with_the_right_keys_never_raises(doc: dict[str, Any]) -> None:
 names = st.from_regex(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,20}", fullmatch=True)
 
 
-@settings(deadline=None)  # no timing: the machine is shared
 @given(st.lists(st.tuples(names, st.booleans(), st.text(max_size=50)), min_size=1, max_size=20))
 def test_well_formed_results_round_trip(checks: list[tuple[str, bool, str]]) -> None:
     doc = {"ok": all(ok for _, ok, _ in checks),

@@ -7,7 +7,7 @@ import plistlib
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from egpu.errors import HostError
@@ -159,7 +159,6 @@ def test_pcidebug_rejects(text: str) -> None:
         parse_pcidebug(text)
 
 
-@settings(max_examples=150, deadline=None)
 @given(st.binary(max_size=400))
 def test_random_bytes_never_escape_as_other_errors(data: bytes) -> None:
     with contextlib.suppress(HostError):
@@ -179,7 +178,6 @@ _values = st.recursive(
 )
 
 
-@settings(max_examples=200, deadline=None)
 @given(_values)
 def test_hostile_plists_give_host_errors_or_devices(tree: object) -> None:
     try:

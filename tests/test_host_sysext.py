@@ -5,17 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from egpu.errors import HostError
 from egpu.host.device import DEFAULT_DEXT_BUNDLE_ID
-from egpu.host.sysext import classify, parse_systemextensions
+from egpu.host.sysext import DextState, classify, parse_systemextensions
 
 FIXTURES = Path(__file__).parent / "fixtures" / "host"
 
 
-def state(name: str, bundle: str = DEFAULT_DEXT_BUNDLE_ID):
+def state(name: str, bundle: str = DEFAULT_DEXT_BUNDLE_ID) -> DextState:
     return parse_systemextensions((FIXTURES / name).read_text(), bundle, origin=name)
 
 
@@ -64,7 +64,6 @@ def test_classify(bracket: str, want: str) -> None:
     assert classify(bracket) == want
 
 
-@settings(max_examples=200, deadline=None)
 @given(st.lists(st.text(alphabet=st.sampled_from(list("ab *\t[]().-/1 extension(s)---")),
                         max_size=40), max_size=8))
 def test_hostile_listings_give_a_state_or_a_host_error(lines: list[str]) -> None:

@@ -51,7 +51,8 @@ class FakeKernel:
 
 @pytest.fixture
 def tree(tmp_path: Path) -> Path:
-    return T.build(tmp_path, T.host_functions("nvidia", "snd_hda_intel"))
+    root: Path = T.build(tmp_path, T.host_functions("nvidia", "snd_hda_intel"))
+    return root
 
 
 def test_bind_and_restore(tree: Path) -> None:

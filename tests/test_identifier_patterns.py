@@ -10,10 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
-from tests.conftest import Cli
-from tests.test_cli_errors import assert_clean_failure
-from tests.test_host_sysfs import T
 
+from conftest import Cli
 from egpu.errors import HostError, ImageError, UsageError
 from egpu.host.address import full_address, parse_address, parse_address_pattern
 from egpu.host.sysfs import read_sysfs
@@ -21,6 +19,8 @@ from egpu.host.vfio_bind import BindRecord
 from egpu.images.manifest import parse_descriptor, parse_metadata, safe_file_name
 from egpu.images.reference import Digest
 from egpu.vm import store
+from test_cli_errors import assert_clean_failure
+from test_host_sysfs import T
 
 HEX = "ab" * 32
 MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"

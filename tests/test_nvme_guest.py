@@ -10,6 +10,7 @@ from the still-running display server after the guest powered off) shows the con
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -191,8 +192,9 @@ class Console:
         self._reader.start()
 
     def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for chunk in iter(lambda: self.proc.stdout.read1(4096), b""):  # type: ignore[union-attr]
+        stream = self.proc.stdout
+        assert isinstance(stream, io.BufferedReader)  # read1: whatever has arrived, no waiting
+        for chunk in iter(lambda: stream.read1(4096), b""):
             with self._lock:
                 self.text += chunk.decode(errors="replace")
 

@@ -7,7 +7,7 @@ import threading
 from collections.abc import Iterator
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 
 from egpu.devices.pinned import PinnedGuestMemory
@@ -40,7 +40,6 @@ def memory() -> Iterator[GuestMemory]:
     mem.clear()
 
 
-@settings(max_examples=400, deadline=None)
 @given(address=st.one_of(st.integers(0, 1 << 64), st.integers(A - 16, C + C_SIZE + 16)),
        count=st.integers(1, 0x10000), write=st.booleans())
 def test_windows_are_exact_or_absent(memory: GuestMemory, address: int, count: int,

@@ -31,7 +31,7 @@ D2 = "sha256:" + "2" * 64
 D3 = "sha256:" + "3" * 64
 
 
-def desc(media_type: str, digest: str = D1, size: int = 10, **extra: Any) -> dict[str, Any]:
+def desc(media_type: str, digest: str = D1, size: object = 10, **extra: Any) -> dict[str, Any]:
     return {"mediaType": media_type, "digest": digest, "size": size, **extra}
 
 

@@ -10,10 +10,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from tests.conftest import SHARED_CACHE, Cli, _stop_leftovers
-from tests.test_virtual_egpu_run import shell_command
 
+from conftest import SHARED_CACHE, Cli, _stop_leftovers
 from egpu.paths import CACHE_ENV, HOME_ENV
+from test_virtual_egpu_run import shell_command
 
 pytestmark = pytest.mark.qemu
 

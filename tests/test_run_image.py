@@ -10,8 +10,8 @@ import stat
 from pathlib import Path
 
 import pytest
-from tests.conftest import Cli
 
+from conftest import Cli
 from egpu.engine.qemu import find_engine
 from egpu.guest.assets import ensure_guest
 from registry_server import Registry, free_port, push_reference_image, registry

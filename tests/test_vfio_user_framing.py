@@ -15,7 +15,7 @@ import pytest
 
 from egpu.devices.sample import BAR2_SIZE, SAMPLE_VENDOR_ID, SampleFunction
 from egpu.vfio_user import protocol as p
-from egpu.vfio_user.client import VfioUserClient
+from egpu.vfio_user.client import ClientReply, VfioUserClient
 from egpu.vfio_user.dispatcher import SERVER_CAPABILITIES
 from egpu.vfio_user.server import VfioUserServer
 
@@ -189,7 +189,7 @@ def test_fds_piling_up_on_an_unfinished_message_close_the_connection() -> None:
         sock.close()
 
 
-def test_remote_dma_is_chunked_by_the_client_limit() -> None:
+def test_remote_dma_is_chunked_by_the_client_limit(monkeypatch: pytest.MonkeyPatch) -> None:
     server = VfioUserServer(SampleFunction())
     ours, theirs = socket.socketpair()
     ours.settimeout(10)
@@ -204,11 +204,11 @@ def test_remote_dma_is_chunked_by_the_client_limit() -> None:
         seen: list[int] = []
         serve_dma = client._serve_dma
 
-        def spy(m: object) -> None:
-            seen.append(p.DMA_ACCESS.unpack_from(m.payload)[1])  # type: ignore[attr-defined]
-            serve_dma(m)  # type: ignore[arg-type]
+        def spy(m: ClientReply) -> None:
+            seen.append(p.DMA_ACCESS.unpack_from(m.payload)[1])
+            serve_dma(m)
 
-        client._serve_dma = spy  # type: ignore[method-assign]
+        monkeypatch.setattr(client, "_serve_dma", spy)
         from egpu.devices.sample import (
             DMA_TO_DEVICE,
             REG_DMA_ADDR,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,6 +33,18 @@ POLL_S = 0.1
 SERVER_SOCKET_WAIT_S = 30.0  # a cold Python start on a loaded 2-core host
 SERVER_STOP_S = 3.0
 POWERDOWN_GRACE_S = 10.0
+# QEMU catches SIGTERM, SIGINT and SIGHUP, exits 0 and says so on stderr (qemu_kill_report):
+# that line is the only trace of which signal ended it.
+QEMU_KILL_REPORT = re.compile(r": terminating on signal (\d+)")
+KILL_REPORT_TAIL = 4096  # the report is among QEMU's last words
+
+
+def exit_signal(returncode: int | None, qemu_output: str) -> int | None:
+    """The signal that ended QEMU: from its exit status, else from QEMU's own report."""
+    if returncode is not None and returncode < 0:
+        return -returncode
+    reports = QEMU_KILL_REPORT.findall(qemu_output)
+    return int(reports[-1]) if reports else None
 
 
 class Supervisor:
@@ -110,6 +123,7 @@ class Supervisor:
             self._write_exit(None, started, error=str(e))
             return 1
         with open(self.vm.file(store.QEMU_LOG), "ab") as log:
+            log_start = os.fstat(log.fileno()).st_size  # earlier runs' output is not this run's
             self.qemu = subprocess.Popen(
                 self.config.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 env={**os.environ, **self.config.env}, preexec_fn=qos_preexec(self.guard),
@@ -131,8 +145,17 @@ class Supervisor:
         self.keep_last_screen()
         self.stop_servers()
         self.warnings += restore_bindings(self.vm)
-        self._write_exit(self.qemu.returncode, started)
+        self._write_exit(self.qemu.returncode, started, qemu_output=self._qemu_output(log_start))
         return 0
+
+    def _qemu_output(self, since: int) -> str:
+        """The end of what QEMU wrote to its log in this run."""
+        try:
+            with open(self.vm.file(store.QEMU_LOG), "rb") as log:
+                log.seek(max(since, os.fstat(log.fileno()).st_size - KILL_REPORT_TAIL))
+                return log.read().decode(errors="replace")
+        except OSError:
+            return ""
 
     def start_assertion(self, qemu_pid: int) -> None:
         """Hold the host awake while a passed-through GPU runs (caffeinate -i -w QEMU_PID)."""
@@ -174,10 +197,11 @@ class Supervisor:
         with contextlib.suppress(Exception):
             qmp.execute(self.vm.qmp_socket, "system_powerdown", timeout=2.0)
 
-    def _write_exit(self, returncode: int | None, started: float, error: str | None = None) -> None:
+    def _write_exit(self, returncode: int | None, started: float, error: str | None = None,
+                    qemu_output: str = "") -> None:
         record: dict[str, Any] = {
             "returncode": returncode,
-            "signal": -returncode if returncode is not None and returncode < 0 else None,
+            "signal": exit_signal(returncode, qemu_output),
             "started": started,
             "ended": time.time(),
             "stop_requested": self.vm.file(store.STOP_REQUEST).exists() or self.terminating,
