@@ -77,7 +77,7 @@ class VmStatus:
             "memory_mib": self.memory_mib,
             "ssh_port": self.ssh_port,
             "exit": self.exit,
-            "servers": [s.to_json() for s in self.servers],
+            "servers": [{**s.to_json(), "running": s.alive()} for s in self.servers],
             "problems": self.problems,
             "run_state": self.run_state,
         }
