@@ -64,8 +64,10 @@ def test_server_record_validates_types() -> None:
     good = store.ServerRecord(name="display", function=0, socket="/s", log="/l",
                               options=("a=b",), process=ProcessRef(99, 1.5, "python"))
     assert store.ServerRecord.from_json(good.to_json()) == good
-    for bad in ({**good.to_json(), "function": "0"}, {**good.to_json(), "options": "a=b"},
-                {**good.to_json(), "returncode": True}, [], "x"):
+    bads: list[object] = [{**good.to_json(), "function": "0"},
+                          {**good.to_json(), "options": "a=b"},
+                          {**good.to_json(), "returncode": True}, [], "x"]
+    for bad in bads:
         with pytest.raises(ValueError):
             store.ServerRecord.from_json(bad)
     # a record without full identity parses, but names no process

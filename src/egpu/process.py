@@ -18,6 +18,8 @@ from typing import Any
 import psutil
 
 START_SLACK_S = 0.05  # psutil start times are rounded to clock ticks
+EXEC_WAIT_S = 5.0
+EXEC_POLL_S = 0.005
 MIN_PID = 2  # 0 is the caller's group, 1 is init, negatives are groups or everything
 
 
@@ -31,11 +33,21 @@ class ProcessRef:
 
     @classmethod
     def of(cls, pid: int, program: str) -> ProcessRef | None:
-        """Record a process egpu just launched with ``program`` as argv[0]; None if it is gone."""
+        """Record a process egpu just launched with ``program`` as argv[0]; None if it is gone.
+
+        Waits until its exec has finished: Popen can return while the kernel is still setting
+        up the new program, when /proc/PID/cmdline reads empty and it could not be verified.
+        """
         if pid < MIN_PID:
             return None
+        deadline = time.monotonic() + EXEC_WAIT_S
         try:
-            return cls(pid, psutil.Process(pid).create_time(), program)
+            proc = psutil.Process(pid)
+            while not proc.cmdline():
+                if proc.status() == psutil.STATUS_ZOMBIE or time.monotonic() > deadline:
+                    return None
+                time.sleep(EXEC_POLL_S)
+            return cls(pid, proc.create_time(), program)
         except psutil.Error:
             return None
 
