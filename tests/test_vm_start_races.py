@@ -22,6 +22,7 @@ NO_GPU = ("--engine", "none", "--accel", "tcg")
 PVPANIC = ("--", "-device", "pvpanic", "-action", "panic=pause")
 PVPANIC_PORT_WRITE = "o /b 0x505 1"  # HMP: write the "panicked" event to the device's port
 NVME_SIZE = 64 << 20
+SELFTEST_TIMEOUT_S = 400
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 
 
@@ -247,3 +248,18 @@ def test_panicked_guest_ends_self_test_and_attached_run(cli: Cli, mode: str) -> 
     assert run.returncode == 1, (out, err)
     assert "guest stopped in guest-panicked (PC=" in out + err, (out, err)
     _assert_crashed_with_pc(cli.status("pan"))
+
+
+@pytest.mark.qemu
+def test_nested_kvm_internal_error_ends_self_test_as_crashed(cli: Cli) -> None:
+    if not Path("/dev/kvm").exists():
+        pytest.skip("no /dev/kvm on this host")
+    # nested KVM here stops the guest in internal-error during boot; QEMU itself keeps running
+    proc = cli("run", "--self-test", "--name", "kvm", "--arch", "x86_64", "--accel", "kvm",
+               "--engine", "none", timeout=SELFTEST_TIMEOUT_S)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "guest stopped in internal-error (PC=" in proc.stdout, proc.stdout + proc.stderr
+    status = cli.status("kvm")
+    assert status["state"] == "crashed" and status["run_state"] == "internal-error", status
+    assert any("internal-error (PC=" in p for p in status["problems"]), status
+    assert [(v["name"], v["state"]) for v in cli.json("list")] == [("kvm", "crashed")]
