@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,7 +14,7 @@ import psutil
 import pytest
 from tests.conftest import Cli
 
-from egpu.process import ProcessRef
+from egpu.process import ProcessRef, wait_gone
 from egpu.vm import qmp, store
 from egpu.vm.status import derive_state
 
@@ -263,3 +264,23 @@ def test_nested_kvm_internal_error_ends_self_test_as_crashed(cli: Cli) -> None:
     assert status["state"] == "crashed" and status["run_state"] == "internal-error", status
     assert any("internal-error (PC=" in p for p in status["problems"]), status
     assert [(v["name"], v["state"]) for v in cli.json("list")] == [("kvm", "crashed")]
+
+
+@pytest.mark.qemu
+def test_panicked_guest_with_no_supervisor_reads_crashed_and_stop_ends_it(cli: Cli) -> None:
+    proc = cli("run", "--name", "orph", "--arch", "x86_64", "--detach", "-q", *NO_GPU, *PVPANIC)
+    assert proc.returncode == 0, proc.stderr
+    vm = store.VmDir("orph", root=vms(cli))
+    supervisor = vm.read_process(store.SUPERVISOR_PID)
+    qemu = vm.read_process(store.QEMU_PID)
+    assert supervisor is not None and qemu is not None
+    os.kill(supervisor.pid, signal.SIGKILL)  # nobody is left to end a stuck QEMU
+    assert wait_gone(supervisor, 30, 0.05)
+    _panic(cli, "orph")
+    crashed = cli.wait_for("orph", lambda s: s["state"] == "crashed", timeout=60)
+    _assert_crashed_with_pc(crashed)  # read from QEMU's own monitor: it still runs
+    assert qemu.alive() and crashed["run_state"] == "guest-panicked"
+    assert cli.json("list")[0]["state"] == "crashed"
+    stop = cli("stop", "orph", check=True)
+    assert "already crashed" in stop.stderr
+    assert wait_gone(qemu, 30, 0.05)  # stop ended what the crashed run left behind

@@ -310,6 +310,7 @@ def stop(name: str, timeout: float, force: bool) -> None:
         raise UsageError("--timeout must not be negative")
     before = _status_of(name)
     if not before.active:
+        lifecycle.stop(name)  # ends what a crashed run left behind (verified processes only)
         output.notice(f"VM {name!r} is already {before.state}")
         return
     after = lifecycle.stop(name, timeout=timeout, force=force)
