@@ -284,3 +284,12 @@ def test_panicked_guest_with_no_supervisor_reads_crashed_and_stop_ends_it(cli: C
     stop = cli("stop", "orph", check=True)
     assert "already crashed" in stop.stderr
     assert wait_gone(qemu, 30, 0.05)  # stop ended what the crashed run left behind
+
+
+@pytest.mark.qemu
+def test_detach_reports_success_only_once_the_guest_runs(cli: Cli) -> None:
+    # -S: QEMU's sockets and monitor are up, but its guest never starts running
+    proc = cli("run", "--name", "held", "--detach", "-q", *NO_GPU, "--", "-S", timeout=180)
+    one_line_error(proc, "'held'", "prelaunch, not running")
+    assert not (vms(cli) / "held").exists()
+    assert _processes_under(cli.home) == []

@@ -357,6 +357,7 @@ def _spawn_supervisor(vm: store.VmDir) -> None:
 def wait_started(vm: store.VmDir, timeout: float = START_TIMEOUT_S) -> VmStatus:
     """Wait until QEMU answers QMP with its guest running; VMError with the cause otherwise."""
     deadline = time.monotonic() + timeout
+    status = None
     while time.monotonic() < deadline:
         status = inspect(vm)
         if status.state == "running" and status.run_state == qmp.RUNNING_RUN_STATE:
@@ -366,6 +367,9 @@ def wait_started(vm: store.VmDir, timeout: float = START_TIMEOUT_S) -> VmStatus:
         if status.ended:
             raise VMError(f"VM {vm.name!r} failed to start: {_failure_text(vm, status)}")
         time.sleep(POLL_S)
+    if status is not None and status.run_state is not None:
+        raise VMError(f"VM {vm.name!r}: QEMU is up but its guest is {status.run_state}, "
+                      f"not running, after {timeout:.0f}s")
     raise VMError(f"VM {vm.name!r}: QEMU did not come up within {timeout:.0f}s")
 
 
