@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -94,3 +95,43 @@ def test_no_command_signals_or_reports_a_reused_pid(egpu_home: Path) -> None:
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+RACE_ROUNDS = 2000
+SPAWN_ROUNDS = 20
+
+
+def test_a_pid_file_being_rewritten_always_reads_whole(tmp_path: Path) -> None:
+    # the restart that failed with "unknown error": a reader saw a pid file mid-rewrite (empty),
+    # took the supervisor for gone and the VM for stopped
+    vm = store.VmDir("vm", root=tmp_path)
+    vm.create()
+    me = ProcessRef.current()
+    vm.write_process(store.SUPERVISOR_PID, me)
+    done = threading.Event()
+
+    def rewrite() -> None:
+        for _ in range(RACE_ROUNDS):
+            vm.write_process(store.SUPERVISOR_PID, me)
+        done.set()
+
+    writer = threading.Thread(target=rewrite)
+    writer.start()
+    misses = 0
+    while not done.is_set():
+        misses += vm.read_process(store.SUPERVISOR_PID) != me
+    writer.join()
+    assert misses == 0
+    assert [p.name for p in vm.path.iterdir()] == [store.SUPERVISOR_PID]  # no temp files left
+
+
+def test_a_process_is_verifiable_as_soon_as_it_is_recorded() -> None:
+    # Popen can return before the kernel finished the exec (cmdline still empty)
+    for _ in range(SPAWN_ROUNDS):
+        proc = subprocess.Popen(["sleep", "30"], start_new_session=True, close_fds=True)
+        try:
+            ref = ProcessRef.of_popen(proc)
+            assert ref is not None and ref.alive(), ref
+        finally:
+            proc.kill()
+            proc.wait()
