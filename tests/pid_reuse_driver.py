@@ -2,13 +2,16 @@
 exactly their pids (through ns_last_pid) and checks that no egpu command signals them or calls
 them running. Prints one line per failed check; exits 1 if there was any.
 
-Usage: python pid_reuse_driver.py EGPU_HOME
+Usage: python pid_reuse_driver.py EGPU_HOME [fake|real]
+fake: VM directories written by hand (no QEMU); real: a booted VM with the virtual eGPU.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -23,6 +26,7 @@ SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]  # the same pro
 FOREIGN = ["sleep", "600"]  # another program altogether
 PLACE_ATTEMPTS = 20
 CLI_TIMEOUT_S = 120
+REAL_PROCESSES = 4  # supervisor, QEMU, display server, nvme server
 failures: list[str] = []
 
 
@@ -59,7 +63,11 @@ def place_on(pid: int, argv: list[str]) -> subprocess.Popen[bytes]:
             return proc
         proc.kill()
         proc.wait()
-    raise SystemExit(f"could not place a process on pid {pid}")
+    try:
+        holder = Path(f"/proc/{pid}/status").read_text().splitlines()[:4]
+    except OSError:
+        holder = ["nothing"]
+    raise SystemExit(f"could not place a process on pid {pid} (held by {holder})")
 
 
 def kill(proc: subprocess.Popen[bytes]) -> None:
@@ -186,9 +194,65 @@ def records_without_identity(home: Path) -> list[subprocess.Popen[bytes]]:
     return foreign
 
 
+def end_all(pids: list[int]) -> None:
+    """Kill a run's processes, supervisor first, and free their pids.
+
+    The supervisor is stopped before its children die, so it records nothing; once it is gone
+    its children are this namespace init's to reap. Its pid is also their session's and process
+    group's id, so it is free only once they are all gone.
+    """
+    supervisor, *children = pids
+    os.kill(supervisor, signal.SIGSTOP)
+    for pid in children:
+        os.kill(pid, signal.SIGKILL)
+    os.kill(supervisor, signal.SIGKILL)
+    for pid in pids:  # the supervisor first: its exit hands its children to us
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def real_vm(home: Path) -> list[subprocess.Popen[bytes]]:
+    """A real run (QEMU through its loader, device servers, supervisor) whose pids get reused."""
+    started = egpu(home, "run", "--name", "real", "--detach", "-q", "--accel", "tcg",
+                   "--passthrough", "virtual", "--nvme-size", "16M")
+    check(started.returncode == 0, f"run: {started.stderr}")
+    before = status_of(home, "real")
+    check(before.get("state") == "running" and all(s["running"] for s in before["servers"]),
+          f"control: the real VM is not reported running: {before}")
+    vm = store.VmDir("real", root=home / "data" / "vms")
+    refs = [vm.read_process(store.SUPERVISOR_PID), vm.read_process(store.QEMU_PID),
+            *(s.process for s in vm.read_servers())]
+    check(None not in refs and len(refs) == REAL_PROCESSES, f"records: {refs}")
+    impostors = []
+    pids = [r.pid for r in refs if r is not None]
+    end_all(pids)
+    for i, pid in enumerate(pids):
+        impostors.append(place_on(pid, SLEEPER if i % 2 else FOREIGN))
+    after = status_of(home, "real")
+    check(after.get("state") == "crashed" and after.get("pid") is None
+          and not any(s["running"] for s in after.get("servers", [])),
+          f"status calls foreign processes the VM's: {after}")
+    listed = json.loads(egpu(home, "list", "--json").stdout)
+    check([(v["state"], v["pid"]) for v in listed] == [("crashed", None)], f"list: {listed}")
+    for args in (("screenshot", "real", "-o", str(home / "x.png")), ("stop", "real"),
+                 ("stop", "real", "--force")):
+        egpu(home, *args)
+    again = egpu(home, "run", "--name", "real", "--detach", "-q", "--accel", "tcg",
+                 "--engine", "none", "--", "-no-such-option")
+    check(again.returncode == 1 and "no-such-option" in again.stderr, f"restart: {again.stderr}")
+    removed = egpu(home, "rm", "real")
+    check(removed.returncode == 0, f"rm: {removed.stderr}")
+    check(all(map(running, impostors)), "a command signalled a process that took a VM's pid")
+    return impostors
+
+
 def main() -> int:
     home = Path(sys.argv[1])
-    spawned = reused_pids(home) + records_without_identity(home)
+    mode = sys.argv[2] if len(sys.argv) > 2 else "fake"
+    if mode == "real":
+        spawned = real_vm(home)
+    else:
+        spawned = reused_pids(home) + records_without_identity(home)
     for proc in spawned:
         kill(proc)
     for failure in failures:

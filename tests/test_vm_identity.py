@@ -83,14 +83,15 @@ def _can_reuse_pids() -> str | None:
     return None if probe.returncode == 0 else f"no PID namespaces here: {probe.stderr.strip()}"
 
 
-def test_no_command_signals_or_reports_a_reused_pid(egpu_home: Path) -> None:
+@pytest.mark.parametrize("mode", ["fake", pytest.param("real", marks=pytest.mark.qemu)])
+def test_no_command_signals_or_reports_a_reused_pid(egpu_home: Path, mode: str) -> None:
     why = _can_reuse_pids()
     if why:
         pytest.skip(why)
     # a PID namespace of its own: ns_last_pid there puts a foreign process on an exact pid
     proc = subprocess.run(
         ["unshare", "--pid", "--fork", "--mount-proc", sys.executable, str(DRIVER),
-         str(egpu_home)],
+         str(egpu_home), mode],
         capture_output=True, text=True, timeout=DRIVER_TIMEOUT_S,
         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
     )
