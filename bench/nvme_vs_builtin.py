@@ -16,7 +16,6 @@ per-round ratios, and the device server's CPU time per I/O.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -30,6 +29,7 @@ from pathlib import Path
 
 from egpu import debpkg
 from egpu.engine.qemu import find_engine
+from egpu.engine.qemu_options import json_option, option_string
 from egpu.guest import cpio, protocol
 from egpu.guest.assets import DEBIAN_ARCH, SUITES, ensure_guest
 from egpu.paths import dirs
@@ -240,8 +240,9 @@ def run_both(arch: str, rd: Path, backing_b: Path, backing_v: Path, size_mib: in
               file=sys.stderr)
         virtual = {"driver": "vfio-user-pci", "socket": {"type": "unix", "path": str(sock)},
                    "addr": VIRTUAL_SLOT, "multifunction": True}
-        args = ["-device", json.dumps(virtual),
-                "-drive", f"file={backing_b},if=none,id=n0,format=raw",
+        args = ["-device", json_option(virtual),
+                "-drive", option_string(None, {"file": backing_b.absolute(), "if": "none",
+                                               "id": "n0", "format": "raw"}),
                 "-device", f"nvme,drive=n0,serial=builtin0,addr={BUILTIN_SLOT}"]
         cpu0 = cpu_seconds(server.pid)
         console = boot(arch, rd, args, seconds, rounds)

@@ -139,7 +139,7 @@ def reused_pids(home: Path) -> list[subprocess.Popen[bytes]]:
     shot = egpu(home, "screenshot", "vm1", "-o", str(home / "shot.png"))
     check(shot.returncode == 1 and "not running" in shot.stderr,
           f"screenshot of a VM whose display pid was reused: {shot.returncode} {shot.stderr}")
-    stop = egpu(home, "stop", "vm1", "--timeout", "0")
+    stop = egpu(home, "stop", "vm1", "--timeout", "0.01")
     check(stop.returncode == 0, f"stop: {stop.stderr}")
     check(not running(qemu), "stop left egpu's own (verified) QEMU running")
     check(all(map(running, impostors)), "stop signalled a foreign process")

@@ -138,6 +138,36 @@ def egpu(
     )
 
 
+def egpu_measured(
+    *args: str, workdir: Path, timeout: float = 120
+) -> tuple[subprocess.CompletedProcess[str], int]:
+    """Run the CLI like ``egpu`` and also return that one process's peak RSS in bytes.
+
+    wait4 gives the rusage of exactly this child (RUSAGE_CHILDREN would be the largest child
+    the test process ever had); a timer kills it at the deadline, so the wait is bounded.
+    """
+    out_path, err_path = workdir / "measured.out", workdir / "measured.err"
+    with open(out_path, "wb") as out, open(err_path, "wb") as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "egpu", *args],
+            stdout=out,
+            stderr=err,
+            stdin=subprocess.DEVNULL,
+            env={**os.environ, "COLUMNS": "250"},
+        )
+    killer = threading.Timer(timeout, proc.kill)
+    killer.start()
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    finally:
+        killer.cancel()
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+    completed = subprocess.CompletedProcess(
+        proc.args, proc.returncode, out_path.read_text(), err_path.read_text()
+    )
+    return completed, usage.ru_maxrss * 1024  # Linux reports KiB
+
+
 def egpu_popen(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "egpu", *args],
@@ -233,7 +263,7 @@ def push_reference_image(
     file_name: str = "disk.qcow2",
     metadata: dict[str, Any] | None = None,
 ) -> Pushed:
-    """Push the reference project's layout: qcow2 layer + JSON layer, artifactType set."""
+    """Push scottjg/qemu-vfio-apple's layout: qcow2 layer + JSON layer, artifactType set."""
     meta = (
         metadata
         if metadata is not None
@@ -463,6 +493,14 @@ def engine_tool(name: str) -> tuple[list[str], dict[str, str]]:
 GATE_TOKEN = "egpu-test-token"
 GATE_SERVICE = "egpu-test"
 FORWARDED_HEADERS = ("content-type", "content-length", "content-range", "docker-content-digest")
+# A hostile body: far more than any cap, sent in pieces until the client hangs up.
+HUGE_BODY_BYTES = 300 * 1024 * 1024
+HUGE_PIECE = 1024 * 1024
+TRICKLE_PACE = 1.0  # seconds between the bytes of a trickled blob: 1 byte per second
+SILENT_HOLD = 60.0  # how long a silent answer keeps the connection open at most
+# Which response a TokenGate can make huge.
+HUGE_KINDS = ("token", "error", "manifest", "redirect")
+REDIRECTED_MARK = "egpu-hop=1"
 
 
 class TokenGate:
@@ -470,7 +508,12 @@ class TokenGate:
 
     ``/token`` hands out the token (only to ``user``:``password`` when those are set);
     ``fail_next`` answers that many API requests with 503 first; ``redirect_blobs`` answers
-    blob requests with a redirect to that URL.
+    blob requests with a redirect to that URL. Hostile modes: ``huge`` gives one kind of
+    response (HUGE_KINDS) a HUGE_BODY_BYTES body; ``realm`` replaces the token realm URL;
+    ``trickle_after`` sends blob bodies at full speed up to that many bytes, then one byte per
+    TRICKLE_PACE; ``silent_blobs`` sends a blob's headers and then nothing; ``drip_blobs``
+    sends that many bytes of each blob response, then hangs up. ``ranges`` records the Range
+    headers of blob requests.
     """
 
     def __init__(self, upstream: str, *, user: str | None = None, password: str | None = None):
@@ -488,6 +531,12 @@ class TokenGate:
         self.manifest_override: bytes | None = None  # serve this for every manifest request
         self.token_requests: list[dict[str, str]] = []
         self.unauthorized = 0
+        self.huge: str | None = None
+        self.realm: str | None = None
+        self.trickle_after: int | None = None
+        self.silent_blobs = False
+        self.drip_blobs: int | None = None
+        self.ranges: list[str] = []
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, format: str, *args: Any) -> None:
@@ -504,6 +553,47 @@ class TokenGate:
                 self.end_headers()
                 self.wfile.write(body)
 
+            def _send_huge(self, status: int, headers: dict[str, str]) -> None:
+                """A body of HUGE_BODY_BYTES without Content-Length (ends when the connection
+                does), so only a reader that stops on its own cap gets away cheaply."""
+                self.send_response(status)
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                piece = b"{" * HUGE_PIECE
+                try:
+                    for _ in range(HUGE_BODY_BYTES // HUGE_PIECE):
+                        self.wfile.write(piece)
+                except OSError:
+                    pass  # the client stopped reading: what a bounded client does
+                self.close_connection = True
+
+            def _forward_body(self, r: httpx.Response, blob: bool) -> None:
+                sent = 0
+                if blob and gate.drip_blobs is not None:
+                    self.wfile.write(r.read()[: gate.drip_blobs])
+                    self.close_connection = True
+                    return
+                for chunk in r.iter_raw():
+                    limit = gate.trickle_after if blob else None
+                    if limit is None or sent + len(chunk) <= limit:
+                        self.wfile.write(chunk)
+                        sent += len(chunk)
+                        continue
+                    fast = max(limit - sent, 0)
+                    self.wfile.write(chunk[:fast])
+                    sent += fast
+                    for i in range(fast, len(chunk)):
+                        time.sleep(TRICKLE_PACE)  # the hostile pace itself, not a wait
+                        self.wfile.write(chunk[i : i + 1])
+
+            def _hold_silently(self) -> None:
+                # Returns when the client hangs up (recv sees EOF) or SILENT_HOLD passes.
+                self.connection.settimeout(SILENT_HOLD)
+                with contextlib.suppress(OSError):
+                    self.connection.recv(1)
+                self.close_connection = True
+
             def do_GET(self) -> None:
                 from urllib.parse import parse_qsl, urlsplit
 
@@ -512,6 +602,9 @@ class TokenGate:
                     gate.token_requests.append(dict(parse_qsl(url.query)))
                     if gate.basic and self.headers.get("Authorization") != gate.basic:
                         self._send(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}')
+                        return
+                    if gate.huge == "token":
+                        self._send_huge(200, {"Content-Type": "application/json"})
                         return
                     self._send(
                         200,
@@ -522,7 +615,7 @@ class TokenGate:
                 if self.headers.get("Authorization") != f"Bearer {GATE_TOKEN}":
                     gate.unauthorized += 1
                     repo = url.path.removeprefix("/v2/").rsplit("/", 2)[0]
-                    realm = f"http://{self.headers['Host']}/token"
+                    realm = gate.realm or f"http://{self.headers['Host']}/token"
                     self._send(
                         401,
                         b"",
@@ -545,21 +638,36 @@ class TokenGate:
                         {"Content-Type": "application/vnd.oci.image.manifest.v1+json"},
                     )
                     return
-                if gate.redirect_blobs and "/blobs/" in url.path:
+                blob = "/blobs/" in url.path
+                if "/manifests/" in url.path and gate.huge in ("error", "manifest"):
+                    status = 404 if gate.huge == "error" else 200
+                    self._send_huge(status, {"Content-Type": "application/json"})
+                    return
+                if blob and gate.huge == "redirect" and REDIRECTED_MARK not in url.query:
+                    self._send_huge(307, {"Location": f"{url.path}?{REDIRECTED_MARK}"})
+                    return
+                if gate.redirect_blobs and blob:
                     self._send(307, b"", {"Location": gate.redirect_blobs})
+                    return
+                if blob:
+                    gate.ranges.append(self.headers.get("Range", ""))
+                if blob and gate.silent_blobs:
+                    self.send_response(200)
+                    self.send_header("Content-Length", "1048576")
+                    self.end_headers()
+                    self._hold_silently()
                     return
                 forward = ("accept",) if gate.ignore_range else ("accept", "range")
                 headers = {k: v for k, v in self.headers.items() if k.lower() in forward}
                 with httpx.stream(
-                    "GET", f"http://{gate.upstream}{self.path}", headers=headers, timeout=30
+                    "GET", f"http://{gate.upstream}{url.path}", headers=headers, timeout=30
                 ) as r:
                     out = {k: v for k, v in r.headers.items() if k.lower() in FORWARDED_HEADERS}
                     self.send_response(r.status_code)
                     for k, v in out.items():
                         self.send_header(k, v)
                     self.end_headers()
-                    for chunk in r.iter_raw():
-                        self.wfile.write(chunk)
+                    self._forward_body(r, blob)
 
         class Server(ThreadingHTTPServer):
             daemon_threads = True

@@ -77,4 +77,4 @@ def test_json_without_dry_run_or_selftest(cli: Cli) -> None:
 
 def test_stop_negative_timeout(cli: Cli) -> None:
     proc = cli("stop", "x", "--timeout", "-1")
-    assert proc.returncode == 2 and "--timeout must not be negative" in proc.stderr
+    assert proc.returncode == 2 and "positive number of seconds" in proc.stderr

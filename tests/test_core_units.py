@@ -133,11 +133,17 @@ def test_print_uris_and_index_hashes() -> None:
     ]
     records = (
         "Package: qemu-utils\nFilename: pool/main/q/qemu/qemu-utils_11.1.3+ds-1_amd64.deb\n"
-        "SHA256: AB12\nDescription: x\n more\n\nPackage: other\nFilename: pool/o.deb\n"
+        f"SHA256: {'AB12' * 16}\nDescription: x\n more\n\nPackage: other\nFilename: pool/o.deb\n"
+        "\nPackage: short\nFilename: pool/s.deb\nSHA256: ab12\n"
     )
-    assert parse_sha256s(records) == {"qemu-utils_11.1.3+ds-1_amd64.deb": "ab12"}
+    # A hash that is not 64 hex digits is dropped (the file is then refused as unhashed).
+    assert parse_sha256s(records) == {"qemu-utils_11.1.3+ds-1_amd64.deb": "ab12" * 16}
     with pytest.raises(EngineError):
         parse_print_uris("'broken line\n")
+    # The local file name comes from the URI: never a path, never a trailing newline.
+    for name in ("..%2F..%2Fetc%2Fx.deb", "x.deb%0A", "x%2Fy.deb", "x.tar"):
+        with pytest.raises(EngineError, match="unexpected package file name"):
+            parse_print_uris(f"'http://m/debian/pool/{name}' x.deb 10\n")
 
 
 def test_qemu_probe_parsers() -> None:

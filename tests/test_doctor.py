@@ -9,12 +9,24 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from tests.mac_app import make_app
 
 from egpu.host.doctor import Check, blocking, run_checks
-from egpu.host.facts import DevVfio, EngineFacts, HostFacts, HostSource, gather_facts
+from egpu.host.facts import (
+    DevVfio,
+    EngineCandidateFacts,
+    EngineFacts,
+    GuestDriverFacts,
+    HostFacts,
+    HostSource,
+    dext_bundle_id,
+    gather_facts,
+)
 from egpu.host.ioreg import parse_ioreg
 from egpu.host.sysext import parse_systemextensions
 from egpu.host.sysfs import read_sysfs
+from egpu.process import ProcessRef
+from egpu.vm import store
 from test_host_sysfs import T
 
 FIXTURES = Path(__file__).parent / "fixtures" / "host"
@@ -56,9 +68,10 @@ def statuses(f: HostFacts) -> dict[str, str]:
 def test_healthy_mac() -> None:
     checks = run_checks(mac())
     s = {c.name: c.status for c in checks}
-    assert s == {"os-cpu": "ok", "engine": "ok", "accelerator": "ok", "driver-extension": "ok",
-                 "egpu": "ok",
-                 "thunderbolt5": "ok", "bars": "ok", "pcie-link": "warn", "memory": "ok"}
+    assert s == {"os-cpu": "ok", "engine": "ok", "engine-candidates": "ok", "accelerator": "ok",
+                 "driver-extension": "ok", "egpu": "ok", "root-ports": "ok",
+                 "thunderbolt5": "ok", "bars": "ok", "pcie-link": "warn", "memory": "ok",
+                 "guest-driver": "ok"}
     assert not blocking(checks)
     assert all(c.fix for c in checks if c.status != "ok")
 
@@ -236,7 +249,7 @@ def test_passthrough_options_for_run(tmp_path: Path) -> None:
 
     @click.command()
     @passthrough_options
-    def fake_run(**kw: object) -> None:
+    def fake_run(force: bool, **kw: object) -> None:
         seen["run"] = run_passthrough(**kw)  # type: ignore[arg-type]
 
     r = CliRunner().invoke(fake_run, ["--ioreg", str(FIXTURES / "ioreg-rtx-bound.plist"),
@@ -244,10 +257,127 @@ def test_passthrough_options_for_run(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     got = seen["run"]
     assert got.engine == "apple" and got.plan.accel_options == ()
-    assert got.plan.functions == ("0000:08:00.0", "0000:08:00.1")
+    assert got.plan.functions == ("0000:08:00.0",)  # the extension refuses the audio function
     T.build(tmp_path, T.host_functions("nvidia", "snd_hda_intel"))
     r = CliRunner().invoke(fake_run, ["--sysfs", str(tmp_path), "--engine", "vfio", "--bind"])
     assert r.exit_code == 0, r.output
     assert seen["run"].engine == "vfio" and len(seen["run"].plan.functions) == 2
     r = CliRunner().invoke(fake_run, ["--engine", "bogus"])
     assert r.exit_code == 2
+
+
+NEW_APPLE = ("addr", "dma-bounce-size", "dma-companion", "host", "host-root")
+OLD_APPLE = ("addr", "dma-companion", "host")
+
+
+def candidates(*chosen_props: tuple[str, ...] | None) -> tuple[EngineCandidateFacts, ...]:
+    return tuple(
+        EngineCandidateFacts(src, f"/{src}", "10.2.50", props, i == 0, "why")
+        for i, (src, props) in enumerate(zip(("app", "path"), chosen_props, strict=False))
+    )
+
+
+def test_engine_candidates_and_their_options() -> None:
+    e = replace(MAC_ENGINE, candidates=candidates(NEW_APPLE, None))
+    c = by_name(run_checks(mac(engine=e)))["engine-candidates"]
+    assert c.status == "ok" and "*app /app" in c.message and "host-root" in c.message
+    assert "-path /path: QEMU 10.2.50, no vfio-apple-pci" in c.message
+    # an old build and two eGPUs on two root ports: it cannot tell them apart
+    e = replace(MAC_ENGINE, candidates=candidates(OLD_APPLE))
+    c = by_name(run_checks(mac("ioreg-dual-egpu.plist", engine=e)))["engine-candidates"]
+    assert c.status == "warn" and "host-root" in (c.fix or "")
+
+
+def test_root_ports_of_each_egpu() -> None:
+    c = by_name(run_checks(mac("ioreg-dual-egpu.plist")))["root-ports"]
+    assert c.status == "ok"
+    assert "pcic1-bridge: 01:00.0" in c.message and "pcic2-bridge: 01:00.0" in c.message
+    flat = by_name(run_checks(mac("ioreg-flat.plist")))["root-ports"]
+    assert flat.status == "ok" and "?: 08:00.0" in flat.message
+
+
+def test_dext_bundle_id_as_the_app_names_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("EGPU_DEXT_BUNDLE_ID", raising=False)
+    assert dext_bundle_id("com.example.App") == "com.example.App.VFIOUserPCIDriver"
+    assert dext_bundle_id(None) == "scottjg.VFIOUserHostApp.VFIOUserPCIDriver"
+    c = by_name(run_checks(mac(dext_bundle_id="com.example.App.VFIOUserPCIDriver")))
+    assert c["driver-extension"].status == "warn"
+    assert "com.example.App.VFIOUserPCIDriver" in c["driver-extension"].message
+    c = by_name(run_checks(mac(sysext="sysext-none.txt",
+                               dext_bundle_id="com.example.App.VFIOUserPCIDriver")))
+    assert "com.example.App.VFIOUserPCIDriver" in c["driver-extension"].message
+
+
+def test_guest_driver_check() -> None:
+    c = by_name(run_checks(mac(guest=GuestDriverFacts("the built-in guest", "no driver"))))
+    assert c["guest-driver"].status == "warn" and "panic macOS" in (c["guest-driver"].fix or "")
+    c = by_name(run_checks(mac(guest=GuestDriverFacts("image x", None))))
+    assert c["guest-driver"].status == "ok" and "image x" in c["guest-driver"].message
+
+
+def test_cli_doctor_for_mac_users(egpu_home: Path, tmp_path: Path) -> None:
+    other = egpu("doctor", "--json", "--qemu", str(make_app(tmp_path / "other")),
+                 "--ioreg", str(FIXTURES / "ioreg-dual-egpu.plist"),
+                 "--systemextensions", str(FIXTURES / "sysext-enabled.txt"))
+    doc = json.loads(other.stdout)
+    # the stand-in app's own bundle id names the extension: the default app's one warns
+    assert doc["dext_bundle_id"] == "com.example.VFIOUserHostApp.VFIOUserPCIDriver"
+    assert {c["name"]: c for c in doc["checks"]}["driver-extension"]["status"] == "warn"
+
+    app = make_app(tmp_path, bundle_id="scottjg.VFIOUserHostApp")
+    p = egpu("doctor", "--json", "--qemu", str(app),
+             "--ioreg", str(FIXTURES / "ioreg-dual-egpu.plist"),
+             "--systemextensions", str(FIXTURES / "sysext-enabled.txt"))
+    doc = json.loads(p.stdout)
+    checks = {c["name"]: c for c in doc["checks"]}
+    (cand,) = doc["engine_candidates"]
+    assert cand["chosen"] and cand["has_vfio_apple_pci"] and "host-root" in cand["properties"]
+    assert doc["dext_bundle_id"] == "scottjg.VFIOUserHostApp.VFIOUserPCIDriver"
+    assert checks["driver-extension"]["status"] == "ok"
+    assert "pcic2-bridge: 01:00.0" in checks["root-ports"]["message"]
+    assert checks["guest-driver"]["status"] == "warn"
+    assert "built-in guest" in checks["guest-driver"]["message"]
+    assert doc["guest"]["label"] == "the built-in guest"
+    assert [g["root"] for g in doc["gpus"]] == ["pcic1-bridge", "pcic2-bridge"]
+    tb5 = egpu("doctor", "--json", "--qemu", str(app),
+               "--ioreg", str(FIXTURES / "ioreg-datacenter-tb5.plist"))
+    tb5_checks = {c["name"]: c for c in json.loads(tb5.stdout)["checks"]}
+    assert tb5_checks["thunderbolt5"]["status"] == "warn"
+
+
+def test_gpu_bound_after_the_vm_started_says_restart(egpu_home: Path) -> None:
+    # an apple VM that started with the first eGPU claimed; the second was bound later
+    vm = store.VmDir("mac")
+    vm.create()
+    vm.write_config(store.VmConfig(
+        name="mac", arch="aarch64", cpus=8, memory_mib=14336, accel="hvf",
+        engine="apple (app QEMU 10.2.50)", qemu_version="10.2.50", argv=["qemu"],
+        gpu_bound_at_start=["pcic1-bridge/01:00.0", "pcic1-bridge/01:00.1"],
+    ))
+    dump = str(FIXTURES / "ioreg-dual-egpu.plist")
+    # a live process stands in for its QEMU (the VM reads as up while it runs)
+    with subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
+                          stdin=subprocess.PIPE) as qemu:
+        try:
+            ref = ProcessRef.of_popen(qemu)
+            assert ref is not None
+            vm.write_process(store.QEMU_PID, ref)
+            p = egpu("devices", "--ioreg", dump)
+            assert p.returncode == 0, p.stderr
+            assert ("pcic2-bridge/01:00.0 was bound to the driver extension after VM 'mac' "
+                    "started; restart the VM to attach it") in p.stderr
+            assert "pcic1-bridge/01:00.0 was bound" not in p.stderr
+            doc = json.loads(egpu("devices", "--json", "--ioreg", dump).stdout)
+            late = {f"{d['root']}/{d['address']}": d["bound_after_start_of"] for d in doc
+                    if d["bound_after_start_of"]}
+            assert late == {"pcic2-bridge/01:00.0": ["mac"]}
+            st = json.loads(egpu("status", "mac", "--json", "--ioreg", dump).stdout)
+            assert len(st["hotplug"]) == 1 and "pcic2-bridge/01:00.0" in st["hotplug"][0]
+            text = egpu("status", "mac", "--ioreg", dump)
+            assert "restart the VM to attach it" in text.stderr
+        finally:
+            assert qemu.stdin is not None
+            qemu.stdin.close()
+    # once the VM is down, nothing is late any more
+    p = egpu("devices", "--ioreg", dump)
+    assert "restart the VM" not in p.stderr

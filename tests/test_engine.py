@@ -8,7 +8,17 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
 from tests.conftest import Cli
+from tests.mac_app import make_app, make_qemu_dir
+
+from egpu.engine.qemu import (
+    APPLE_DEVICE,
+    choose_engine,
+    find_engine_info,
+    survey_engines,
+)
+from egpu.errors import EngineError
 
 
 def test_engine_json_reports_real_capabilities(cli: Cli) -> None:
@@ -59,3 +69,71 @@ def test_provision_survives_interruption_and_is_idempotent(cli: Cli, tmp_path: P
     assert marker.stat().st_mtime_ns == stamp  # nothing was redone
     assert not (cache / "engine" / "root.partial").exists()
     assert not any(p.name.endswith(".part") for p in (cache / "debs").iterdir())
+
+
+def test_app_bundle_engine_layout(tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    info = find_engine_info(str(app), APPLE_DEVICE)
+    e = info.engine
+    assert e.bundle == app and e.bindir == app / "Contents/MacOS"
+    assert e.qemu("aarch64") == [str(app / "Contents/MacOS/qemu-system-aarch64"),
+                                 "-L", str(app / "Contents/Resources/share/qemu")]
+    assert e.qemu_img() == [str(app / "Contents/MacOS/qemu-img")]
+    assert e.firmware_dirs() == [app / "Contents/Resources/share/qemu"]
+    assert info.to_json()["pci_ids"] == str(app / "Contents/Resources/pci.ids")
+    assert info.version == (10, 2, 50)
+
+
+def test_vfio_apple_pci_properties_of_two_builds(tmp_path: Path) -> None:
+    new = find_engine_info(str(make_app(tmp_path / "n", "new")), APPLE_DEVICE)
+    old = find_engine_info(str(make_app(tmp_path / "o", "old", version="10.0.0")), APPLE_DEVICE)
+    assert {"host-root", "dma-bounce-size", "dma-companion"} <= new.property_names(APPLE_DEVICE)
+    assert "host-root" not in old.property_names(APPLE_DEVICE)
+    companion = {i.version: next(p for p in i.properties[APPLE_DEVICE] if p.name == "dma-companion")
+                 for i in (new, old)}
+    assert companion[(10, 2, 50)].default == "false" and companion[(10, 0, 0)].default == "true"
+
+
+def test_a_qemu_without_vfio_apple_pci_is_never_chosen_for_apple(tmp_path: Path) -> None:
+    brew = make_qemu_dir(tmp_path / "homebrew" / "bin", "homebrew", "11.2.0")
+    with pytest.raises(EngineError, match=r"QEMU 11\.2\.0 .*has no vfio-apple-pci"):
+        find_engine_info(str(brew), APPLE_DEVICE)
+    # the app beats a newer QEMU on PATH that lacks the device; the skip is said
+    apps = tmp_path / "Applications"
+    make_app(apps, "new")
+    cands = survey_engines(None, APPLE_DEVICE, exhaustive=True, apps=[apps])
+    assert cands[0].chosen and cands[0].engine.source == "app"
+    info = choose_engine(cands, None, APPLE_DEVICE)
+    assert info.engine.source == "app"
+
+
+def test_homebrew_on_path_is_skipped_with_a_notice(tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    brew = make_qemu_dir(tmp_path / "brew", "homebrew", "11.2.0")
+    monkeypatch.setenv("PATH", f"{brew}:/usr/bin:/bin")
+    apps = tmp_path / "Applications"
+    make_app(apps, "old", version="10.0.0")
+    cands = survey_engines(None, APPLE_DEVICE, exhaustive=True, apps=[apps])
+    by_source = {c.engine.source: c for c in cands}
+    assert by_source["app"].chosen and not by_source["path"].chosen
+    assert "has no vfio-apple-pci" in by_source["path"].reason
+    info = choose_engine(cands, None, APPLE_DEVICE)
+    assert any("skipping path QEMU" in n and str(brew) in n for n in info.notices)
+    # nothing with the device at all: the error lists what was tried
+    with pytest.raises(EngineError, match=str(brew)):
+        choose_engine(survey_engines(None, APPLE_DEVICE, apps=[]), None, APPLE_DEVICE)
+
+
+def test_engine_cli_lists_candidates(cli: Cli, tmp_path: Path) -> None:
+    app = make_app(tmp_path)
+    doc = cli.json("engine", "--for", "apple", "--qemu", str(app))
+    assert doc["source"] == "explicit" and doc["bundle"] == str(app) and doc["need"] == APPLE_DEVICE
+    (cand,) = doc["candidates"]
+    assert cand["chosen"] and cand["has_vfio_apple_pci"] and "host-root" in cand["properties"]
+    names = [p["name"] for p in doc["properties"][APPLE_DEVICE]]
+    assert "dma-bounce-size" in names
+    text = cli("engine", "--for", "apple", "--qemu", str(app), check=True).stdout
+    assert "candidates:" in text and "vfio-apple-pci options:" in text and "host-root" in text
+    brew = make_qemu_dir(tmp_path / "brew", "homebrew", "11.2.0")
+    proc = cli("engine", "--for", "apple", "--qemu", str(brew))
+    assert proc.returncode == 1 and "has no vfio-apple-pci" in proc.stderr

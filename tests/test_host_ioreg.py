@@ -11,17 +11,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from egpu.errors import HostError
-from egpu.host.device import DEXT_NAME
+from egpu.host.device import DEXT_NAME, PciDevice
 from egpu.host.ioreg import parse_ioreg, parse_pcidebug
 
 FIXTURES = Path(__file__).parent / "fixtures" / "host"
 
 
-def load(name: str, **kw: str) -> list:
+def load(name: str, **kw: str) -> list[PciDevice]:
     return parse_ioreg((FIXTURES / name).read_bytes(), origin=name, **kw)
 
 
-def by_addr(devs: list, bdf: str):
+def by_addr(devs: list[PciDevice], bdf: str) -> PciDevice:
     (d,) = [d for d in devs if d.address.bdf == bdf]
     return d
 
@@ -117,7 +117,7 @@ def test_garbage_is_a_host_error(data: bytes) -> None:
 
 
 def test_wrong_types_are_host_errors() -> None:
-    entry = {
+    entry: dict[str, object] = {
         "IOObjectClass": "IOPCIDevice", "IORegistryEntryName": "x", "pcidebug": "1:0:0",
         "vendor-id": "10de", "device-id": b"\x00\x00",
     }
@@ -188,3 +188,33 @@ def test_hostile_plists_give_host_errors_or_devices(tree: object) -> None:
         return  # not representable as a plist (None, huge ints, control characters)
     with contextlib.suppress(HostError):
         parse_ioreg(data)
+
+
+def test_root_port_is_the_topmost_pci_ancestor() -> None:
+    devs = load("ioreg-dual-egpu.plist")
+    cards = [(d.root, d.address.bdf, d.device_id) for d in devs if d.passthrough_ready]
+    assert cards == [
+        ("pcic1-bridge", "01:00.0", 0x2B85), ("pcic2-bridge", "01:00.0", 0x2684),
+        ("pcic1-bridge", "01:00.1", 0x22E8), ("pcic2-bridge", "01:00.1", 0x22E8),
+    ]
+    # the root ports themselves have no PCI ancestor
+    assert all(d.root is None for d in devs if d.address.bdf == "00:00.0")
+    assert by_addr(load("ioreg-rtx-bound.plist"), "08:00.0").root == "pci-bridge2"
+
+
+def test_ioreg_r_copies_keep_the_nested_root() -> None:
+    # the dump prints both cards a second time at top level (no ancestors): still four functions
+    devs = [d for d in load("ioreg-dual-egpu.plist") if d.vendor_id == 0x10DE]
+    assert len(devs) == 4 and all(d.root for d in devs)
+
+
+def test_flat_dump_has_no_root_and_still_parses() -> None:
+    devs = load("ioreg-flat.plist")
+    assert [d.address.bdf for d in devs if d.passthrough_ready] == ["08:00.0", "08:00.1"]
+    assert all(d.root is None for d in devs)
+    assert by_addr(devs, "08:00.0").to_json()["root"] is None
+
+
+def test_root_is_in_devices_json() -> None:
+    doc = by_addr(load("ioreg-rtx-bound.plist"), "08:00.0").to_json()
+    assert doc["root"] == "pci-bridge2"

@@ -152,6 +152,9 @@ def test_index_selection() -> None:
         b'{"schemaVersion": 2, "layers": [5]}',
         manifest([desc(m.MEDIA_QCOW2, "sha256:short")]),
         manifest([desc(m.MEDIA_QCOW2, "sha256:../../../../etc/passwd" + "a" * 40)]),
+        manifest([desc(m.MEDIA_QCOW2, "sha256:" + "a" * 64 + "\n")]),
+        manifest([desc(m.MEDIA_QCOW2, "sha256:" + "z" * 64)]),
+        manifest([desc(m.MEDIA_QCOW2 + "\n")]),
         manifest([desc(m.MEDIA_QCOW2, size=-1)]),
         manifest([desc(m.MEDIA_QCOW2, size=True)]),
         manifest([desc(m.MEDIA_QCOW2, size="10")]),
@@ -211,6 +214,7 @@ def test_metadata_parsing() -> None:
         b"{",
         json.dumps({"sha256": "xyz"}).encode(),
         json.dumps({"sha256": 5}).encode(),
+        json.dumps({"sha256": "ab" * 32 + "\n"}).encode(),
         json.dumps({"features": [1]}).encode(),
         json.dumps({"name": ["x"]}).encode(),
         b" " * (m.MAX_METADATA_BYTES + 1),
@@ -230,6 +234,7 @@ def test_metadata_parsing() -> None:
         ("", False),
         (None, False),
         ("a" * 200, False),
+        ("u.qcow2\n", False),
     ],
 )
 def test_safe_file_name(name: str | None, safe: bool) -> None:

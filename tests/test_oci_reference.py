@@ -67,6 +67,10 @@ def test_parse_examples(
         "-bad.io/x",
         "ghcr.io/x:" + "t" * 129,
         "r.io/" + "a" * 300,
+        # A trailing newline inside a part (the whole text is stripped before that check).
+        "ghcr.io/x\n:t",
+        "ghcr.io\n/x",
+        "http://127.0.0.1:5000/x:v1",
     ],
 )
 def test_parse_rejects(text: str) -> None:
@@ -100,6 +104,7 @@ def test_manifest_ref_prefers_digest() -> None:
         f"sha256:{HEX[:-1]}g",
         f"sha256:../{HEX}",
         f" sha256:{HEX}",
+        f"sha256:{HEX}\n",  # '$' would accept it, and the newline would end up in a file name
         None,
         5,
     ],

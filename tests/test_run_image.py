@@ -82,7 +82,7 @@ def test_run_base_keeps_the_user_disk_untouched(cli: Cli, image_file: Path) -> N
 def test_image_dry_run_defaults(cli: Cli) -> None:
     out = cli.json("run", "--dry-run", "--image", "--engine", "none")
     argv = out["argv"]
-    assert "user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22" in argv  # the reference's port
+    assert "user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22" in argv  # qemu-vfio-apple's port
     assert "-kernel" not in argv and "-append" not in argv
     assert "virtio-blk-pci,drive=disk0,bootindex=0" in argv
 

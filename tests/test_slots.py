@@ -12,7 +12,7 @@ from egpu.errors import NotFoundError, UsageError
 from egpu.host.address import PciAddress, parse_address, parse_address_pattern
 from egpu.host.device import PciDevice
 from egpu.host.ioreg import parse_ioreg
-from egpu.host.slots import resolve_passthrough
+from egpu.host.slots import Selection, bound_since_start, function_label, resolve_passthrough
 
 FIXTURES = Path(__file__).parent / "fixtures" / "host"
 
@@ -90,7 +90,7 @@ def devs(name: str) -> list[PciDevice]:
     return parse_ioreg((FIXTURES / name).read_bytes())
 
 
-def bdfs(sel) -> list[str]:
+def bdfs(sel: Selection) -> list[str]:
     return [d.address.bdf for d in sel.functions]
 
 
@@ -156,3 +156,60 @@ def test_missing_address() -> None:
 def test_bad_spec_is_a_usage_error() -> None:
     with pytest.raises(UsageError):
         resolve_passthrough("gpu please", devs("ioreg-rtx-bound.plist"))
+
+
+def labels(sel: Selection) -> list[str]:
+    return [function_label(d) for d in sel.functions]
+
+
+def test_apple_auto_takes_every_egpu_each_by_root() -> None:
+    sel = resolve_passthrough(None, devs("ioreg-dual-egpu.plist"), apple=True)
+    assert labels(sel) == ["pcic1-bridge/01:00.0", "pcic2-bridge/01:00.0"]
+    assert [len(g) for g in sel.slots] == [1, 1]
+    assert all("DART" in n for n in sel.notices) and len(sel.notices) == 2
+    # without the apple rules auto still takes one card (engine vfio)
+    assert len(resolve_passthrough(None, devs("ioreg-dual-egpu.plist")).slots) == 1
+
+
+def test_root_slash_address_names_one_card() -> None:
+    d = devs("ioreg-dual-egpu.plist")
+    sel = resolve_passthrough("pcic2-bridge/01:00.0", d, apple=True)
+    assert labels(sel) == ["pcic2-bridge/01:00.0"] and sel.functions[0].device_id == 0x2684
+    sel = resolve_passthrough("PCIC1-bridge/01:00", d, apple=True)
+    assert labels(sel) == ["pcic1-bridge/01:00.0"]  # audio left out, said so
+    assert "DART" in sel.notices[0]
+    with pytest.raises(NotFoundError, match="pcic1-bridge, pcic2-bridge"):
+        resolve_passthrough("pcic9-bridge/01:00", d, apple=True)
+
+
+def test_plain_address_behind_two_roots_is_ambiguous() -> None:
+    with pytest.raises(UsageError, match=r"pcic1-bridge/01:00\.0, pcic2-bridge/01:00\.0"):
+        resolve_passthrough("01:00.0", devs("ioreg-dual-egpu.plist"), apple=True)
+
+
+def test_plain_address_is_fine_when_only_one_root_has_a_claimed_card() -> None:
+    # rtx-bound has a wlan and a USB controller at 01:00.0 behind two other root ports
+    sel = resolve_passthrough("08:00.0", devs("ioreg-rtx-bound.plist"), apple=True)
+    assert labels(sel) == ["pci-bridge2/08:00.0"]
+
+
+def test_apple_refuses_audio_even_when_named() -> None:
+    with pytest.raises(UsageError, match=r"refuses to attach audio.*DART"):
+        resolve_passthrough("08:00.1", devs("ioreg-rtx-bound.plist"), apple=True)
+    with pytest.raises(UsageError, match="DART"):
+        resolve_passthrough("pcic1-bridge/01:00.1", devs("ioreg-dual-egpu.plist"), apple=True)
+    # auto ignores include_audio for apple: the extension would refuse the function anyway
+    sel = resolve_passthrough(None, devs("ioreg-rtx-bound.plist"), apple=True, include_audio=True)
+    assert labels(sel) == ["pci-bridge2/08:00.0"]
+
+
+def test_flat_dump_selects_without_roots() -> None:
+    sel = resolve_passthrough(None, devs("ioreg-flat.plist"), apple=True)
+    assert labels(sel) == ["08:00.0"] and sel.functions[0].root is None
+
+
+def test_gpus_bound_since_a_vm_started() -> None:
+    d = devs("ioreg-dual-egpu.plist")
+    late = bound_since_start(d, ["pcic1-bridge/01:00.0", "pcic1-bridge/01:00.1"])
+    assert [function_label(x) for x in late] == ["pcic2-bridge/01:00.0"]  # displays only
+    assert bound_since_start(d, [function_label(x) for x in d]) == ()

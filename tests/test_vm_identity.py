@@ -136,3 +136,18 @@ def test_a_process_is_verifiable_as_soon_as_it_is_recorded() -> None:
         finally:
             proc.kill()
             proc.wait()
+
+
+def test_config_round_trip_keeps_every_field(tmp_path: Path) -> None:
+    config = store.VmConfig(
+        name="vm", arch="x86_64", cpus=2, memory_mib=512, accel="tcg", engine="user",
+        qemu_version="11", argv=["qemu"], env={"A": "b"}, ssh_port=2222, selftest=True,
+        image="ref", bind_functions=["0000:01:00.0"], host_guard={"power_assertion": []},
+        gpu_bound_at_start=["pcic1/01:00.0"],
+        servers=[store.ServerLaunch(name="nvme", function=1, socket="/s", log="/l",
+                                    options=("size=1G",), argv=("python", "-m", "egpu"))],
+    )
+    vm = store.VmDir("vm", root=tmp_path)
+    vm.create()
+    vm.write_config(config)
+    assert vm.read_config() == config

@@ -3,7 +3,8 @@
 The disk holds one FAT filesystem: systemd-boot from Debian as the removable-media loader
 (``\\EFI\\BOOT\\BOOT<ARCH>.EFI``), a Boot Loader Specification entry that names the guest's
 kernel, initramfs and console, and ``timeout 0`` so it boots straight away. The firmware finds
-the loader by itself, as it finds GRUB on the reference's images: no shell, no countdown.
+the loader by itself, as it finds GRUB on scottjg/qemu-vfio-apple's images: no shell, no
+countdown.
 """
 
 from __future__ import annotations

@@ -4,12 +4,16 @@ egpu provisions its engine and its built-in guest from Debian's archive. It keep
 root (its own sources, lists and an empty dpkg status, so the whole dependency closure is
 resolved), lets apt resolve and verify the index signatures, and downloads the .deb files itself
 so it can resume, verify each against the SHA256 from the signed index, and show progress.
+Downloads go through ``egpu.transfer`` as registry pulls do: redirects followed without reading
+their bodies, a stall (``EGPU_STALL_TIMEOUT``) fails with the partial kept, and a file never
+grows past the size the index gives.
 The mirror comes from the host's own apt sources (so a local mirror or proxy is honoured), or
 from ``EGPU_DEBIAN_MIRROR``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -24,14 +28,31 @@ import httpx
 
 from egpu.errors import EngineError
 from egpu.progress import Progress, SilentProgress
+from egpu.transfer import (
+    Stalled,
+    StallPolicy,
+    StallWatch,
+    TransferError,
+    make_client,
+    parse_decimal,
+    raw_chunks,
+    send,
+)
 
 MIRROR_ENV = "EGPU_DEBIAN_MIRROR"
 KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
 HOST_SOURCES = (Path("/etc/apt/sources.list"), Path("/etc/apt/sources.list.d"))
 CHUNK = 1 << 20
+CONNECT_TIMEOUT = 15.0
+READ_TIMEOUT = 60.0
+HTTP_OK, HTTP_PARTIAL = 200, 206
+# Patterns are used with fullmatch ('$' would also accept a trailing newline).
 # apt prints one line per package: 'URI' FILENAME SIZE [HASH] (the hash is absent for some
 # suites, so it is taken from the signed index instead)
-_PRINT_URI = re.compile(r"^'(?P<uri>[^']+)' (?P<name>\S+) (?P<size>\d+)(?: \S*)?$")
+_PRINT_URI = re.compile(r"'(?P<uri>[^']+)' (?P<name>\S+) (?P<size>[0-9]+)(?: \S*)?")
+# NAME_VERSION_ARCH.deb (the epoch's colon unescaped): a plain name, never a path.
+_DEB_FILE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.+~_:-]{0,254}\.deb")
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -90,11 +111,13 @@ def parse_print_uris(text: str) -> list[tuple[str, str, int]]:
         line = line.strip()
         if not line.startswith("'"):
             continue
-        m = _PRINT_URI.match(line)
+        m = _PRINT_URI.fullmatch(line)
         if m is None:
-            raise EngineError(f"unexpected apt output: {line[:120]}")
+            raise EngineError(f"unexpected apt output: {line[:120]!r}")
         # name the local file after the pool file (apt's own name escapes the epoch colon)
         name = urllib.parse.unquote(m.group("uri").rsplit("/", 1)[-1])
+        if not _DEB_FILE.fullmatch(name) or ".." in name:
+            raise EngineError(f"unexpected package file name in apt output: {name[:120]!r}")
         out.append((m.group("uri"), name, int(m.group("size"))))
     return out
 
@@ -111,8 +134,10 @@ def parse_sha256s(records: str) -> dict[str, str]:
             for k, sep, v in (ln.partition(":") for ln in record.splitlines() if ln[:1] != " ")
             if sep
         )
-        if "Filename" in fields and "SHA256" in fields:
-            out[fields["Filename"].rsplit("/", 1)[-1]] = fields["SHA256"].lower()
+        sha = fields.get("SHA256", "").lower()
+        # A malformed hash is left out: the file is then refused as having no SHA256.
+        if "Filename" in fields and _SHA256_HEX.fullmatch(sha):
+            out[fields["Filename"].rsplit("/", 1)[-1]] = sha
     return out
 
 
@@ -206,13 +231,19 @@ class DebianArchive:
                 if ln.strip().startswith("Depends:")]
 
 
-def download(files: Sequence[DebFile], dest: Path, progress: Progress | None = None) -> list[Path]:
+def download(
+    files: Sequence[DebFile],
+    dest: Path,
+    progress: Progress | None = None,
+    stall: StallPolicy | None = None,
+) -> list[Path]:
     """Download package files into ``dest``, resuming partial ones, verifying each SHA256.
 
-    A file is renamed into place only once verified, so an interrupted run leaves at most a
-    ``.part`` file that the next run continues.
+    A file is renamed into place only once verified, so an interrupted or stalled run leaves at
+    most a ``.part`` file that the next run continues. ``stall`` defaults to the environment's.
     """
     progress = progress or SilentProgress()
+    stall = stall or StallPolicy.from_env(os.environ)
     dest.mkdir(parents=True, exist_ok=True)
     paths = [dest / f.filename for f in files]
     todo = [(f, p) for f, p in zip(files, paths, strict=True) if not p.exists()]
@@ -220,15 +251,18 @@ def download(files: Sequence[DebFile], dest: Path, progress: Progress | None = N
         return paths
     progress.start("downloading packages", sum(f.size for f, _ in todo))
     try:
-        with httpx.Client(timeout=60, follow_redirects=True) as client:
+        timeout = httpx.Timeout(stall.read_timeout(READ_TIMEOUT), connect=CONNECT_TIMEOUT)
+        with make_client(timeout=timeout) as client:
             for f, path in todo:
-                _fetch_one(client, f, path, progress)
+                _fetch_one(client, f, path, progress, stall)
     finally:
         progress.finish()
     return paths
 
 
-def _fetch_one(client: httpx.Client, f: DebFile, path: Path, progress: Progress) -> None:
+def _fetch_one(
+    client: httpx.Client, f: DebFile, path: Path, progress: Progress, stall: StallPolicy
+) -> None:
     part = path.with_name(path.name + ".part")
     have = part.stat().st_size if part.exists() else 0
     if have > f.size:
@@ -243,26 +277,71 @@ def _fetch_one(client: httpx.Client, f: DebFile, path: Path, progress: Progress)
     if have < f.size:
         headers = {"Range": f"bytes={have}-"} if have else {}
         try:
-            with client.stream("GET", f.uri, headers=headers) as resp:
-                if resp.status_code == 200 and have:
+            request = client.build_request("GET", f.uri, headers=headers)
+            with contextlib.closing(send(client, request)) as resp:
+                if resp.status_code == HTTP_OK and have:
                     # the server ignored the range: start over
                     h, have = hashlib.sha256(), 0
                     part.unlink()
-                elif resp.status_code not in (200, 206):
+                elif resp.status_code == HTTP_PARTIAL and _range_start(resp) != have:
+                    raise EngineError(
+                        f"download of {f.filename} failed: the mirror sent another range"
+                    )
+                elif resp.status_code not in (HTTP_OK, HTTP_PARTIAL):
                     raise EngineError(f"download of {f.filename} failed: HTTP {resp.status_code}")
                 with part.open("ab") as out:
-                    for block in resp.iter_bytes(CHUNK):
+                    for block in raw_chunks(resp, StallWatch(stall)):
+                        if have + len(block) > f.size:
+                            raise _TooLong(f"the mirror sent more than {f.size} bytes")
                         out.write(block)
                         h.update(block)
+                        have += len(block)
                         progress.advance(len(block))
+        except _TooLong as e:
+            part.unlink(missing_ok=True)
+            raise EngineError(f"download of {f.filename} failed: {e.message}") from None
+        except Stalled as e:
+            raise EngineError(
+                f"download of {f.filename} {e.message} at {have} of {f.size} bytes",
+                hint="run the command again to resume",
+            ) from None
+        except TransferError as e:
+            raise EngineError(f"download of {f.filename} failed: {e.message}") from None
+        except httpx.InvalidURL as e:
+            raise EngineError(f"download of {f.filename}: bad URL {f.uri[:120]!r} ({e})") from None
         except httpx.HTTPError as e:
             raise EngineError(
-                f"download of {f.filename} failed: {e}", hint="run the command again to resume"
-            ) from e
+                f"download of {f.filename} failed: {_one_line(e)}",
+                hint="run the command again to resume",
+            ) from None
+        finally:
+            with contextlib.suppress(OSError):
+                if part.stat().st_size == 0:
+                    part.unlink()  # nothing arrived: nothing to resume
+    if have < f.size:
+        raise EngineError(
+            f"download of {f.filename} broke off at {have} of {f.size} bytes",
+            hint="run the command again to resume",
+        )
     if h.hexdigest() != f.sha256:
         part.unlink(missing_ok=True)
         raise EngineError(f"{f.filename}: checksum mismatch", hint="run the command again")
     os.replace(part, path)
+
+
+class _TooLong(TransferError):
+    """The mirror sent more bytes than the signed index says the file has."""
+
+
+def _range_start(resp: httpx.Response) -> int | None:
+    """The first byte of a 206's ``Content-Range: bytes START-END/TOTAL``."""
+    unit, _, spec = resp.headers.get("content-range", "").strip().partition(" ")
+    return parse_decimal(spec.partition("-")[0]) if unit == "bytes" else None
+
+
+def _one_line(error: Exception) -> str:
+    text = str(error) or type(error).__name__
+    return text.splitlines()[0][:200]
 
 
 def extract(deb: Path, dest: Path) -> None:

@@ -44,7 +44,9 @@ class ProcessRef:
         try:
             proc = psutil.Process(pid)
             while not proc.cmdline():
-                if proc.status() == psutil.STATUS_ZOMBIE or time.monotonic() > deadline:
+                if proc.status() == psutil.STATUS_ZOMBIE:
+                    break  # already ended: recorded all the same, and never alive
+                if time.monotonic() > deadline:
                     return None
                 time.sleep(EXEC_POLL_S)
             return cls(pid, proc.create_time(), program)

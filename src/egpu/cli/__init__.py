@@ -1,4 +1,6 @@
-"""The ``egpu`` command line: parsing, output and exit codes. Messages for users live here."""
+"""cli layer: the ``egpu`` command line (parsing, output, exit codes); the top of the layers.
+Messages for users are printed here and nowhere below; map of the layers: docs/ARCHITECTURE.md.
+"""
 
 from __future__ import annotations
 

@@ -5,37 +5,70 @@ from __future__ import annotations
 import click
 
 from egpu.cli import output
-from egpu.engine.qemu import EngineInfo, find_engine_info
+from egpu.engine.qemu import (
+    APPLE_DEVICE,
+    Candidate,
+    EngineInfo,
+    choose_engine,
+    survey_engines,
+)
 from egpu.engine.select import ensure_engine_info
 from egpu.guest.assets import ensure_guest
+from egpu.host.facts import live_platform
+
+ENGINE_KINDS = ("auto", "apple", "user")
 
 
 def _describe(info: EngineInfo) -> None:
     e = info.engine
     output.out.print(f"QEMU {info.version_text} ({e.source})", markup=False)
-    output.out.print(f"  path          {e.root or e.bindir}", markup=False)
+    output.out.print(f"  path          {e.location}", markup=False)
     for arch in info.arches:
         accels = ", ".join(info.accelerators.get(arch, ())) or "none"
         devices = ", ".join(info.devices.get(arch, ())) or "none"
         output.out.print(f"  {arch:13} accelerators: {accels}; passthrough devices: {devices}",
                          markup=False)
+    for device, props in info.properties.items():
+        names = ", ".join(p.name for p in props) or "none"
+        output.out.print(f"  {device} options: {names}", markup=False)
+
+
+def _describe_candidates(candidates: list[Candidate]) -> None:
+    output.out.print("candidates:", markup=False)
+    for c in candidates:
+        mark = "*" if c.chosen else "-"
+        output.out.print(f"  {mark} {c.engine.source:8} {c.engine.location}: {c.reason}",
+                         markup=False)
+
+
+def need_for(kind: str) -> str | None:
+    """The device an engine kind requires of QEMU (auto: apple's on a Mac)."""
+    if kind == "apple" or (kind == "auto" and live_platform() == "macos"):
+        return APPLE_DEVICE
+    return None
 
 
 @click.command()
 @click.option("--json", "as_json", is_flag=True)
-@click.option("--qemu", default=None, metavar="PATH", help="use this qemu-system binary")
+@click.option("--qemu", default=None, metavar="PATH",
+              help="use this qemu-system binary, its directory, or a host app (X.app)")
+@click.option("--for", "kind", type=click.Choice(ENGINE_KINDS), default="auto",
+              show_default=True, help="which GPU engine the QEMU is for (apple: vfio-apple-pci)")
 @click.option("--provision", is_flag=True, help="provision the private engine if none is usable")
 @click.option("--quiet", "-q", is_flag=True)
-def engine(as_json: bool, qemu: str | None, provision: bool, quiet: bool) -> None:
-    """Show which QEMU egpu runs and what it can do here."""
+def engine(as_json: bool, qemu: str | None, kind: str, provision: bool, quiet: bool) -> None:
+    """Show which QEMU egpu runs, what it can do here, and every candidate it looked at."""
+    need = need_for(kind)
     if provision:
-        info = ensure_engine_info(qemu, progress=output.BarProgress(quiet=quiet or as_json))
-    else:
-        info = find_engine_info(qemu)
+        ensure_engine_info(qemu, progress=output.BarProgress(quiet=quiet or as_json), need=need)
+    candidates = survey_engines(qemu, need, exhaustive=True)
+    info = choose_engine(candidates, qemu, need)  # the error names every candidate tried
     if as_json:
-        output.emit_json(info.to_json())
+        output.emit_json({**info.to_json(), "need": need,
+                          "candidates": [c.to_json() for c in candidates]})
     else:
         _describe(info)
+        _describe_candidates(candidates)
 
 
 @click.command()

@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import click
 
 from egpu.cli import output
 from egpu.errors import ConflictError
 from egpu.images.firmware import reset_disk_state
-from egpu.images.pull import DEFAULT_IMAGE, pull
+from egpu.images.pull import DEFAULT_IMAGE, default_client, pull
 from egpu.images.store import ImageStore
 from egpu.paths import dirs
+from egpu.transfer import (
+    DEFAULT_MIN_RATE,
+    DEFAULT_STALL_WINDOW,
+    MIN_RATE_ENV,
+    STALL_TIMEOUT_ENV,
+    StallPolicy,
+)
 from egpu.vm import store as vm_store
 from egpu.vm.status import inspect
 
@@ -29,13 +38,36 @@ def _size(n: int) -> str:
 @click.argument("ref", required=False, default=DEFAULT_IMAGE)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def pull_command(ref: str, quiet: bool, as_json: bool) -> None:
-    """Download an image (default: the reference's docker-profile image) into the cache.
+@click.option(
+    "--stall-timeout",
+    type=click.FloatRange(min=0, min_open=True),
+    default=DEFAULT_STALL_WINDOW,
+    show_default=True,
+    envvar=STALL_TIMEOUT_ENV,
+    show_envvar=True,
+    metavar="SECONDS",
+    help="Give up on a download slower than --min-rate for this long (it resumes next time).",
+)
+@click.option(
+    "--min-rate",
+    type=click.IntRange(min=0),
+    default=DEFAULT_MIN_RATE,
+    show_default=True,
+    envvar=MIN_RATE_ENV,
+    show_envvar=True,
+    metavar="BYTES/S",
+    help="The rate below which a download counts as stalled.",
+)
+def pull_command(
+    ref: str, quiet: bool, as_json: bool, stall_timeout: float, min_rate: int
+) -> None:
+    """Download an image (default: scottjg/qemu-vfio-apple's docker-profile image) into the cache.
 
-    REF is registry/repository[:tag|@sha256:digest]. An interrupted pull resumes.
+    REF is registry/repository[:tag|@sha256:digest]. An interrupted or stalled pull resumes.
     """
     progress = output.BarProgress(quiet=quiet or as_json)
-    result = pull(ref, progress=progress)
+    stall = StallPolicy(min_rate, stall_timeout)
+    result = pull(ref, progress=progress, client_factory=partial(default_client, stall=stall))
     if as_json:
         output.emit_json(
             {

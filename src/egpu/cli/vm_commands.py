@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import shlex
@@ -15,12 +16,24 @@ import click
 from PIL import Image
 
 from egpu.cli import output
-from egpu.cli.host_commands import passthrough_options, run_passthrough
-from egpu.devices.display import is_blank, request_screenshot
+from egpu.cli.host_commands import (
+    check_guest_drivers,
+    guest_drivers,
+    hotplug_for,
+    passthrough_options,
+    run_passthrough,
+)
+from egpu.devices.display import is_blank, replaceable, request_screenshot
 from egpu.devices.nvme import parse_size
 from egpu.engine import virtual
 from egpu.engine.argv import parse_memory
-from egpu.engine.qemu import EngineInfo, check_arch, find_engine_info, placeholder_info
+from egpu.engine.qemu import (
+    APPLE_DEVICE,
+    EngineInfo,
+    check_arch,
+    find_engine_info,
+    placeholder_info,
+)
 from egpu.engine.select import ensure_engine_info
 from egpu.engine.virtual import screenshot_request_of
 from egpu.errors import EgpuError, EngineError, UsageError, VMError
@@ -64,15 +77,16 @@ def _engine_for(
     if dry_run and gpu_engine == "apple" and platform.system() != "Darwin" and not qemu:
         # this host's QEMU is not the one a Mac runs: show the command by program name
         return placeholder_info()
+    need = APPLE_DEVICE if gpu_engine == "apple" else None
     if dry_run:
         # a dry run starts nothing and downloads nothing, so it works without any engine
         try:
-            return find_engine_info(qemu)
+            return find_engine_info(qemu, need)
         except EngineError:
-            if qemu:
+            if qemu or need:
                 raise
             return placeholder_info()
-    return ensure_engine_info(qemu, progress=progress)
+    return ensure_engine_info(qemu, progress=progress, need=need)
 
 
 def _guest_for(arch: str, *, dry_run: bool, progress: output.BarProgress) -> GuestAssets:
@@ -86,7 +100,6 @@ def _guest_for(arch: str, *, dry_run: bool, progress: output.BarProgress) -> Gue
 @click.option("--memory", default=DEFAULT_MEMORY, show_default=True, help="e.g. 512M, 4G")
 @click.option("--disk", "disks", multiple=True, metavar="PATH[:ro]", help="extra disk (virtio)")
 @click.option("--ssh-port", type=int, default=None, help="forward 127.0.0.1:PORT to guest :22")
-@click.option("--headless", is_flag=True, help="no display window")
 @click.option("--detach", "-d", is_flag=True, help="return once QEMU is up")
 @click.option("--dry-run", is_flag=True, help="print the QEMU command; start nothing")
 @click.option("--json", "as_json", is_flag=True, help="JSON output (--dry-run, --self-test)")
@@ -105,19 +118,18 @@ def _guest_for(arch: str, *, dry_run: bool, progress: output.BarProgress) -> Gue
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[-- EXTRA QEMU ARGS]")
 def run(
     name: str | None, arch: str, cpus: int, memory: str, disks: tuple[str, ...],
-    ssh_port: int | None, headless: bool, detach: bool, dry_run: bool, as_json: bool,
+    ssh_port: int | None, detach: bool, dry_run: bool, as_json: bool,
     selftest: bool, qemu: str | None, accel: str | None, quiet: bool, nvme_size: str,
     engine: str, passthrough: str | None, no_tso: bool, bind: bool, ioreg: Path | None,
     sysfs: Path | None, systemextensions: Path | None, image: str | None, base: str | None,
-    extra: tuple[str, ...],
+    extra: tuple[str, ...], force: bool = False, allow_sleep: bool = False,
+    dma_bounce_size: str | None = None,
 ) -> None:
     """Boot a VM (the built-in guest unless an image is given).
 
     With no real eGPU on the host, the VM gets the virtual eGPU (engine user).
     """
     check_arch(arch)
-    if cpus < 1:
-        raise UsageError("--cpus must be at least 1")
     memory_mib = parse_memory(memory)
     if as_json and not (dry_run or selftest):
         raise UsageError("--json goes with --dry-run or --self-test")
@@ -135,9 +147,12 @@ def run(
     if ssh_port is not None:
         lifecycle.check_port_free(ssh_port)
     gpu = run_passthrough(engine, passthrough, ioreg=ioreg, sysfs=sysfs,
-                          systemextensions=systemextensions, no_tso=no_tso, bind=bind)
+                          systemextensions=systemextensions, no_tso=no_tso, bind=bind,
+                          allow_sleep=allow_sleep, dma_bounce_size=dma_bounce_size)
+    gpu = check_guest_drivers(gpu, guest_drivers(image, base), force=force)
     progress = output.BarProgress(quiet=quiet or as_json)
     info = _engine_for(qemu, gpu.engine, dry_run=dry_run, progress=progress)
+    gpu = gpu.for_engine(info)
     # a full image brings its own kernel; the built-in guest's paths are then unused
     full_image = bool(image or base)
     guest = _guest_for(arch, dry_run=dry_run or full_image, progress=progress)
@@ -148,7 +163,7 @@ def run(
     )
     if dry_run:
         plan = lifecycle.plan_run(request, info, guest, check_host=False)
-        _print_notices((*gpu.notices, *plan.notices), as_json)
+        _print_notices((*info.notices, *gpu.notices, *plan.notices), as_json)
         if as_json:
             output.emit_json({"argv": plan.argv, "gpu": gpu.to_json()})
         else:
@@ -157,7 +172,7 @@ def run(
     # one name, one VM: held from planning (ports, disks) until QEMU runs
     with store.VmDir(vm_name).lock():
         plan = lifecycle.plan_run(request, info, guest)
-        _print_notices((*gpu.notices, *plan.notices), as_json)
+        _print_notices((*info.notices, *gpu.notices, *plan.notices), as_json)
         status = lifecycle.start(plan, info, progress)
     if selftest:
         _finish_selftest(vm_name, as_json)
@@ -249,12 +264,19 @@ def _forward_stdin(vm: store.VmDir) -> None:
 @click.command()
 @click.argument("name", required=False)
 @click.option("--json", "as_json", is_flag=True)
-def status(name: str | None, as_json: bool) -> None:
+@click.option("--ioreg", default=None, metavar="FILE", type=click.Path(path_type=Path),
+              help="Mac: compare with a saved `ioreg -a -l` dump instead of this registry")
+def status(name: str | None, as_json: bool, ioreg: Path | None) -> None:
     """Show the state of one VM, or of all."""
     statuses = [_status_of(name)] if name else inspect_all(store.list_names())
+    late = hotplug_for(statuses, ioreg)
     if as_json:
-        output.emit_json(statuses[0].to_json() if name else [s.to_json() for s in statuses])
+        docs = [{**s.to_json(), "hotplug": late.get(s.name, [])} for s in statuses]
+        output.emit_json(docs[0] if name else docs)
         return
+    for notes in late.values():
+        for note in notes:
+            output.notice(note)
     if name:
         s = statuses[0]
         for key, value in s.to_json().items():
@@ -306,8 +328,9 @@ def logs(name: str, follow: bool) -> None:
 @click.option("--force", is_flag=True, help="skip the clean powerdown")
 def stop(name: str, timeout: float, force: bool) -> None:
     """Stop a VM: powerdown over QMP, then SIGTERM, then SIGKILL."""
-    if timeout < 0:
-        raise UsageError("--timeout must not be negative")
+    # nan passes every comparison and inf never ends the wait
+    if not math.isfinite(timeout) or timeout <= 0:
+        raise UsageError(f"--timeout {timeout} must be a finite, positive number of seconds")
     before = _status_of(name)
     if not before.active:
         lifecycle.stop(name)  # ends what a crashed run left behind (verified processes only)
@@ -323,6 +346,9 @@ def stop(name: str, timeout: float, force: bool) -> None:
               path_type=Path), help="PNG file to write")
 def screenshot(name: str, out: Path) -> None:
     """Write what a VM's virtual display shows to a PNG file."""
+    # the display server checks again where it writes; refusing here needs no VM at all
+    if not replaceable(out.resolve()):
+        raise UsageError(f"-o {out} is not a regular file; screenshots replace only those")
     vm = store.VmDir(name).require()
     status = inspect(vm)
     display = next((s for s in status.servers if s.name == "display"), None)
@@ -343,6 +369,7 @@ def screenshot(name: str, out: Path) -> None:
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
 def ssh(name: str, user: str, command: tuple[str, ...]) -> None:
     """Open a shell (or run COMMAND) in a VM over its loopback ssh forward."""
+    lifecycle.check_ssh_user(user)
     status = _status_of(name)
     if status.state != "running":
         raise VMError(f"VM {name!r} is {status.state}", hint=f"start it: egpu run --name {name}")

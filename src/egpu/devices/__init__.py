@@ -1,4 +1,5 @@
-"""devices layer (see DESIGN.md): device models behind the boundary in :mod:`egpu.devices.base`.
+"""devices layer: the virtual eGPU's PCI functions (display, nvme) behind the narrow boundary in
+:mod:`egpu.devices.base`; below vfio_user, above pci and dma (docs/ARCHITECTURE.md).
 
 Each model module exposes ``create(**options) -> DeviceBackend`` (options are the ``--option``
 strings of ``egpu vfio-user serve``, already parsed to Python values by the model). The registry

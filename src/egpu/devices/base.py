@@ -55,7 +55,8 @@ class IrqIndex(enum.IntEnum):
 
 NUM_PCI_IRQS = 5
 
-# QEMU refuses servers that describe more (hw/vfio-user, REFERENCE.md section 6).
+# QEMU refuses servers that describe more (hw/vfio-user/device.c: VFIO_USER_MAX_REGIONS and
+# VFIO_USER_MAX_IRQS, "to defend against a malign server").
 MAX_REGIONS = 100
 MAX_IRQ_TYPES = 50
 

@@ -28,6 +28,8 @@ import logging
 import mmap
 import os
 import signal
+import stat
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -436,15 +438,43 @@ class DisplayFunction(PciFunction):
             return render(self.framebuffer.map, mode)
 
     def write_screenshot(self, path: Path, last_visible: bool = False) -> None:
-        """Write the picture (see :meth:`screenshot`) as PNG to ``path``, atomically."""
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        """Write the picture (see :meth:`screenshot`) as PNG to ``path``, atomically.
+
+        Only a regular file is replaced: renaming over a device node, FIFO or socket (say
+        /dev/null, as root) would put a PNG where the system expects that node.
+        """
+        if not replaceable(path):
+            raise DeviceServerError(f"screenshot path {path} is not a regular file")
+        tmp: Path | None = None
         try:
-            self.screenshot(last_visible).save(tmp, format="PNG")
+            # a fresh name in the target's directory (O_EXCL), so the rename stays on one
+            # filesystem and never lands on something else's file
+            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
+                                        suffix=".tmp")
+            tmp = Path(name)
+            with os.fdopen(fd, "wb") as f:
+                os.fchmod(f.fileno(), SCREENSHOT_MODE)
+                self.screenshot(last_visible).save(f, format="PNG")
+            if not replaceable(path):  # it appeared meanwhile
+                raise DeviceServerError(f"screenshot path {path} is not a regular file")
             os.replace(tmp, path)
+            tmp = None
         except OSError as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise DeviceServerError(f"cannot write screenshot {path}: {e.strerror}") from e
+        finally:
+            if tmp is not None:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
+
+
+def replaceable(path: Path) -> bool:
+    """Whether a screenshot may be written to ``path``: nothing there yet, or a regular file."""
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
 
 
 def create(vram: str | int = DEFAULT_VRAM, multifunction: bool | str = True,
@@ -470,8 +500,10 @@ def create(vram: str | int = DEFAULT_VRAM, multifunction: bool | str = True,
 # one pending request file means one screenshot.
 
 SCREENSHOT_SIGNAL = signal.SIGUSR1
+SCREENSHOT_MODE = 0o644  # what a file written under the usual umask (022) gets
 SCREENSHOT_POLL = 0.02
 LAST_VISIBLE = "last-visible"
+REQUEST_LINE_END = b"\n"
 
 
 def _done_path(request: Path) -> Path:
@@ -481,21 +513,25 @@ def _done_path(request: Path) -> Path:
 def answer_screenshot_request(function: DisplayFunction, request: Path) -> None:
     """Serve the pending request at ``request`` (called from the signal handler)."""
     try:
-        lines = request.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
-        return  # no request pending (a stray signal) or garbage
+        # bytes split at "\n" only: a file name may hold any other byte (str.splitlines
+        # also splits at \x1c, \x85, ...; a path need not be UTF-8)
+        lines = request.read_bytes().split(REQUEST_LINE_END)
+    except OSError:
+        return  # no request pending (a stray signal)
     try:
-        target = Path(lines[0].strip()) if lines else Path()
+        target = Path(os.fsdecode(lines[0]))
+        last_visible = LAST_VISIBLE.encode() in lines[1:]
         if not target.is_absolute():
             raise DeviceServerError(f"screenshot path {target} is not absolute")
-        function.write_screenshot(target, last_visible=LAST_VISIBLE in lines[1:])
+        function.write_screenshot(target, last_visible=last_visible)
         answer = "ok"
     except DeviceServerError as e:
         answer = f"error: {e}"
     done = _done_path(request)
     tmp = done.with_name(done.name + ".tmp")
     try:
-        tmp.write_text(answer + "\n", encoding="utf-8")
+        # the message may quote a file name that is not UTF-8
+        tmp.write_text(answer + "\n", encoding="utf-8", errors="backslashreplace")
         os.replace(tmp, done)
         request.unlink()
     except OSError as e:
@@ -522,6 +558,9 @@ def request_screenshot(server: ProcessRef | None, request: Path, output: Path,
     get the last picture it showed instead of black.
     """
     output = output.resolve()
+    name = os.fsencode(output)
+    if REQUEST_LINE_END in name:
+        raise UsageError(f"screenshot path {str(output)!r} holds a line break")
     lock_path = request.with_name(request.name + ".lock")
     try:
         lock_fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -533,8 +572,8 @@ def request_screenshot(server: ProcessRef | None, request: Path, output: Path,
         with contextlib.suppress(FileNotFoundError):
             done.unlink()
         tmp = request.with_name(request.name + ".tmp")
-        tmp.write_text(f"{output}\n{LAST_VISIBLE if last_visible else ''}\n",
-                       encoding="utf-8")
+        flag = LAST_VISIBLE.encode() if last_visible else b""
+        tmp.write_bytes(name + REQUEST_LINE_END + flag + REQUEST_LINE_END)
         os.replace(tmp, request)
         if not signal_process(server, SCREENSHOT_SIGNAL):
             request.unlink()
@@ -548,7 +587,7 @@ def request_screenshot(server: ProcessRef | None, request: Path, output: Path,
                 raise DeviceServerError("the display server did not answer the screenshot "
                                         f"request within {timeout:g} s")
             time.sleep(SCREENSHOT_POLL)
-        answer = done.read_text(encoding="utf-8").strip()
+        answer = done.read_text(encoding="utf-8", errors="replace").strip()
         done.unlink()
         if answer != "ok":
             raise DeviceServerError(answer.removeprefix("error: "))

@@ -1,4 +1,6 @@
-"""dma layer (see DESIGN.md): the bounds-checked guest-memory table."""
+"""dma layer: the guest-memory table of DMA_MAP ranges, the only way device models reach guest
+memory; every access is bounds-checked (docs/ARCHITECTURE.md, docs/THREAT_MODEL.md).
+"""
 
 from egpu.dma.memory import (
     DmaAccessError,

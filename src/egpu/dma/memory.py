@@ -193,7 +193,8 @@ class GuestMemory:
         return [m.range for m in maps]
 
     def _release(self, m: _Mapping) -> None:
-        # Every reference is dropped before DMA_UNMAP is answered (vfio-user spec): wait until
+        # Every reference is dropped before DMA_UNMAP is answered (QEMU docs/interop/
+        # vfio-user.rst, VFIO_USER_DMA_UNMAP): wait until
         # views handed out by ``view()`` are returned, then close the mapping.
         with self._unpinned:
             self._unpinned.wait_for(lambda: m.pins == 0)

@@ -1,1 +1,3 @@
-"""engine layer (see DESIGN.md)."""
+"""engine layer: find or provision QEMU, probe it, and build the QEMU command for each engine
+(apple, vfio, user, none); pure argv builders over host discovery (docs/ARCHITECTURE.md).
+"""

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from egpu.engine.qemu_options import OptionValue, option_string
 from egpu.errors import UsageError
 
 MIB = 1 << 20
@@ -19,9 +20,15 @@ _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNOREC
 _UNIT_MIB = {"": 1, "K": 1 / 1024, "M": 1, "G": 1024, "T": 1024 * 1024}
 MIN_MEMORY_MIB = 64
 MAX_MEMORY_MIB = 1 << 22  # 4 TiB
-MAX_CPUS = 512
-RAM_BACKEND_ID = "pc.ram"  # the reference launcher's name for it (REFERENCE.md section 4)
+MIN_CPUS = 1
+# hvf and kvm run each vCPU on a host CPU; tcg emulates any number (slowly)
+HOST_CPU_ACCELS = ("hvf", "kvm")
+# the name scottjg/qemu-vfio-apple's launcher gives it (contrib/apple-vfio/qemu-vfio-apple/
+# VMLauncher.swift, buildQemuArgv)
+RAM_BACKEND_ID = "pc.ram"
 FIRMWARE_MENU_WAIT_MS = 0  # no firmware boot-menu countdown
+CONSOLE_ID = "console"  # chardev ids
+QMP_ID = "qmp"
 
 Accel = Literal["tcg", "kvm", "hvf"]
 MemoryBackend = Literal["plain", "memfd-shared", "prealloc"]
@@ -99,10 +106,32 @@ def machine_type(arch: str) -> str:
     return "virt" if arch == "aarch64" else "q35"
 
 
+def check_cpus(cpus: int, arch: str, accel: str, *, machine_max: int,
+               host_cpus: int | None) -> int:
+    """Refuse a vCPU count the machine type (at most ``machine_max``) or the host cannot run.
+
+    ``host_cpus`` bounds hvf and kvm guests; None when the host is not the one that will run.
+    """
+    if cpus < MIN_CPUS:
+        raise UsageError(f"--cpus must be at least {MIN_CPUS}")
+    if cpus > machine_max:
+        raise UsageError(f"--cpus {cpus} is more than QEMU's {machine_type(arch)} machine "
+                         f"takes ({machine_max})")
+    if host_cpus is not None and accel in HOST_CPU_ACCELS and cpus > host_cpus:
+        raise UsageError(f"--cpus {cpus} is more than this host's {host_cpus} CPUs "
+                         f"(accelerator {accel} runs each vCPU on one)")
+    return cpus
+
+
 def build_argv(qemu: Sequence[str], spec: VmSpec) -> list[str]:
-    """The full QEMU command: ``qemu`` (the engine's prefix) followed by the VM's options."""
+    """The full QEMU command: ``qemu`` (the engine's prefix) followed by the VM's options.
+
+    Every path and name goes into its option through egpu.engine.qemu_options, so a comma in
+    it stays part of the value; UsageError for a value no escaping can carry.
+    """
     argv = list(qemu)
-    argv += ["-name", f"{spec.name},process=egpu-{spec.name}"]
+    argv += ["-name", option_string(None, {"guest": spec.name,
+                                           "process": f"egpu-{spec.name}"})]
     accel = spec.accel + "".join(f",{o}" for o in spec.accel_options)
     if spec.accel == "tcg" and not spec.accel_options:
         accel += ",thread=multi"
@@ -128,13 +157,16 @@ def build_argv(qemu: Sequence[str], spec: VmSpec) -> list[str]:
 
     if spec.firmware is not None:
         argv += [
-            "-drive", f"if=pflash,format=raw,unit=0,readonly=on,file={spec.firmware.code}",
-            "-drive", f"if=pflash,format=raw,unit=1,file={spec.firmware.vars}",
+            "-drive", option_string(None, {"if": "pflash", "format": "raw", "unit": 0,
+                                           "readonly": True, "file": spec.firmware.code}),
+            "-drive", option_string(None, {"if": "pflash", "format": "raw", "unit": 1,
+                                           "file": spec.firmware.vars}),
             # edk2 takes its boot-menu countdown from fw_cfg when the menu is on: zero skips
             # the 5 s wait on every boot (the boot disk carries bootindex=0)
             "-boot", f"menu=on,splash-time={FIRMWARE_MENU_WAIT_MS}",
         ]
     if spec.kernel is not None:
+        # -kernel, -initrd and -append take their argument whole (no option syntax)
         argv += ["-kernel", str(spec.kernel)]
         if spec.initrd is not None:
             argv += ["-initrd", str(spec.initrd)]
@@ -143,12 +175,17 @@ def build_argv(qemu: Sequence[str], spec: VmSpec) -> list[str]:
 
     disks = ((spec.boot_disk,) if spec.boot_disk else ()) + spec.disks
     for i, disk in enumerate(disks):
-        drive = f"file={disk.path},format={disk.fmt},if=none,id=disk{i}"
-        drive += ",readonly=on" if disk.readonly else ",discard=unmap,detect-zeroes=unmap"
-        device = f"virtio-blk-pci,drive=disk{i}"
+        drive: dict[str, OptionValue] = {"file": disk.path, "format": disk.fmt, "if": "none",
+                                         "id": f"disk{i}"}
+        if disk.readonly:
+            drive["readonly"] = True
+        else:
+            drive |= {"discard": "unmap", "detect-zeroes": "unmap"}
+        device: dict[str, OptionValue] = {"drive": f"disk{i}"}
         if i == 0 and spec.boot_disk is not None:
-            device += ",bootindex=0"
-        argv += ["-drive", drive, "-device", device]
+            device["bootindex"] = 0
+        argv += ["-drive", option_string(None, drive),
+                 "-device", option_string("virtio-blk-pci", device)]
 
     netdev = "user,id=net0"
     if spec.ssh_port is not None:
@@ -161,11 +198,15 @@ def build_argv(qemu: Sequence[str], spec: VmSpec) -> list[str]:
         argv += list(dev)
 
     argv += [
-        "-chardev",
-        f"socket,id=console,path={spec.console_socket},server=on,wait=off,"
-        f"logfile={spec.serial_log},logappend=on",
-        "-serial", "chardev:console",
-        "-qmp", f"unix:{spec.qmp_socket},server=on,wait=off",
+        "-chardev", option_string("socket", {
+            "id": CONSOLE_ID, "path": spec.console_socket, "server": True, "wait": False,
+            "logfile": spec.serial_log, "logappend": True}),
+        "-serial", f"chardev:{CONSOLE_ID}",
+        # a chardev, not "-qmp unix:PATH,...": there the path is an implied first value, which
+        # an "=" in it would turn into KEY=VALUE; here it is an ordinary option value
+        "-chardev", option_string("socket", {
+            "id": QMP_ID, "path": spec.qmp_socket, "server": True, "wait": False}),
+        "-qmp", f"chardev:{QMP_ID}",
         "-display", "none",
         "-nodefaults",
         "-no-user-config",

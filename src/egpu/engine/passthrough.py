@@ -2,11 +2,16 @@
 ``vfio`` (Linux kvm + vfio-pci). Pure: functions in, a PassthroughPlan out, which
 ``PassthroughPlan.apply`` folds into the VmSpec that egpu.engine.argv turns into argv.
 
-``apple`` follows the reference launcher's command (REFERENCE.md section 4): hvf with TSO,
-``-cpu host``, preallocated private RAM, ``virt`` with highmem, UEFI via pflash, and one
-``vfio-apple-pci`` per function at guest slot 0x1e with its ``apple-dma-pci`` companion
-(``dma-companion=on``) and no option ROM. ``vfio`` hands the kernel's VFIO devices to QEMU: every
-function of the IOMMU groups involved goes together, behind one PCIe root port.
+``apple`` follows the command scottjg/qemu-vfio-apple's launcher builds
+(contrib/apple-vfio/qemu-vfio-apple/VMLauncher.swift and Passthrough.swift): hvf with
+TSO, ``-cpu host``, preallocated private RAM, ``virt`` with highmem, UEFI via pflash, and one
+``vfio-apple-pci`` per function with its ``apple-dma-pci`` companion and no option ROM. Each
+card gets its own guest slot (0x1e, then 0x1d, ...), ``host-root=`` names its root port, and
+the options come from what the engine's build of the device has (AppleDeviceBuild):
+``dma-companion`` is always written out, since its default differs between versions.
+
+``vfio`` hands the kernel's VFIO devices to QEMU: every function of the IOMMU groups involved
+goes together, behind one PCIe root port.
 """
 
 from __future__ import annotations
@@ -16,23 +21,41 @@ from dataclasses import dataclass, replace
 from typing import Literal
 
 from egpu.engine.argv import Accel, MemoryBackend, VmSpec
-from egpu.errors import HostError, UsageError
+from egpu.engine.qemu import APPLE_DEVICE, EngineInfo
+from egpu.engine.qemu_options import OptionValue, option_string
+from egpu.engine.safety import HostGuard, host_guard
+from egpu.errors import EngineError, HostError, UsageError
 from egpu.host.address import PciAddress, parse_address_pattern
 from egpu.host.device import DEXT_NAME, PciDevice
 from egpu.host.facts import Discovery
-from egpu.host.slots import Selection, resolve_passthrough
+from egpu.host.slots import (
+    AUDIO_REFUSED,
+    Selection,
+    function_label,
+    resolve_passthrough,
+    slot_key,
+    slot_label,
+    split_root,
+)
 
 PassthroughEngine = Literal["apple", "vfio"]
 EngineName = Literal["apple", "vfio", "user", "none"]
 ENGINE_CHOICES = ("auto", "apple", "vfio", "user", "none")
 
-# The reference places the card at guest slot 0x1e: high enough to stay clear of the slots
-# QEMU's virt board hands out to -device entries without an addr (which count up from 1).
+# scottjg/qemu-vfio-apple's launcher places the card at guest slot 0x1e (VMLauncher.swift): high
+# enough to stay clear of the slots QEMU's virt board hands out to -device entries without an
+# addr (which count up from 1).
 APPLE_GUEST_SLOT = 0x1E
-APPLE_DEVICE = "vfio-apple-pci"
+MAX_APPLE_CARDS = 4  # guest slots 0x1e down to 0x1b: still clear of the ones counted up from 1
+# vfio-apple-pci properties that differ between launcher versions
+PROP_HOST = "host"
+PROP_COMPANION = "dma-companion"
+PROP_HOST_ROOT = "host-root"
+PROP_BOUNCE = "dma-bounce-size"
 VFIO_DEVICE = "vfio-pci"
 VFIO_ROOT_PORT_ID = "egpu-rp0"
-# The reference's desktop image wants USB keyboard and tablet; harmless when headless.
+# scottjg/qemu-vfio-apple's desktop image wants USB keyboard and tablet (its launcher always
+# adds them, VMLauncher.swift); harmless when headless.
 USB_INPUT = (
     ("-device", "qemu-xhci,id=egpu-xhci"),
     ("-device", "usb-kbd,bus=egpu-xhci.0"),
@@ -102,34 +125,91 @@ def _guest_functions(functions: Sequence[PciDevice]) -> list[tuple[PciDevice, in
     return [(d, i) for i, d in enumerate(ordered)]
 
 
+@dataclass(frozen=True)
+class AppleDeviceBuild:
+    """The engine's ``vfio-apple-pci``: which properties it has, and a label for errors."""
+
+    properties: frozenset[str]
+    label: str
+
+    @classmethod
+    def of(cls, info: EngineInfo) -> AppleDeviceBuild:
+        """From a probe; EngineError when the engine has no vfio-apple-pci at all."""
+        if not info.has_device(APPLE_DEVICE):
+            raise EngineError(f"{info.label} has no {APPLE_DEVICE}",
+                              hint="use the qemu-vfio-apple host app's QEMU (--qemu PATH.app)")
+        return cls(info.property_names(APPLE_DEVICE), info.label)
+
+    def require(self, prop: str, why: str) -> None:
+        if prop not in self.properties:
+            raise EngineError(f"{self.label}: its {APPLE_DEVICE} has no {prop} option ({why})",
+                              hint="update the qemu-vfio-apple host app")
+
+
+# What egpu assumes when no engine was probed (a dry run elsewhere): the current launcher.
+CURRENT_APPLE_BUILD = AppleDeviceBuild(
+    frozenset({PROP_HOST, PROP_COMPANION, PROP_HOST_ROOT, PROP_BOUNCE}),
+    "the current qemu-vfio-apple build (assumed)",
+)
+
+
 def apple_device_args(
-    functions: Sequence[PciDevice], *, slot: int = APPLE_GUEST_SLOT
+    functions: Sequence[PciDevice], *, slot: int = APPLE_GUEST_SLOT,
+    build: AppleDeviceBuild = CURRENT_APPLE_BUILD, dma_bounce_size: int | None = None,
 ) -> tuple[tuple[str, ...], ...]:
-    """One ``-device vfio-apple-pci,...`` per function, all at guest ``slot``."""
-    mapped = _guest_functions(functions)
-    several = len(mapped) > 1
+    """One ``-device vfio-apple-pci,...`` per function, each card at its own guest slot
+    (``slot``, then downwards), in (root, address) order."""
+    for d in functions:
+        if d.is_audio:
+            raise UsageError(f"{function_label(d)} cannot be passed through: {AUDIO_REFUSED}")
+    cards: dict[tuple[str, object], list[PciDevice]] = {}
+    for d in sorted(functions, key=lambda d: (d.root or "", d.address)):
+        cards.setdefault(slot_key(d), []).append(d)
+    if not cards:
+        raise UsageError("no PCI function to pass through")
+    if len(cards) > MAX_APPLE_CARDS:
+        raise UsageError(f"egpu passes at most {MAX_APPLE_CARDS} cards; got {len(cards)}")
+    build.require(PROP_HOST, "it names the host function")
+    build.require(PROP_COMPANION, "its default differs between versions, so egpu sets it")
+    use_root = PROP_HOST_ROOT in build.properties
+    addresses = [d.address.bdf for d in functions]
+    if not use_root and len(set(addresses)) < len(addresses):
+        # without host-root the build cannot tell two cards at the same address apart
+        shared = sorted({slot_label(d.root, d.address.slot) for d in functions})
+        build.require(PROP_HOST_ROOT, f"{', '.join(shared)} share a bus address")
+    if dma_bounce_size is not None:
+        build.require(PROP_BOUNCE, "--dma-bounce-size asks for it")
     out = []
-    for d, fn in mapped:
-        opts = [
-            f"{APPLE_DEVICE}", f"host={d.address.bdf}", f"addr={slot:#04x}.{fn}",
-            "dma-companion=on", "rombar=0",
-        ]
-        if several and fn == 0:
-            opts.append("multifunction=on")
-        out.append(("-device", ",".join(opts)))
+    for i, card in enumerate(cards.values()):
+        mapped = _guest_functions(card)
+        several = len(mapped) > 1
+        for d, fn in mapped:
+            opts: dict[str, OptionValue] = {PROP_HOST: d.address.bdf}
+            if use_root and d.root:
+                opts[PROP_HOST_ROOT] = d.root
+            opts.update({"addr": f"{slot - i:#04x}.{fn}", PROP_COMPANION: True, "rombar": 0})
+            if dma_bounce_size is not None:
+                opts[PROP_BOUNCE] = dma_bounce_size
+            if several and fn == 0:
+                opts["multifunction"] = True
+            out.append(("-device", option_string(APPLE_DEVICE, opts)))
     return tuple(out)
 
 
 def apple_plan(
     functions: Sequence[PciDevice], *, tso: bool = True, usb_input: bool = True,
-    slot: int = APPLE_GUEST_SLOT,
+    slot: int = APPLE_GUEST_SLOT, build: AppleDeviceBuild = CURRENT_APPLE_BUILD,
+    dma_bounce_size: int | None = None,
 ) -> PassthroughPlan:
     """Engine ``apple``: hvf (TSO unless ``tso`` is False), host CPU, preallocated RAM, UEFI."""
-    devices = apple_device_args(functions, slot=slot) if functions else ()
+    devices = apple_device_args(
+        functions, slot=slot, build=build, dma_bounce_size=dma_bounce_size,
+    ) if functions else ()
     return PassthroughPlan(
         engine="apple",
         accel="hvf",
-        # TSO makes the guest's memory ordering x86-like (ACTLR_EL1.EnTSO, macOS 15+), which
+        # TSO makes the guest's memory ordering x86-like (ACTLR_EL1.EnTSO, macOS 15+; set at
+        # vCPU init, as scottjg/qemu-vfio-apple's VMLauncher.swift explains), which
         # x86 emulation in the guest (FEX) relies on; --no-tso turns it off.
         accel_options=("tso=on",) if tso else (),
         cpu_model="host",
@@ -137,7 +217,8 @@ def apple_plan(
         memory_backend="prealloc",
         machine_options=(),
         devices=(*devices, *(USB_INPUT if usb_input else ())),
-        functions=tuple(d.address.full for d in sorted(functions, key=lambda d: d.address)),
+        functions=tuple(d.address.full for d in sorted(
+            functions, key=lambda d: (d.root or "", d.address))),
         needs_firmware=True,
     )
 
@@ -186,10 +267,11 @@ def vfio_device_args(functions: Sequence[PciDevice]) -> tuple[tuple[str, ...], .
         ("-device", f"pcie-root-port,id={VFIO_ROOT_PORT_ID},chassis=1,slot=1"),
     ]
     for d, fn in mapped:
-        opts = [VFIO_DEVICE, f"host={d.address.full}", f"bus={VFIO_ROOT_PORT_ID}", f"addr=0x0.{fn}"]
+        opts: dict[str, OptionValue] = {
+            "host": d.address.full, "bus": VFIO_ROOT_PORT_ID, "addr": f"0x0.{fn}"}
         if several and fn == 0:
-            opts.append("multifunction=on")
-        out.append(("-device", ",".join(opts)))
+            opts["multifunction"] = True
+        out.append(("-device", option_string(VFIO_DEVICE, opts)))
     return tuple(out)
 
 
@@ -232,6 +314,12 @@ class RunPassthrough:
     selection: Selection
     plan: PassthroughPlan | None = None  # None for engines user and none
     notices: tuple[str, ...] = ()
+    guard: HostGuard | None = None  # apple with a GPU: power assertion and QoS while it runs
+    tso: bool = True
+    dma_bounce_size: int | None = None  # apple: bytes of the guest's restricted-dma-pool
+    # apple: every function claimed for passthrough when the run was planned (function_label),
+    # so a GPU bound later can be told apart (hot-plug needs a restart); None: not known
+    bound_at_start: tuple[str, ...] | None = None
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -239,23 +327,33 @@ class RunPassthrough:
             "selection": self.selection.to_json(),
             "plan": self.plan.to_json() if self.plan else None,
             "notices": list(self.notices),
+            "host_guard": self.guard.to_json() if self.guard else None,
         }
+
+    def for_engine(self, info: EngineInfo) -> RunPassthrough:
+        """The plan rebuilt for the probed engine's vfio-apple-pci (other engines: unchanged)."""
+        if self.engine != "apple" or self.plan is None or not self.selection.functions:
+            return self
+        plan = apple_plan(self.selection.functions, tso=self.tso,
+                          build=AppleDeviceBuild.of(info), dma_bounce_size=self.dma_bounce_size)
+        return replace(self, plan=plan)
 
 
 def _assumed(spec: str | None, engine: str) -> tuple[PciDevice, ...]:
     """Functions named on the command line, taken on trust for a dry run on another OS."""
-    if spec is None or spec.strip().lower() in ("", "auto"):
+    if spec is None or spec.lower() in ("", "auto"):
         flag = "--ioreg FILE" if engine == "apple" else "--sysfs DIR"
         raise UsageError(
             f"engine {engine} cannot look for devices on this host; "
             f"name them with --passthrough BB:DD.F or give {flag}"
         )
-    p = parse_address_pattern(spec)
+    root, address = split_root(spec.strip()) if engine == "apple" else (None, spec)
+    p = parse_address_pattern(address)
     fn = p.function or 0
     return (PciDevice(
         address=PciAddress(p.domain or 0, p.bus, p.device, fn), vendor_id=0, device_id=0,
         class_code=0x030000, name="(assumed)", passthrough_ready=True,
-        driver=DEXT_NAME if engine == "apple" else VFIO_DEVICE,
+        driver=DEXT_NAME if engine == "apple" else VFIO_DEVICE, root=root,
     ),)
 
 
@@ -267,16 +365,21 @@ def resolve_run(
     tso: bool = True,
     bind: bool = False,
     include_audio: bool = False,
+    allow_sleep: bool = False,
+    dma_bounce_size: int | None = None,
 ) -> RunPassthrough:
     """Resolve ``--engine`` and ``--passthrough`` against discovered devices (pure).
 
     auto picks apple on macOS and vfio on Linux when a ready (or, with ``bind``, rebindable)
     display device exists, else the virtual eGPU (user). When the discovery does not match
-    the engine's OS (a dry run elsewhere), named functions are taken on trust.
+    the engine's OS (a dry run elsewhere), named functions are taken on trust. The apple plan
+    assumes the current vfio-apple-pci until ``RunPassthrough.for_engine`` sees the real one.
     """
+    if dma_bounce_size is not None and engine not in ("auto", "apple"):
+        raise UsageError("--dma-bounce-size is an option of engine apple")
     if engine not in ENGINE_CHOICES:
         raise UsageError(f"unknown engine {engine!r}; use one of: {', '.join(ENGINE_CHOICES)}")
-    spec = (passthrough or "auto").strip().lower()
+    spec = (passthrough or "auto").lower()
     if engine == "none" or (engine == "auto" and spec == "none"):
         if spec not in ("auto", "none"):
             raise UsageError("--engine none passes no device; drop --passthrough")
@@ -288,10 +391,12 @@ def resolve_run(
     if engine == "auto":
         want: PassthroughEngine = "apple" if discovery.platform == "macos" else "vfio"
         sel = resolve_passthrough(spec, discovery.devices, rebind=bind,
-                                  include_audio=include_audio, fallback="virtual")
+                                  include_audio=include_audio, fallback="virtual",
+                                  apple=want == "apple")
         if sel.kind == "virtual":
             return RunPassthrough("user", sel, None, sel.notices)
-        return _plan(want, sel, discovery, tso=tso, bind=bind)
+        return _plan(want, sel, discovery, tso=tso, bind=bind, allow_sleep=allow_sleep,
+                     dma_bounce_size=dma_bounce_size)
     chosen: PassthroughEngine = "apple" if engine == "apple" else "vfio"
     native = "macos" if chosen == "apple" else "linux"
     if spec == "virtual":
@@ -304,16 +409,27 @@ def resolve_run(
                             (f"assuming {passthrough} exists (no {native} discovery here)",))
     else:
         sel = resolve_passthrough(spec, discovery.devices, rebind=bind,
-                                  include_audio=include_audio, fallback="none")
-    return _plan(chosen, sel, discovery, tso=tso, bind=bind)
+                                  include_audio=include_audio, fallback="none",
+                                  apple=chosen == "apple")
+    return _plan(chosen, sel, discovery, tso=tso, bind=bind, allow_sleep=allow_sleep,
+                 dma_bounce_size=dma_bounce_size)
 
 
 def _plan(
-    engine: PassthroughEngine, sel: Selection, discovery: Discovery, *, tso: bool, bind: bool
+    engine: PassthroughEngine, sel: Selection, discovery: Discovery, *, tso: bool, bind: bool,
+    allow_sleep: bool = False, dma_bounce_size: int | None = None,
 ) -> RunPassthrough:
     if engine == "apple":
-        plan = apple_plan(sel.functions, tso=tso)
-        return RunPassthrough("apple", sel, plan, sel.notices)
+        bound = (tuple(function_label(d) for d in discovery.devices if d.passthrough_ready)
+                 if discovery.platform == "macos" else None)
+        plan = apple_plan(sel.functions, tso=tso, dma_bounce_size=dma_bounce_size)
+        notices = sel.notices
+        if sel.functions and allow_sleep:
+            notices += ("--allow-sleep: the Mac may sleep while the GPU is in use, which is "
+                        "reported to wedge it",)
+        return RunPassthrough("apple", sel, plan, notices,
+                              guard=host_guard(sel.functions, allow_sleep=allow_sleep),
+                              tso=tso, dma_bounce_size=dma_bounce_size, bound_at_start=bound)
     if not sel.functions:
         if sel.auto:
             raise HostError(

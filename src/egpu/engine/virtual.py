@@ -8,11 +8,11 @@ at one guest slot with ``multifunction=on`` on function 0, like a real card.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from egpu.engine.argv import VmSpec
+from egpu.engine.qemu_options import json_option
 
 # Clear of the slots QEMU hands out to -device entries without an addr (they count up from 1)
 # and of q35's fixed functions at 0x1f.
@@ -66,7 +66,8 @@ def screenshot_request_of(options: object) -> Path | None:
 
 
 def device_arg(server: DeviceServer, slot: int) -> tuple[str, str]:
-    """The ``-device`` for one function (JSON form: the socket is a nested option)."""
+    """The ``-device`` for one function (JSON form: the socket is a nested option, and a path
+    in JSON needs no escaping)."""
     dev: dict[str, object] = {
         "driver": "vfio-user-pci",
         "id": f"egpu-{server.name}",
@@ -75,7 +76,7 @@ def device_arg(server: DeviceServer, slot: int) -> tuple[str, str]:
     }
     if server.function == 0:
         dev["multifunction"] = True
-    return ("-device", json.dumps(dev, separators=(",", ":")))
+    return ("-device", json_option(dev))
 
 
 def virtual_egpu_plan(

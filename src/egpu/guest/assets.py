@@ -83,7 +83,7 @@ GUEST_CHECKS_DIR = "checks"
 DEV_CONSOLE = (5, 1)
 DEV_NULL = (1, 3)
 CRYPTO_ALIAS_PREFIX = "crypto-"
-_IMAGE_PACKAGE = re.compile(r"^linux-image-\d[\w.+~-]*$")
+_IMAGE_PACKAGE = re.compile(r"linux-image-\d[\w.+~-]*")  # fullmatch
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,7 @@ def _kernel_image_package(archive: debpkg.DebianArchive, debarch: str) -> str:
                          ) from e
     for dep in deps:
         name = dep.split(":", 1)[0].strip("<> ")
-        if _IMAGE_PACKAGE.match(name):
+        if _IMAGE_PACKAGE.fullmatch(name):
             return name
     raise GuestError(f"linux-image-{debarch} names no kernel image package")
 

@@ -1,1 +1,3 @@
-"""host layer (see DESIGN.md)."""
+"""host layer: PCI device discovery (macOS IORegistry dumps, Linux sysfs), slot resolution,
+doctor checks and vfio-pci rebinding; the bottom of the engine side (docs/ARCHITECTURE.md).
+"""

@@ -16,10 +16,13 @@ MAX_BUS = 0xFF
 MAX_DEVICE = 0x1F
 MAX_FUNCTION = 0x7
 
+# both matched with fullmatch: "$" alone would let a trailing newline through
 _ADDRESS_RE = re.compile(
-    r"^(?:(?P<domain>[0-9a-fA-F]{1,4}):)?(?P<bus>[0-9a-fA-F]{1,2}):(?P<device>[0-9a-fA-F]{1,2})"
-    r"(?:\.(?P<function>[0-7]))?$"
+    r"(?:(?P<domain>[0-9a-fA-F]{1,4}):)?(?P<bus>[0-9a-fA-F]{1,2}):(?P<device>[0-9a-fA-F]{1,2})"
+    r"(?:\.(?P<function>[0-7]))?"
 )
+# the kernel's own spelling, as sysfs names functions: DDDD:BB:DD.F, lowercase hex
+_FULL_ADDRESS_RE = re.compile(r"([0-9a-f]{4}):([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])")
 
 
 @dataclass(frozen=True, order=True)
@@ -100,7 +103,7 @@ class AddressPattern:
 
 def parse_address_pattern(text: str) -> AddressPattern:
     """Parse ``[DDDD:]BB:DD[.F]`` (hex); UsageError on anything else."""
-    m = _ADDRESS_RE.match(text.strip())
+    m = _ADDRESS_RE.fullmatch(text)
     if m is None:
         raise UsageError(
             f"bad PCI address {text!r}: expected BB:DD, BB:DD.F or DDDD:BB:DD.F (hex)"
@@ -122,3 +125,14 @@ def parse_address(text: str) -> PciAddress:
     if p.function is None:
         raise UsageError(f"bad PCI address {text!r}: a function (.F) is required here")
     return PciAddress(p.domain or 0, p.bus, p.device, p.function)
+
+
+def full_address(text: str) -> PciAddress | None:
+    """The function a sysfs name ``DDDD:BB:DD.F`` denotes, or None for anything else."""
+    m = _FULL_ADDRESS_RE.fullmatch(text)
+    if m is None:
+        return None
+    try:
+        return PciAddress(int(m[1], 16), int(m[2], 16), int(m[3], 16), int(m[4]))
+    except ValueError:  # a device number above 0x1f
+        return None

@@ -14,8 +14,9 @@ CLASS_BRIDGE = 0x06
 
 Platform = Literal["macos", "linux"]
 
-# The DriverKit extension that claims a device for passthrough on macOS (REFERENCE.md section 5):
-# its class name, and its bundle id, which is ``<host app id>.VFIOUserPCIDriver``.
+# The DriverKit extension that claims a device for passthrough on macOS (scottjg/qemu-vfio-apple,
+# contrib/apple-vfio/VFIOUserPCIDriver/): its class name, and its bundle id, which that project's
+# build notes make ``<host app id>.VFIOUserPCIDriver``.
 DEXT_NAME = "VFIOUserPCIDriver"
 DEFAULT_DEXT_BUNDLE_ID = "scottjg.VFIOUserHostApp.VFIOUserPCIDriver"
 VFIO_PCI_DRIVER = "vfio-pci"
@@ -80,6 +81,10 @@ class PciDevice:
     iommu_group_viable: bool | None = None
     rebindable: bool = False  # Linux: would be ready once rebound to vfio-pci (``--bind``)
     description: str | None = None  # vendor and model from pci.ids, when the host has it
+    # macOS: registry-entry name of the topmost IOPCIDevice ancestor (e.g. ``pcic1-bridge``).
+    # Apple Silicon has no PCI segments and reuses bus numbers on every Thunderbolt root port,
+    # so this, not a domain, tells two cards at 01:00.0 apart. None when the dump was flat.
+    root: str | None = None
     extra: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
     @property
@@ -115,6 +120,7 @@ class PciDevice:
         doc: dict[str, Any] = {
             "address": self.address.bdf,
             "domain": f"{self.address.domain:04x}",
+            "root": self.root,
             "vendor_id": f"{self.vendor_id:04x}",
             "device_id": f"{self.device_id:04x}",
             "class_code": f"{self.class_code:06x}",

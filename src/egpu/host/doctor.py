@@ -21,6 +21,7 @@ GUEST_MEMORY_WARN_SHARE = 0.75
 # (USB4 v2, PCIe 4.0 tunnelling) controller; TB3/TB4 enclosure bridges top out at 8 GT/s.
 TB5_BRIDGE_MIN_GTS = 16.0
 APPLE_DEVICE = "vfio-apple-pci"
+APPLE_HOST_ROOT = "host-root"
 LINUX_DEVICE = "vfio-pci"
 APPROVE_PATH = "System Settings > General > Login Items & Extensions > Driver Extensions"
 
@@ -81,7 +82,8 @@ def check_engine(f: HostFacts) -> Check:
     bad: Status = "warn" if f.from_dump else "fail"
     if not e.found:
         fix = (
-            "Install a QEMU that has vfio-apple-pci (the reference's build) and pass --qemu PATH."
+            "Install a QEMU that has vfio-apple-pci (scottjg/qemu-vfio-apple's build) and pass "
+            "--qemu PATH."
             if f.platform == "macos"
             else "Run `egpu engine` to provision the private QEMU, or pass --qemu PATH."
         )
@@ -122,6 +124,12 @@ def check_dext(f: HostFacts) -> Check:
         return Check("driver-extension", "warn", "DriverKit extension state not known",
                      "Pass --systemextensions FILE with the output of `systemextensionsctl list`.")
     label = f"{s.bundle_id or DEXT_NAME} {s.version or ''}".strip()
+    expected = f.dext_bundle_id
+    if s.state == "enabled" and expected and s.bundle_id and s.bundle_id != expected:
+        return Check("driver-extension", "warn",
+                     f"{label} is enabled, but the host app names its extension {expected}",
+                     "Activate the extension of the app whose QEMU egpu uses, or set "
+                     "EGPU_DEXT_BUNDLE_ID to the one that is enabled.")
     if s.state == "enabled":
         return Check("driver-extension", "ok", f"{label} is activated and enabled")
     if s.state == "waiting":
@@ -135,8 +143,62 @@ def check_dext(f: HostFacts) -> Check:
                      f"{label} is installed but not active ({s.detail})",
                      "Open the host app and activate its driver extension again.")
     return Check("driver-extension", "fail",
-                 f"the {DEXT_NAME} DriverKit extension is not installed",
+                 f"the {DEXT_NAME} DriverKit extension ({expected or 'bundle id unknown'}) is "
+                 "not installed",
                  "Install the host app (qemu-vfio-apple) and activate its driver extension.")
+
+
+def check_engine_candidates(f: HostFacts) -> Check:
+    """Every QEMU looked at, whether it has vfio-apple-pci, and which of its options."""
+    e = f.engine
+    if e is None or not e.candidates:
+        return Check("engine-candidates", "ok", "no other QEMU looked at")
+    parts = []
+    for c in e.candidates:
+        what = f"QEMU {c.version}" if c.version else "does not run"
+        if c.apple_properties is not None:
+            has = f"{APPLE_DEVICE} ({', '.join(c.apple_properties) or 'no options'})"
+        else:
+            has = f"no {APPLE_DEVICE}"
+        parts.append(f"{'*' if c.chosen else '-'}{c.source} {c.path}: {what}, {has}")
+    chosen = next((c for c in e.candidates if c.chosen), None)
+    text = "; ".join(parts)
+    if chosen is not None and chosen.apple_properties is not None:
+        missing = [p for p in (APPLE_HOST_ROOT,) if p not in chosen.apple_properties]
+        roots = {d.root for d in _gpus(f) if d.root and d.passthrough_ready}
+        if missing and len(roots) > 1:
+            return Check("engine-candidates", "warn", text,
+                         f"This build has no {APPLE_HOST_ROOT}: it cannot tell eGPUs on different "
+                         "root ports apart. Update the qemu-vfio-apple host app.")
+    return Check("engine-candidates", "ok", text)
+
+
+def check_root_ports(f: HostFacts) -> Check:
+    """Which root port each eGPU hangs off (Apple Silicon reuses bus numbers per port)."""
+    gpus = [d for d in _gpus(f) if d.passthrough_ready or d.thunderbolt]
+    if not gpus:
+        return Check("root-ports", "ok", "no eGPU to place")
+    text = "; ".join(f"{d.root or '?'}: {_label(d)}" for d in gpus)
+    known = [d for d in gpus if d.root]
+    if len(known) < len(gpus):
+        addresses = [d.address.bdf for d in gpus]
+        if len(set(addresses)) < len(addresses):
+            return Check("root-ports", "fail", text,
+                         "Save the dump with `ioreg -a -l -r -c IOPCIDevice` so egpu sees the "
+                         "root ports of cards that share an address.")
+    return Check("root-ports", "ok", text)
+
+
+def check_guest_driver(f: HostFacts) -> Check:
+    """The rule `egpu run` applies: never a real GPU to a guest that cannot drive it."""
+    g = f.guest
+    if g is None:
+        return Check("guest-driver", "ok", "guest not checked")
+    if g.problem is None:
+        return Check("guest-driver", "ok", f"{g.label} can drive the eGPU")
+    return Check("guest-driver", "warn", f"{g.problem}: `egpu run` refuses to pass the GPU",
+                 "Booting a guest without the GPU driver is reported to panic macOS; use "
+                 "--image with an NVIDIA-driver image (docker/desktop, or built --with nvidia).")
 
 
 def check_gpu(f: HostFacts) -> Check:
@@ -177,6 +239,9 @@ def check_thunderbolt5(f: HostFacts) -> Check:
             tb5.append(f"bridge {d.address.bdf} ({d.vendor_id:04x}:{d.device_id:04x})")
     tb5 += [t.device_name or t.name for t in f.thunderbolt if t.is_tb5]
     if tb5:
+        # Users of scottjg/qemu-vfio-apple report Thunderbolt 5 enclosures falling off the bus
+        # with Apple Silicon, while TB3/TB4 ones work (the project's issues; the blog post
+        # "RTX 5090 + M4 MacBook Air: Can it Game?" used a TB4 one).
         return Check("thunderbolt5", "warn", f"Thunderbolt 5 enclosure: {', '.join(tb5)}",
                      "Thunderbolt 5 enclosures are reported not to work; use a TB3 or TB4 one.")
     unauthorized = [t.device_name or t.name for t in f.thunderbolt if t.authorized is False]
@@ -295,8 +360,9 @@ def check_dev_vfio(f: HostFacts) -> Check:
 
 
 MACOS_CHECKS: Sequence[Callable[[HostFacts], Check]] = (
-    check_os, check_engine, check_accelerator, check_dext, check_gpu, check_thunderbolt5,
-    check_bars, check_link, check_memory,
+    check_os, check_engine, check_engine_candidates, check_accelerator, check_dext, check_gpu,
+    check_root_ports, check_thunderbolt5, check_bars, check_link, check_memory,
+    check_guest_driver,
 )
 LINUX_CHECKS: Sequence[Callable[[HostFacts], Check]] = (
     check_os, check_engine, check_accelerator, check_iommu, check_vfio_pci, check_dev_vfio,

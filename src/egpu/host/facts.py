@@ -17,7 +17,7 @@ from typing import Any, Literal
 import psutil
 
 from egpu.errors import HostError
-from egpu.host.device import DEFAULT_DEXT_BUNDLE_ID, PciDevice
+from egpu.host.device import DEFAULT_DEXT_BUNDLE_ID, DEXT_NAME, PciDevice
 from egpu.host.ioreg import parse_ioreg, read_live_ioreg
 from egpu.host.pciids import PciIds, system_pci_ids
 from egpu.host.sysext import DextState, parse_systemextensions, read_live_systemextensions
@@ -33,6 +33,18 @@ MAX_DUMP_BYTES = 256 * 1024 * 1024
 DEXT_BUNDLE_ENV = "EGPU_DEXT_BUNDLE_ID"
 
 
+def dext_bundle_id(app_bundle_id: str | None = None) -> str:
+    """The extension's bundle id: ``$EGPU_DEXT_BUNDLE_ID``, else ``<app id>.VFIOUserPCIDriver``
+    as the host app names it (each source build has its own app id), else the default app id's
+    (scottjg/qemu-vfio-apple's)."""
+    env = os.environ.get(DEXT_BUNDLE_ENV)
+    if env:
+        return env
+    if app_bundle_id:
+        return f"{app_bundle_id}.{DEXT_NAME}"
+    return DEFAULT_DEXT_BUNDLE_ID
+
+
 @dataclass(frozen=True)
 class HostSource:
     """Where discovery reads from; every field None means the live host."""
@@ -41,9 +53,7 @@ class HostSource:
     sysfs: Path | None = None
     systemextensions: Path | None = None
     dev: Path | None = None  # root holding vfio/ (live: /dev); None skips device-node checks
-    bundle_id: str = field(
-        default_factory=lambda: os.environ.get(DEXT_BUNDLE_ENV, DEFAULT_DEXT_BUNDLE_ID)
-    )
+    bundle_id: str = field(default_factory=lambda: dext_bundle_id())
 
     @property
     def is_dump(self) -> bool:
@@ -80,6 +90,26 @@ class DevVfio:
 
 
 @dataclass(frozen=True)
+class EngineCandidateFacts:
+    """One QEMU the engine layer looked at, as plain values."""
+
+    source: str
+    path: str
+    version: str | None
+    apple_properties: tuple[str, ...] | None  # vfio-apple-pci's options; None: no such device
+    chosen: bool
+    reason: str
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "source": self.source, "path": self.path, "version": self.version,
+            "has_vfio_apple_pci": self.apple_properties is not None,
+            "properties": list(self.apple_properties or ()),
+            "chosen": self.chosen, "reason": self.reason,
+        }
+
+
+@dataclass(frozen=True)
 class EngineFacts:
     """What the engine layer found, as plain values (the host layer cannot import it)."""
 
@@ -89,6 +119,16 @@ class EngineFacts:
     devices: tuple[str, ...] = ()  # passthrough devices it has: vfio-apple-pci, vfio-pci, ...
     accelerators: tuple[str, ...] = ()
     error: str | None = None
+    candidates: tuple[EngineCandidateFacts, ...] = ()
+    app_bundle_id: str | None = None  # the host app's CFBundleIdentifier (its QEMU's bundle)
+
+
+@dataclass(frozen=True)
+class GuestDriverFacts:
+    """The guest-driver rule applied to the guest egpu run would boot (decided by the caller)."""
+
+    label: str  # "the built-in guest", "image REF", ...
+    problem: str | None  # why it cannot drive the eGPU; None: it can
 
 
 @dataclass(frozen=True)
@@ -110,6 +150,8 @@ class HostFacts:
     dev_vfio: DevVfio | None = None
     thunderbolt: tuple[ThunderboltDevice, ...] = ()
     engine: EngineFacts | None = None
+    dext_bundle_id: str | None = None  # the bundle id discovery matched the extension by
+    guest: GuestDriverFacts | None = None
 
 
 def live_platform() -> HostPlatform:
@@ -235,4 +277,5 @@ def gather_facts(
         dev_vfio=read_dev_vfio(dev_root) if dev_root is not None else None,
         thunderbolt=snap.thunderbolt if snap else (),
         engine=engine,
+        dext_bundle_id=source.bundle_id if found.platform == "macos" else None,
     )

@@ -1,6 +1,7 @@
 """macOS discovery: parse the IORegistry as ``ioreg -a -l`` prints it (an XML plist).
 
-Facts used (REFERENCE.md section 5): ``IOPCIDevice`` entries carry ``vendor-id`` and ``device-id``
+Facts used (as scottjg/qemu-vfio-apple reads them, contrib/apple-vfio/qemu-vfio-apple/
+Passthrough.swift): ``IOPCIDevice`` entries carry ``vendor-id`` and ``device-id``
 (little-endian data), ``class-code`` (4 bytes LE: prog-if, sub, base, 0), ``name`` (C-string
 data) and ``pcidebug`` ("bus:dev:func" in decimal, optionally followed by "(seg:link)"). A device
 is claimed for passthrough when one of its IOService-plane children has ``CFBundleIdentifier``
@@ -57,6 +58,9 @@ BAR0_OFFSET = 0x10
 BAR_STRIDE = 4
 BAR_COUNT = 6
 
+# QEMU option values end at a comma and `--passthrough ROOT/BB:DD` splits at the slash: a root
+# name carrying either (never seen in a registry) is treated as unknown rather than passed on.
+ROOT_NAME_RE = re.compile(r"^[A-Za-z0-9_.@-]{1,64}$")
 _PCIDEBUG_RE = re.compile(r"^\s*(\d{1,3}):(\d{1,3}):(\d{1,3})\s*(?:\((\d+):(\d+)\))?\s*$")
 
 
@@ -64,6 +68,7 @@ _PCIDEBUG_RE = re.compile(r"^\s*(\d{1,3}):(\d{1,3}):(\d{1,3})\s*(?:\((\d+):(\d+)
 class _Entry:
     props: dict[str, Any]
     tunnelled: bool
+    root: str | None  # registry-entry name of the topmost IOPCIDevice ancestor
 
 
 def load_plist(data: bytes, origin: str) -> Any:
@@ -83,29 +88,34 @@ def load_plist(data: bytes, origin: str) -> Any:
         raise HostError(f"{origin}: plist nested too deeply to be a registry dump") from e
 
 
-def _walk(root: Any, origin: str) -> Iterator[_Entry]:
-    """Every IOPCIDevice dict in the tree, with whether an ancestor is Thunderbolt-tunnelled."""
-    stack: list[tuple[Any, bool, int]] = [(root, False, 0)]
+def _walk(tree: Any, origin: str) -> Iterator[_Entry]:
+    """Every IOPCIDevice dict in the tree, with whether an ancestor is Thunderbolt-tunnelled
+    and the name of its topmost IOPCIDevice ancestor (its root port)."""
+    stack: list[tuple[Any, bool, int, str | None]] = [(tree, False, 0, None)]
     saw_registry = False
     while stack:
-        node, tunnelled, depth = stack.pop()
+        node, tunnelled, depth, root = stack.pop()
         if depth > MAX_DEPTH:
             raise HostError(f"{origin}: registry nested deeper than {MAX_DEPTH} levels")
         if isinstance(node, list):
-            stack.extend((n, tunnelled, depth + 1) for n in reversed(node))
+            stack.extend((n, tunnelled, depth + 1, root) for n in reversed(node))
             continue
         if not isinstance(node, dict):
             continue
         if KEY_CLASS in node or KEY_NAME in node:
             saw_registry = True
         is_pci = node.get(KEY_CLASS) == PCI_DEVICE_CLASS
+        below = root
         if is_pci:
             tunnelled = tunnelled or node.get(KEY_TUNNELLED) is True
-            yield _Entry(node, tunnelled)
+            yield _Entry(node, tunnelled, root)
+            name = node.get(KEY_NAME)
+            if below is None and isinstance(name, str) and name:
+                below = name
         children = node.get(KEY_CHILDREN, [])
         if not isinstance(children, list):
             raise HostError(f"{origin}: {KEY_CHILDREN} is not an array")
-        stack.extend((c, tunnelled, depth + 1) for c in reversed(children))
+        stack.extend((c, tunnelled, depth + 1, below) for c in reversed(children))
     if not saw_registry:
         raise HostError(
             f"{origin}: no IORegistry entries in this plist (is it from another tool?); "
@@ -202,6 +212,14 @@ def _driver(props: dict[str, Any], bundle_id: str) -> tuple[str | None, bool]:
     return first, False
 
 
+def _root_name(name: str | None) -> str | None:
+    """A root-port name fit for ``host-root=`` and ``ROOT/BB:DD``: printable, no separators."""
+    if name is None:
+        return None
+    clean = "".join(ch for ch in name if ch.isprintable())
+    return clean if clean and ROOT_NAME_RE.match(clean) else None
+
+
 def _device(e: _Entry, bundle_id: str, origin: str) -> PciDevice | None:
     p = e.props
     pcidebug = p.get("pcidebug")
@@ -244,6 +262,7 @@ def _device(e: _Entry, bundle_id: str, origin: str) -> PciDevice | None:
         link=_link(p, entry, origin),
         unassigned_bars=unassigned,
         thunderbolt=e.tunnelled,
+        root=_root_name(e.root),
     )
 
 
@@ -263,9 +282,12 @@ def parse_ioreg(
         rid = entry.props.get(KEY_ENTRY_ID)
         key: object = rid if isinstance(rid, int) else (d.address, d.vendor_id, d.device_id, d.name)
         old = seen.get(key)
-        if old is None or (d.driver and not old.driver) or (d.thunderbolt and not old.thunderbolt):
+        if old is None or (d.root and not old.root) or (
+            d.root == old.root
+            and ((d.driver and not old.driver) or (d.thunderbolt and not old.thunderbolt))
+        ):
             seen[key] = d
-    return sorted(seen.values(), key=lambda d: d.address)
+    return sorted(seen.values(), key=lambda d: (d.address, d.root or ""))
 
 
 def read_live_ioreg() -> bytes:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from egpu.errors import HostError
-from egpu.host.address import PciAddress
+from egpu.host.address import PciAddress, full_address
 from egpu.host.device import CLASS_BRIDGE, VFIO_PCI_DRIVER, PciDevice, PcieLink, readiness
 
 PCI_DEVICES = Path("bus/pci/devices")
@@ -39,7 +39,6 @@ NO_GROUP = "no IOMMU group: the IOMMU is off (enable it on the kernel command li
 BOOT_VGA = "it drives the host's boot display; egpu never rebinds it"
 GROUP_SHARED = "its IOMMU group holds devices of other slots that the host is using"
 
-_ADDR_RE = re.compile(r"^([0-9a-f]{4}):([0-9a-f]{2}):([0-9a-f]{2})\.([0-7])$")
 _SPEED_RE = re.compile(r"^(\d+(?:\.\d+)?)\s*(?:GT/s|Gb/s)")
 
 
@@ -148,13 +147,6 @@ def parse_resource(text: str) -> tuple[int, ...]:
     return tuple(unassigned)
 
 
-def _address(name: str) -> PciAddress | None:
-    m = _ADDR_RE.match(name)
-    if m is None:
-        return None
-    return PciAddress(int(m[1], 16), int(m[2], 16), int(m[3], 16), int(m[4]))
-
-
 @dataclass(frozen=True)
 class _Raw:
     address: PciAddress
@@ -253,7 +245,7 @@ def read_sysfs(root: Path) -> SysfsSnapshot:
         raise HostError(f"{root}: no {PCI_DEVICES} here; pass a copy of /sys (or /sys itself)")
     raws: list[_Raw] = []
     for entry in sorted(devices_dir.iterdir(), key=lambda p: p.name):
-        address = _address(entry.name)
+        address = full_address(entry.name)
         if address is None:
             raise HostError(f"{entry.relative_to(root)}: not a PCI address (DDDD:BB:DD.F)")
         raws.append(_raw_device(entry, address, root))

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from egpu.errors import HostError
+from egpu.host.address import full_address
 from egpu.host.device import VFIO_PCI_DRIVER
 
 LIVE_SYSFS = Path("/sys")
@@ -64,7 +65,8 @@ class BindRecord:
             prev = item.get("previous_driver")
             if prev is not None and (not isinstance(prev, str) or "/" in prev or not prev):
                 raise HostError("bind record names a bad driver")
-            if "/" in item["address"]:
+            # it becomes a sysfs path and is written to the kernel: only the exact form
+            if full_address(item["address"]) is None:
                 raise HostError("bind record names a bad address")
             out.append(Rebinding(item["address"], prev))
         return cls(tuple(out))

@@ -1,13 +1,15 @@
-"""images layer (see DESIGN.md): OCI pulls, the content-addressed cache, overlays, firmware.
+"""images layer: OCI pulls, the content-addressed cache, per-VM qcow2 overlays and UEFI firmware
+for full guest images; used by the vm layer (docs/ARCHITECTURE.md).
 
 Modules, pure cores first:
 
 * ``reference`` — ``parse_reference`` (``registry/repository[:tag|@sha256:digest]``), ``Digest``.
-* ``manifest`` — manifest/index parsing, ``select_layout`` (reference layout or plain qcow2),
-  ``parse_metadata`` (the reference layout's JSON layer).
+* ``manifest`` — manifest/index parsing, ``select_layout`` (scottjg/qemu-vfio-apple's layout or
+  a plain qcow2), ``parse_metadata`` (that layout's JSON layer).
 * ``auth`` — WWW-Authenticate challenges, credentials from podman/docker auth files.
 * ``qcow2`` — the qcow2 header's backing-file name (which base an overlay uses).
-* ``registry`` — ``RegistryClient``: token auth, retries, resumable verified blob downloads.
+* ``registry`` — ``RegistryClient``: token auth, retries, resumable verified blob downloads,
+  every body bounded and stall-watched through ``egpu.transfer``.
 * ``store`` — ``ImageStore``: blobs by digest, one record per reference, ``images``/``prune``;
   ``overlay_bases`` maps VM directories to the bases their overlays use.
 * ``pull`` — ``pull(ref)`` and ``resolve_cached(ref)``; ``DEFAULT_IMAGE``.

@@ -26,8 +26,9 @@ DOCKER_HUB_AUTH_KEYS = ("https://index.docker.io/v1/", "index.docker.io", "docke
 REGISTRY_AUTH_FILE_ENV = "REGISTRY_AUTH_FILE"
 
 _TOKEN = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
-_SCHEME_RE = re.compile(rf"\s*({_TOKEN})(?:\s+|$)")
-_PARAM_RE = re.compile(rf'\s*({_TOKEN})\s*=\s*(?:"((?:[^"\\]|\\.)*)"|({_TOKEN}))\s*(?:,|$)')
+# \Z, not $: '$' also matches before a trailing newline.
+_SCHEME_RE = re.compile(rf"\s*({_TOKEN})(?:\s+|\Z)")
+_PARAM_RE = re.compile(rf'\s*({_TOKEN})\s*=\s*(?:"((?:[^"\\]|\\.)*)"|({_TOKEN}))\s*(?:,|\Z)')
 
 
 @dataclass(frozen=True)

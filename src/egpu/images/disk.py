@@ -27,11 +27,11 @@ class BootDisk:
     base_format: str
     overlay: Path
     ref: str | None = None  # the image reference, when the base is a cached image
-    cached: bool = True  # False: the reference must be pulled first
+    cached: bool = True  # False: the image reference must be pulled first
 
     @property
     def source(self) -> str:
-        """What the user named: the reference, or the base path (record it with the VM)."""
+        """What the user named: the image reference, or the base path (record it with the VM)."""
         return self.ref if self.ref is not None else str(self.base)
 
 

@@ -1,10 +1,12 @@
 """OCI / Docker manifests and indexes, and which layers of an artifact make the disk image: pure.
 
 Accepted: OCI image manifest and index, Docker v2 schema 2 manifest and manifest list. Two
-artifact layouts are understood (REFERENCE.md section 1):
+artifact layouts are understood:
 
-* the reference layout: one qcow2 layer (``MEDIA_QCOW2``, file name in the title annotation) plus
-  one JSON layer (``MEDIA_IMAGE_JSON``: name, artifact file name, sha256, features);
+* scottjg/qemu-vfio-apple's layout (contrib/apple-vfio/image-builder/scripts/publish-to-ghcr.sh;
+  ``ImageLayout.kind`` "reference"): one qcow2 layer (``MEDIA_QCOW2``, file name in the title
+  annotation) plus one JSON layer (``MEDIA_IMAGE_JSON``: name, artifact file name, sha256,
+  features);
 * a plain artifact whose only layer is a qcow2 (qcow2 media type or a ``.qcow2`` title, as
   ``oras push REF disk.qcow2`` makes).
 
@@ -32,7 +34,7 @@ INDEX_TYPES = (MEDIA_OCI_INDEX, MEDIA_DOCKER_LIST)
 # Sent as Accept so a registry never converts the manifest (that would change its digest).
 MANIFEST_ACCEPT = ", ".join((*MANIFEST_TYPES, *INDEX_TYPES))
 
-# The reference project's artifact (REFERENCE.md section 1).
+# scottjg/qemu-vfio-apple's artifact (contrib/apple-vfio/image-builder/scripts/publish-to-ghcr.sh).
 ARTIFACT_TYPE_IMAGE = "application/vnd.scottjg.qemu-vfio.image.v1"
 MEDIA_QCOW2 = "application/vnd.scottjg.qemu-vfio.qcow2"
 MEDIA_IMAGE_JSON = "application/vnd.scottjg.qemu-vfio.image.manifest.v1+json"
@@ -53,8 +55,9 @@ SCHEMA_VERSION = 2
 ARTIFACT_NAME_KEYS = ("artifact", "artifactFile", "artifact_file", "file", "filename")
 
 _MEDIA_TYPE_PART = r"[A-Za-z0-9][A-Za-z0-9!#$&^_.+-]{0,126}"
-_MEDIA_TYPE_RE = re.compile(rf"^{_MEDIA_TYPE_PART}/{_MEDIA_TYPE_PART}$")
-_HEX64_RE = re.compile(r"^[a-f0-9]{64}$")
+# matched with fullmatch: "$" alone would let a trailing newline through
+_MEDIA_TYPE_RE = re.compile(rf"{_MEDIA_TYPE_PART}/{_MEDIA_TYPE_PART}")
+_HEX64_RE = re.compile(r"[a-f0-9]{64}")
 
 
 @dataclass(frozen=True)
@@ -102,7 +105,7 @@ class ImageIndex:
 
 @dataclass(frozen=True)
 class ImageLayout:
-    """The layers of an artifact that egpu uses: the disk and, in the reference layout, its JSON."""
+    """The layers of an artifact egpu uses: the disk and, in qemu-vfio-apple's layout, its JSON."""
 
     kind: Literal["reference", "plain"]
     disk: Descriptor
@@ -116,7 +119,7 @@ class ImageLayout:
 
 @dataclass(frozen=True)
 class ImageMetadata:
-    """The reference layout's JSON layer."""
+    """The JSON layer of scottjg/qemu-vfio-apple's layout."""
 
     name: str | None
     artifact: str | None
@@ -139,7 +142,7 @@ def _str(value: Any, what: str, *, optional: bool = False) -> str | None:
 def _media_type(value: Any, what: str) -> str:
     text = _str(value, what)
     assert text is not None
-    if not _MEDIA_TYPE_RE.match(text):
+    if not _MEDIA_TYPE_RE.fullmatch(text):
         raise _fail(f"{what} {text[:80]!r} is not a media type")
     return text
 
@@ -256,7 +259,7 @@ def _is_qcow2_layer(d: Descriptor) -> bool:
 
 
 def select_layout(manifest: ImageManifest) -> ImageLayout:
-    """Which layer is the disk (and which its JSON): the reference layout or a plain qcow2."""
+    """Which layer is the disk (and which its JSON): qemu-vfio-apple's layout or a plain qcow2."""
     disks = [d for d in manifest.layers if d.media_type == MEDIA_QCOW2]
     metas = [d for d in manifest.layers if d.media_type == MEDIA_IMAGE_JSON]
     if len(disks) == 1 and len(metas) <= 1 and len(manifest.layers) == len(disks) + len(metas):
@@ -272,7 +275,7 @@ def select_layout(manifest: ImageManifest) -> ImageLayout:
 
 
 def parse_metadata(body: bytes) -> ImageMetadata:
-    """Parse the reference layout's JSON layer: {name, artifact file name, sha256, features}."""
+    """Parse qemu-vfio-apple's JSON layer: {name, artifact file name, sha256, features}."""
     if len(body) > MAX_METADATA_BYTES:
         raise ImageError("image metadata layer too large")
     try:
@@ -281,14 +284,14 @@ def parse_metadata(body: bytes) -> ImageMetadata:
         raise ImageError("image metadata layer is not JSON") from None
     if not isinstance(doc, dict):
         raise ImageError("image metadata layer is not a JSON object")
-    # The file-name key is not pinned down by the reference's docs; accept its usual spellings.
+    # The file-name key is not pinned down by that project's docs; accept its usual spellings.
     artifact = next((doc[k] for k in ARTIFACT_NAME_KEYS if k in doc), None)
     sha = doc.get("sha256")
     if sha is not None:
         if not isinstance(sha, str):
             raise ImageError("image metadata sha256 must be a string")
         sha = sha.lower().removeprefix("sha256:")
-        if not _HEX64_RE.match(sha):
+        if not _HEX64_RE.fullmatch(sha):
             raise ImageError(f"image metadata sha256 {sha[:80]!r} is not 64 hex digits")
     features = doc.get("features", [])
     if isinstance(features, dict):
@@ -306,11 +309,11 @@ def parse_metadata(body: bytes) -> ImageMetadata:
         raise ImageError(f"image metadata: {e.message}") from None
 
 
-_SAFE_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+_SAFE_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}")
 
 
 def safe_file_name(name: str | None) -> str | None:
     """A registry-given file name if it is plain and harmless (no path, no dot-dot), else None."""
-    if name and _SAFE_NAME_RE.match(name) and ".." not in name:
+    if name and _SAFE_NAME_RE.fullmatch(name) and ".." not in name:
         return name
     return None

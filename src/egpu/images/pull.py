@@ -2,13 +2,14 @@
 
 Order of trust: the manifest's bytes are hashed (and must equal a pinned digest), every blob is
 hashed against its descriptor, the qcow2 is also checked against the sha256 in the image's JSON
-layer, and only then is anything renamed into the cache and the reference recorded. A failed
+layer, and only then is anything renamed into the cache and the image reference recorded. A failed
 pull leaves the previously pulled image and its record untouched.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,10 +34,14 @@ from egpu.images.reference import Digest, OciReference, parse_reference
 from egpu.images.registry import RegistryClient
 from egpu.images.store import ImageStore, RefRecord
 from egpu.progress import Progress, SilentProgress
+from egpu.transfer import StallPolicy
 
-# The reference project's docker-profile image (REFERENCE.md section 1).
+# scottjg/qemu-vfio-apple's docker-profile image: its publish script tags that profile
+# docker-latest (contrib/apple-vfio/image-builder/scripts/publish-to-ghcr.sh).
 DEFAULT_IMAGE = "ghcr.io/scottjg/qemu-vfio-apple-images:docker-latest"
 DEFAULT_ARCHITECTURE = "arm64"
+# How many indexes may stand between a reference and its manifest (an index of indexes is
+# not an egpu image layout, and a registry must not lead the pull through an endless chain).
 MAX_INDEX_DEPTH = 1
 
 
@@ -56,9 +61,16 @@ class PulledImage:
 ClientFactory = Callable[[OciReference], RegistryClient]
 
 
-def default_client(ref: OciReference) -> RegistryClient:
-    """A registry client with the user's stored credentials for that registry, if any."""
-    return RegistryClient(ref, credentials=load_credentials(ref.registry, ref.repository))
+def default_client(ref: OciReference, stall: StallPolicy | None = None) -> RegistryClient:
+    """A registry client with the user's stored credentials for that registry, if any.
+
+    Without ``stall``, the stall limits come from ``EGPU_STALL_TIMEOUT`` / ``EGPU_MIN_RATE``.
+    """
+    return RegistryClient(
+        ref,
+        credentials=load_credentials(ref.registry, ref.repository),
+        stall=stall or StallPolicy.from_env(os.environ),
+    )
 
 
 def pull(
@@ -120,13 +132,19 @@ def pull(
 def _resolve(
     client: RegistryClient, ref: OciReference, architecture: str
 ) -> tuple[bytes, Digest, ImageManifest]:
-    """Fetch the manifest (following one index level), checking every digest on the way."""
+    """Fetch the manifest (through at most MAX_INDEX_DEPTH indexes), checking every digest."""
     body, content_type = client.get_manifest(ref.manifest_ref)
     digest = Digest.of_hex(hashlib.sha256(body).hexdigest())
     if ref.digest is not None and digest != ref.digest:
         raise ImageError(f"wrong digest: registry returned manifest {digest} for {ref.digest}")
     parsed = parse_manifest(body, content_type)
-    if isinstance(parsed, ImageIndex):
+    depth = 0
+    while isinstance(parsed, ImageIndex):
+        if depth >= MAX_INDEX_DEPTH:
+            raise ImageError(
+                f"unknown layout: an index inside an index (at most {MAX_INDEX_DEPTH} level)"
+            )
+        depth += 1
         chosen = select_from_index(parsed, architecture)
         body, content_type = client.get_manifest(str(chosen.digest))
         digest = Digest.of_hex(hashlib.sha256(body).hexdigest())
@@ -135,8 +153,6 @@ def _resolve(
                 f"wrong digest: registry returned manifest {digest} for {chosen.digest}"
             )
         parsed = parse_manifest(body, content_type)
-        if isinstance(parsed, ImageIndex):
-            raise ImageError("unknown layout: an index inside an index")
     return body, digest, parsed
 
 
@@ -155,7 +171,9 @@ def _fetch(
         progress.note(f"waiting for another egpu pull of {label}")
 
     with store.locked(digest, on_wait=waiting):
-        if store.has_blob(digest):
+        # Reused only when its size is the descriptor's too: a blob of another size under this
+        # name is damaged (or the manifest lies), and a fresh download verifies both.
+        if store.has_blob(digest, desc.size):
             return store.blob_path(digest)
         partial = store.partial_path(digest)
         client.download_blob(digest, desc.size, partial, progress, label)
@@ -192,5 +210,5 @@ def resolve_cached(reference: str, store: ImageStore | None = None) -> Path | No
     record = store.get_ref(str(parse_reference(reference)))
     if record is None:
         return None
-    path = store.blob_path(record.disk)
-    return path if path.exists() else None
+    # Only a blob of the recorded size is the image; anything else needs a fresh pull.
+    return store.blob_path(record.disk) if store.has_blob(record.disk, record.size) else None

@@ -25,12 +25,14 @@ MAX_NAME_LEN = 255
 MAX_TAG_LEN = 128
 
 _DOMAIN_COMPONENT = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+# Every pattern is used with fullmatch: '$' would also accept a trailing newline.
 _DOMAIN_RE = re.compile(
-    rf"^(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{{1,5}})?$"
+    rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9A-Fa-f:.]+\])(?::[0-9]{{1,5}})?"
 )
-_PATH_COMPONENT_RE = re.compile(r"^[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*$")
-_TAG_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}$")
-_DIGEST_RE = re.compile(r"^sha256:[a-f0-9]{64}$")
+# all matched with fullmatch: "$" alone would let a trailing newline through
+_PATH_COMPONENT_RE = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+_TAG_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,127}")
+_DIGEST_RE = re.compile(r"sha256:[a-f0-9]{64}")
 
 
 @dataclass(frozen=True, order=True)
@@ -42,7 +44,7 @@ class Digest:
     @classmethod
     def parse(cls, text: object) -> Digest:
         """Parse a digest; ImageError unless it is sha256 with exactly 64 lowercase hex digits."""
-        if not isinstance(text, str) or not _DIGEST_RE.match(text):
+        if not isinstance(text, str) or not _DIGEST_RE.fullmatch(text):
             shown = text[:80] if isinstance(text, str) else type(text).__name__
             raise ImageError(f"invalid digest {shown!r}: expected sha256:<64 hex digits>")
         return cls(text.split(":", 1)[1])
@@ -133,21 +135,21 @@ def parse_reference(text: str) -> OciReference:
     # A tag is after the last ':' only when no '/' follows it (else the ':' is a port).
     head, sep, tail = text.rpartition(":")
     if sep and "/" not in tail:
-        if not _TAG_RE.match(tail):
+        if not _TAG_RE.fullmatch(tail):
             raise UsageError(f"bad image reference {original!r}: invalid tag {tail!r}")
         text, tag = head, tail
     parts = text.split("/")
     first = parts[0]
     if len(parts) > 1 and ("." in first or ":" in first or first == "localhost"):
         registry, path = first, parts[1:]
-        if not _DOMAIN_RE.match(registry) or not _valid_port(registry):
+        if not _DOMAIN_RE.fullmatch(registry) or not _valid_port(registry):
             raise UsageError(f"bad image reference {original!r}: invalid registry {registry!r}")
     else:
         registry, path = DEFAULT_REGISTRY, parts
         if len(path) == 1:
             path = ["library", *path]  # Docker Hub's official images
     for component in path:
-        if not _PATH_COMPONENT_RE.match(component):
+        if not _PATH_COMPONENT_RE.fullmatch(component):
             raise UsageError(
                 f"bad image reference {original!r}: invalid repository component {component!r}"
             )

@@ -5,10 +5,13 @@ remote host). Anonymous or credentialed bearer-token auth as public GHCR needs, 
 registry asks for it. Transient failures (connection errors, 408/429/5xx) are retried with
 backoff; a broken blob download continues with an HTTP Range request from the bytes already on
 disk, and the partial file is kept across processes so a later pull resumes it too.
+Every body is read through ``egpu.transfer``: capped while streaming, watched for stalls, and
+redirects are followed one hop at a time without reading their bodies.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -16,7 +19,6 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -28,6 +30,19 @@ from egpu.images.auth import Credentials, bearer_challenge, parse_challenges
 from egpu.images.manifest import MANIFEST_ACCEPT, MAX_MANIFEST_BYTES
 from egpu.images.reference import Digest, OciReference, is_loopback_host
 from egpu.progress import Progress
+from egpu.transfer import (
+    BadRedirect,
+    Stalled,
+    StallPolicy,
+    StallWatch,
+    TooLarge,
+    TransferError,
+    make_client,
+    parse_decimal,
+    raw_chunks,
+    read_capped,
+    send,
+)
 
 # Backoff between attempts after a transient failure; its length is the number of retries.
 RETRY_DELAYS: tuple[float, ...] = (0.5, 1.0, 2.0, 4.0, 8.0)
@@ -58,6 +73,7 @@ class RegistryClient:
         retry_delays: Sequence[float] = RETRY_DELAYS,
         sleep: Callable[[float], None] = time.sleep,
         timeout: httpx.Timeout | None = None,
+        stall: StallPolicy | None = None,
     ) -> None:
         self.ref = ref
         scheme = "http" if ref.is_loopback else "https"
@@ -65,12 +81,13 @@ class RegistryClient:
         self.credentials = credentials
         self.retry_delays = tuple(retry_delays)
         self._sleep = sleep
+        self.stall = stall or StallPolicy()
         self._auth: str | None = None
-        self._client = httpx.Client(
-            timeout=timeout or httpx.Timeout(READ_TIMEOUT, connect=CONNECT_TIMEOUT),
-            follow_redirects=True,
-            event_hooks={"request": [_check_scheme]},
+        self._client = make_client(
+            timeout=timeout
+            or httpx.Timeout(self.stall.read_timeout(READ_TIMEOUT), connect=CONNECT_TIMEOUT),
             headers={"User-Agent": "egpu"},
+            request_hooks=[_check_scheme],
         )
 
     def close(self) -> None:
@@ -87,7 +104,17 @@ class RegistryClient:
     def _unreachable(self, error: Exception) -> ImageError:
         return ImageError(f"cannot reach registry {self.ref.api_host}: {_reason(error)}")
 
-    @contextmanager
+    def _bad_transfer(self, error: TransferError) -> ImageError:
+        return ImageError(f"registry {self.ref.api_host}: {error.message}")
+
+    def _send(self, request: httpx.Request) -> httpx.Response:
+        """One request and its redirects; transport errors are left to the caller."""
+        try:
+            return send(self._client, request)
+        except BadRedirect as e:
+            raise self._bad_transfer(e) from None
+
+    @contextlib.contextmanager
     def _open(self, url: str, headers: Mapping[str, str]) -> Iterator[httpx.Response]:
         """GET with auth and retries of transient failures; yields a streaming response."""
         authenticated = False
@@ -97,9 +124,8 @@ class RegistryClient:
             if self._auth:
                 request_headers["Authorization"] = self._auth
             try:
-                response = self._client.send(
-                    self._client.build_request("GET", url, headers=request_headers), stream=True
-                )
+                request = self._client.build_request("GET", url, headers=request_headers)
+                response = self._send(request)
             except httpx.TransportError as e:
                 if attempt >= len(self.retry_delays):
                     raise self._unreachable(e) from None
@@ -128,43 +154,52 @@ class RegistryClient:
         challenge = bearer_challenge(header)
         if challenge is None:
             if any(c.scheme == "basic" for c in parse_challenges(header)) and self.credentials:
-                pair = httpx.BasicAuth(self.credentials.username, self.credentials.password)
-                self._auth = next(pair.auth_flow(httpx.Request("GET", self.base))).headers[
-                    "Authorization"
-                ]
+                self._auth = self._basic()
                 return
             raise self._denied()
-        realm = httpx.URL(challenge.params["realm"])
-        if realm.scheme not in ("http", "https"):
-            raise ImageError(f"registry {self.ref.api_host} sent a bad token realm")
+        try:
+            realm: httpx.URL | None = httpx.URL(challenge.params["realm"])
+        except httpx.InvalidURL:
+            realm = None
+        if realm is None or realm.scheme not in ("http", "https") or not realm.host:
+            raise ImageError(f"registry {self.ref.api_host} sent a bad token realm URL")
         params = {"scope": f"repository:{self.ref.repository}:pull"}
         if "service" in challenge.params:
             params["service"] = challenge.params["service"]
         if "scope" in challenge.params:
             params["scope"] = challenge.params["scope"]
-        auth = (
-            httpx.BasicAuth(self.credentials.username, self.credentials.password)
-            if self.credentials
-            else None
-        )
+        headers = {"Authorization": self._basic()} if self.credentials else {}
+        request = self._client.build_request("GET", realm, params=params, headers=headers)
         try:
-            response = self._client.get(realm, params=params, auth=auth)
-        except httpx.TransportError as e:
+            with contextlib.closing(self._send(request)) as response:
+                status = response.status_code
+                if status in (HTTP_UNAUTHORIZED, HTTP_FORBIDDEN):
+                    raise self._denied()
+                if status != HTTP_OK:
+                    raise ImageError(
+                        f"registry {self.ref.api_host}: token request failed (HTTP {status})"
+                    )
+                body = read_capped(response, MAX_TOKEN_RESPONSE, StallWatch(self.stall))
+        except httpx.HTTPError as e:
             raise self._unreachable(e) from None
-        if response.status_code in (HTTP_UNAUTHORIZED, HTTP_FORBIDDEN):
-            raise self._denied()
-        if response.status_code != HTTP_OK or len(response.content) > MAX_TOKEN_RESPONSE:
-            raise ImageError(
-                f"registry {self.ref.api_host}: token request failed (HTTP {response.status_code})"
-            )
+        except TooLarge as e:
+            raise ImageError(f"registry {self.ref.api_host}: token response {e.message}") from None
+        except TransferError as e:
+            raise self._bad_transfer(e) from None
         try:
-            doc = response.json()
+            doc: Any = json.loads(body)
         except ValueError:
             doc = None
         token = (doc.get("token") or doc.get("access_token")) if isinstance(doc, dict) else None
         if not isinstance(token, str) or not token or not token.isprintable():
             raise ImageError(f"registry {self.ref.api_host}: token response has no token")
         self._auth = f"Bearer {token}"
+
+    def _basic(self) -> str:
+        """The Basic Authorization value for the stored credentials."""
+        assert self.credentials is not None
+        pair = httpx.BasicAuth(self.credentials.username, self.credentials.password)
+        return next(pair.auth_flow(httpx.Request("GET", self.base))).headers["Authorization"]
 
     def _denied(self) -> ImageError:
         hint = "log in with 'podman login' or 'docker login'" if not self.credentials else None
@@ -175,12 +210,14 @@ class RegistryClient:
     def _registry_error(self, response: httpx.Response) -> tuple[str, str]:
         """The first error code and message of a registry error body, if it has one."""
         try:
-            body = response.read()[:MAX_ERROR_BODY]
+            body = read_capped(response, MAX_ERROR_BODY, StallWatch(self.stall))
             doc: Any = json.loads(body)
             first = doc["errors"][0]
             return str(first.get("code", "")), str(first.get("message", ""))[:200]
         except (ValueError, KeyError, IndexError, TypeError, AttributeError, httpx.HTTPError):
             return "", ""
+        except TransferError:
+            return "", ""  # too large or too slow to be worth reading: the status says enough
 
     # -- manifests --------------------------------------------------------------------------
 
@@ -202,18 +239,15 @@ class RegistryClient:
                 raise ImageError(
                     f"registry {self.ref.api_host} answered HTTP {status} for {reference}"
                 )
-            length = response.headers.get("content-length")
-            if length is not None and length.isdigit() and int(length) > MAX_MANIFEST_BYTES:
-                raise ImageError(f"manifest of {self.ref.name} is too large ({length} bytes)")
-            body = bytearray()
             try:
-                for chunk in response.iter_bytes():
-                    body += chunk
-                    if len(body) > MAX_MANIFEST_BYTES:
-                        raise ImageError(f"manifest of {self.ref.name} is too large")
-            except httpx.TransportError as e:
+                body = read_capped(response, MAX_MANIFEST_BYTES, StallWatch(self.stall))
+            except httpx.HTTPError as e:
                 raise self._unreachable(e) from None
-            return bytes(body), response.headers.get("content-type")
+            except TooLarge as e:
+                raise ImageError(f"manifest of {self.ref.name} is too large: {e.message}") from None
+            except TransferError as e:
+                raise ImageError(f"manifest of {self.ref.name}: {e.message}") from None
+            return body, response.headers.get("content-type")
 
     # -- blobs ------------------------------------------------------------------------------
 
@@ -224,17 +258,24 @@ class RegistryClient:
 
         Bytes already in ``partial`` are kept and only the rest is asked for (Range); a server
         that ignores Range makes it start over. ImageError on a digest mismatch (the partial
-        file is then removed) or when the download keeps failing (then it is kept).
+        file is then removed) or when the download keeps failing or stalls (then it is kept,
+        unless it is empty: a failure before the first byte leaves no file).
         """
         resumed = partial.exists() and partial.stat().st_size > 0
         try:
-            self._download(digest, size, partial, progress, label)
-        except _DigestMismatch as e:
-            if not resumed:
-                raise ImageError(e.message) from None
-            # The kept bytes may be what was bad (a partial from an older, broken run):
-            # one fresh download decides.
-            self._download(digest, size, partial, progress, label)
+            try:
+                self._download(digest, size, partial, progress, label)
+            except _DigestMismatch as e:
+                if not resumed:
+                    raise ImageError(e.message) from None
+                # The kept bytes may be what was bad (a partial from an older, broken run):
+                # one fresh download decides.
+                self._download(digest, size, partial, progress, label)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                if partial.stat().st_size == 0:
+                    partial.unlink()
+            raise
 
     def _download(
         self, digest: Digest, size: int, partial: Path, progress: Progress, label: str
@@ -247,18 +288,22 @@ class RegistryClient:
         progress.start(label, size)
         progress.advance(state.have)
         failures = 0
+        # One watch for the whole download, reconnects included: a server that drops every
+        # connection after a few bytes has stalled as surely as one that trickles them.
+        watch = StallWatch(self.stall)
         try:
             with open(partial, "ab") as out:
                 while state.have < size:
                     before = state.have
                     try:
-                        self._fetch_range(url, digest, state, out, progress)
+                        self._fetch_range(url, digest, state, out, progress, watch)
                     except httpx.TransportError as e:
                         error: Exception = e
                     else:
                         if state.have >= size:
                             break
                         error = ConnectionError("connection closed before the blob was complete")
+                    watch.check()  # the time a failed attempt took counts against the window
                     # Progress resets the count: only failures in a row with nothing gained add up.
                     failures = 1 if state.have > before else failures + 1
                     if failures > len(self.retry_delays):
@@ -269,6 +314,11 @@ class RegistryClient:
                     self._sleep(self.retry_delays[failures - 1])
                 out.flush()
                 os.fsync(out.fileno())
+        except Stalled:
+            raise ImageError(
+                f"download of {label} stalled ({self.stall.describe()}) at {state.have} of "
+                f"{size} bytes; run the pull again to resume"
+            ) from None
         except OSError as e:
             raise _disk_error(e, partial) from None
         finally:
@@ -281,7 +331,13 @@ class RegistryClient:
             )
 
     def _fetch_range(
-        self, url: str, digest: Digest, state: _Download, out: BinaryIO, progress: Progress
+        self,
+        url: str,
+        digest: Digest,
+        state: _Download,
+        out: BinaryIO,
+        progress: Progress,
+        watch: StallWatch,
     ) -> None:
         """One GET of the blob from byte ``state.have``, appending to ``out`` as bytes arrive.
 
@@ -309,7 +365,7 @@ class RegistryClient:
             else:
                 raise ImageError(f"registry {self.ref.api_host} answered HTTP {status} for a blob")
             # Unbuffered: every byte that arrived is kept, even when the connection then breaks.
-            for chunk in response.iter_raw():
+            for chunk in raw_chunks(response, watch):
                 if state.have + len(chunk) > state.size:
                     state.restart(out)
                     raise ImageError(
@@ -377,7 +433,7 @@ def _content_range_start(header: str) -> int | None:
     """The first byte of ``Content-Range: bytes START-END/TOTAL``."""
     unit, _, spec = header.strip().partition(" ")
     start, _, _ = spec.partition("-")
-    return int(start) if unit == "bytes" and start.isdigit() else None
+    return parse_decimal(start) if unit == "bytes" else None
 
 
 def _reason(error: Exception) -> str:

@@ -5,7 +5,7 @@ Layout under ``egpu.paths.dirs().images``::
     blobs/sha256/<hex>      verified blobs (disk images, their JSON, manifests); read-only
     partial/<hex>           downloads in progress (kept across processes so pulls resume)
     locks/<hex>.lock        one lock per blob, so concurrent pulls never write the same file
-    refs/<key>.json         one RefRecord per reference pulled (key = sha256 of the reference)
+    refs/<key>.json         one RefRecord per image reference pulled (key = its sha256)
 
 A blob is renamed into ``blobs/`` only after its digest was checked, so anything there is whole.
 """
@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import asdict, dataclass, field
@@ -123,8 +124,14 @@ class ImageStore:
     def partial_path(self, digest: Digest) -> Path:
         return self.root / "partial" / digest.hex
 
-    def has_blob(self, digest: Digest) -> bool:
-        return self.blob_path(digest).is_file()
+    def has_blob(self, digest: Digest, size: int | None = None) -> bool:
+        """Whether the blob is cached (and, when ``size`` is given, has exactly that size)."""
+        path = self.blob_path(digest)
+        try:
+            st = path.stat()
+        except OSError:
+            return False
+        return stat.S_ISREG(st.st_mode) and (size is None or st.st_size == size)
 
     @contextlib.contextmanager
     def locked(self, digest: Digest, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
@@ -154,7 +161,7 @@ class ImageStore:
     def put_blob(self, data: bytes) -> Digest:
         """Store small content (a manifest) under its digest."""
         digest = Digest.of_hex(hashlib.sha256(data).hexdigest())
-        if not self.has_blob(digest):
+        if not self.has_blob(digest, len(data)):
             tmp = _write_temp(self.blobs_dir, data)
             self.commit_blob(tmp, digest)
         return digest
@@ -296,7 +303,10 @@ def overlay_bases(vms_root: Path, overlay_name: str = DEFAULT_OVERLAY_NAME) -> d
 
 def _read_record(path: Path) -> RefRecord:
     try:
-        data = path.read_bytes()[:MAX_REF_RECORD]
+        with open(path, "rb") as f:
+            data = f.read(MAX_REF_RECORD + 1)  # bounded: never the whole of a runaway file
+        if len(data) > MAX_REF_RECORD:
+            raise ImageError(f"broken image record {path}: over {MAX_REF_RECORD} bytes")
         doc = json.loads(data)
     except (OSError, ValueError) as e:
         raise ImageError(f"broken image record {path}: {e}") from None

@@ -1,4 +1,6 @@
-"""pci layer (see DESIGN.md): a pure PCI/PCIe type-0 configuration-space model."""
+"""pci layer: a pure PCI/PCIe type-0 configuration-space model (write masks, RW1C bits,
+capabilities, BARs) that device models build on (docs/ARCHITECTURE.md).
+"""
 
 from egpu.pci.config import (
     CONFIG_SPACE_SIZE,

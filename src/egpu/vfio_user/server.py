@@ -1,6 +1,7 @@
 """The vfio-user server: framing, fds, validation and dispatch to a DeviceBackend.
 
-Threat model. Trust zones and where each crossing is checked:
+Threat model (the whole of it, with tests: docs/THREAT_MODEL.md). Trust zones and where each
+crossing is checked:
 
 - guest (runs arbitrary code from its first instruction) -> device model: every address the guest
   programs (DMA targets, queue bases) goes through :class:`egpu.dma.GuestMemory`, which refuses
@@ -168,7 +169,7 @@ class Dispatcher:
         if not self.session.negotiated and command != p.Command.VERSION:
             raise p.ProtocolError(errno.EINVAL, "VERSION must come first")
 
-    # -- shared checks (the one place, in STYLE.md order) ---------------------------------------
+    # -- shared checks (the one place, in the order the module docstring gives) -----------------
 
     @staticmethod
     def _need(payload: Payload, size: int) -> None:
@@ -249,7 +250,7 @@ class Dispatcher:
         if not match:
             raise p.ProtocolError(errno.ENOENT, f"no DMA map is exactly {address:#x}+{size:#x}")
         # The device stops using the range first; remove() then waits for pinned views, so no
-        # reference is left when the reply goes out (spec: DMA_UNMAP).
+        # reference is left when the reply goes out (vfio-user.rst, VFIO_USER_DMA_UNMAP).
         self.device.dma_unmapped(match[0])
         self.memory.remove(address, size)
         return p.reply_header(msg_id, p.Command.DMA_UNMAP, len(body)) + body, []
@@ -446,7 +447,8 @@ class Dispatcher:
     # -- connection end -----------------------------------------------------------------------
 
     def client_gone(self) -> None:
-        """Drop the client's DMA maps and IRQ fds; device state stays (spec)."""
+        """Drop the client's DMA maps and IRQ fds; device state stays."""
+        # as QEMU docs/interop/vfio-user.rst, "Client Disconnection", asks
         for rng in self.memory.ranges():
             try:
                 self.device.dma_unmapped(rng)
@@ -699,7 +701,8 @@ class _RemoteDma:
 
     @property
     def max_xfer(self) -> int:
-        """The client's max_data_xfer_size: our DMA_READ/WRITE must not exceed it (spec)."""
+        """The client's max_data_xfer_size: our DMA_READ/WRITE must not exceed it."""
+        # QEMU docs/interop/vfio-user.rst, "Message sizes"
         if self.dispatcher is None:
             return p.DEFAULT_MAX_DATA_XFER_SIZE
         return self.dispatcher.session.client.max_data_xfer_size
@@ -738,6 +741,8 @@ def _close_all(fds: list[int]) -> None:
 
 def prepare_socket_dir(path: Path) -> None:
     """Make sure the socket's directory exists and is private (0700, ours)."""
+    # The protocol leaves AF_UNIX access control to the socket file's permissions
+    # (QEMU docs/interop/vfio-user.rst, "Authentication").
     parent = path.parent
     parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     st = parent.stat()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from egpu.engine import virtual
-from egpu.engine.argv import Disk, Firmware, VmSpec, build_argv, parse_disk_option
+from egpu.engine.argv import Disk, Firmware, VmSpec, build_argv, check_cpus, parse_disk_option
 from egpu.engine.passthrough import RunPassthrough
 from egpu.engine.qemu import EngineInfo, check_arch, host_is_virtual
 from egpu.errors import (
@@ -45,8 +46,12 @@ DEFAULT_STOP_TIMEOUT_S = 30.0
 QEMU_IMG_TIMEOUT_S = 30
 POLL_S = 0.05
 MAX_PORT = 65535
-DEFAULT_IMAGE_SSH_PORT = 2222  # as the reference launcher
-DEFAULT_SSH_USER = "ubuntu"  # the reference images are Ubuntu cloud images
+# scottjg/qemu-vfio-apple's launcher default (contrib/apple-vfio/qemu-vfio-apple/main.swift)
+DEFAULT_IMAGE_SSH_PORT = 2222
+# its images are Ubuntu cloud images with the default user
+# (contrib/apple-vfio/image-builder/cloud-init/user-data.template)
+DEFAULT_SSH_USER = "ubuntu"
+SSH_USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,31}")  # useradd's 32-byte limit
 
 
 @dataclass(frozen=True)
@@ -101,7 +106,8 @@ def probe_disk(qemu_img: Sequence[str], env: dict[str, str], text: str) -> Disk:
         raise UsageError(f"--disk {path}: no such file")
     try:
         proc = subprocess.run(
-            [*qemu_img, "info", "--output=json", "-U", str(path)],
+            # absolute: a relative name could read as a block protocol ("nbd:...")
+            [*qemu_img, "info", "--output=json", "-U", str(path.absolute())],
             capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S,
             env={**os.environ, **env},
         )
@@ -135,8 +141,8 @@ def choose_accel(
 ) -> tuple[str, str | None]:
     """The accelerator and a notice: the one asked for if offered, else the best offered.
 
-    Inside a VM (``nested``) KVM is not chosen by default: nested KVM crashed guests early on
-    the machines this was built on (REFERENCE.md section 6).
+    Inside a VM (``nested``) KVM is not chosen by default: on the machines egpu was developed on,
+    nested KVM guests died early with a KVM internal-error.
     """
     offered = info.accelerators.get(arch, ())
     if wanted:
@@ -164,8 +170,6 @@ def plan_run(
     arch = check_arch(request.arch)
     if arch not in info.arches:
         raise VMError(f"the engine has no qemu-system-{arch}")
-    if request.cpus < 1:
-        raise UsageError("--cpus must be at least 1")
     vm = store.VmDir(request.name)
     vm.check_socket_paths()
     if check_host:
@@ -183,6 +187,10 @@ def plan_run(
         check_port_free(ssh_port)
     accel, accel_notice = choose_accel(info, arch, request.accel, nested=host_is_virtual())
     gpu_engine = request.gpu.engine if request.gpu else "none"
+    gpu_plan = request.gpu.plan if request.gpu else None
+    # the accelerator the VM will run on: a passthrough plan sets its own (hvf, kvm)
+    check_cpus(request.cpus, arch, gpu_plan.accel if gpu_plan else accel,
+               machine_max=info.cpu_limit(arch), host_cpus=os.cpu_count() if check_host else None)
     card = None
     if gpu_engine == "user":
         if check_host and "vfio-user-pci" not in info.devices.get(arch, ()):
@@ -225,6 +233,9 @@ def plan_run(
         image=boot.source if boot else None,
         bind_functions=list(request.gpu.plan.functions)
         if request.bind and request.gpu and request.gpu.plan and gpu_engine == "vfio" else [],
+        host_guard=request.gpu.guard.to_json() if request.gpu and request.gpu.guard else None,
+        gpu_bound_at_start=list(request.gpu.bound_at_start)
+        if request.gpu and request.gpu.bound_at_start is not None else None,
     )
     notices = (accel_notice,) if accel_notice and spec.accel == accel else ()
     return RunPlan(vm=vm, spec=spec, config=config, argv=argv, boot=boot, notices=notices)
@@ -498,12 +509,21 @@ def send_console(vm: store.VmDir, data: bytes) -> None:
         s.sendall(data)
 
 
+def check_ssh_user(user: str) -> str:
+    """A guest user name, or UsageError: ssh would read a leading '-' as one of its options."""
+    if not SSH_USER_RE.fullmatch(user):
+        raise UsageError(f"bad --user {user!r}: a user name is letters, digits, '.', '_' or '-' "
+                         "(at most 32), not starting with '-' or '.'")
+    return user
+
+
 def ssh_argv(port: int, user: str, command: Sequence[str] = ()) -> list[str]:
     """The ssh command into a VM's loopback forward.
 
     Host keys are not recorded: the forward is loopback-only and a reset VM gets new keys
     (Lima does the same).
     """
+    check_ssh_user(user)
     return [
         "ssh", "-p", str(port),
         "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",

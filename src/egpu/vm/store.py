@@ -38,6 +38,7 @@ OVERLAY = "overlay.qcow2"
 EFI_VARS = "efivars.fd"
 NVME_BACKING = "egpu-nvme.img"  # the virtual eGPU's NVMe storage (sparse; kept across runs)
 LAST_SCREEN = "last-screen.png"  # what the virtual display showed when QEMU ended
+POWER_ASSERTION_PID = "power-assertion.pid"  # macOS: the caffeinate holding off idle sleep
 VFIO_BIND = "vfio-bind.json"  # functions egpu moved to vfio-pci, and their previous drivers
 
 # Files that belong to one run; removed before the next run starts.
@@ -47,7 +48,7 @@ RUNTIME_FILES = (
     LAST_SCREEN,
 )
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # whole string: fullmatch
 # sun_path is 108 bytes on Linux (104 on macOS); keep every socket path under the smaller.
 MAX_SOCKET_PATH = 103
 PID_FILE_FIELDS = 3  # PID START PROGRAM
@@ -57,7 +58,7 @@ LOCK_ATTEMPTS = 8  # a lock file removed by its holder as another opens it: open
 
 def check_name(name: str) -> str:
     """Validate a VM name (it becomes a directory name)."""
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise UsageError(
             f"bad VM name {name!r}: use letters, digits, '.', '_' or '-' (at most 63), "
             "starting with a letter or digit"
@@ -168,6 +169,8 @@ class VmConfig:
     image: str | None = None
     servers: list[ServerLaunch] = field(default_factory=list)  # device servers to start
     bind_functions: list[str] = field(default_factory=list)  # --bind: move these to vfio-pci
+    host_guard: dict[str, Any] | None = None  # engine.safety.HostGuard: kept while QEMU runs
+    gpu_bound_at_start: list[str] | None = None  # apple: functions claimed when it started
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -196,6 +199,9 @@ class VmConfig:
             servers=[ServerLaunch.from_json(s)
                      for s in _get(data, "servers", list, optional=True) or []],
             bind_functions=_str_list(data, "bind_functions"),
+            host_guard=_get(data, "host_guard", dict, optional=True),
+            gpu_bound_at_start=(_str_list(data, "gpu_bound_at_start")
+                                if data.get("gpu_bound_at_start") is not None else None),
         )
 
 
@@ -382,4 +388,4 @@ def list_names(root: Path | None = None) -> list[str]:
     base = root or dirs().vms
     if not base.is_dir():
         return []
-    return sorted(p.name for p in base.iterdir() if NAME_RE.match(p.name) and p.is_dir())
+    return sorted(p.name for p in base.iterdir() if NAME_RE.fullmatch(p.name) and p.is_dir())

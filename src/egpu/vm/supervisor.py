@@ -21,6 +21,7 @@ from types import FrameType
 from typing import Any
 
 from egpu.devices.display import request_screenshot
+from egpu.engine.safety import HostGuard, qos_preexec
 from egpu.engine.virtual import screenshot_request_of
 from egpu.errors import EgpuError
 from egpu.process import ProcessRef
@@ -50,6 +51,8 @@ class Supervisor:
         self.crash: tuple[str, str | None] | None = None  # run state and PC of a stuck guest
         self.terminating = False
         self.warnings: list[str] = []
+        self.guard = HostGuard.from_json(self.config.host_guard)
+        self.assertion: subprocess.Popen[bytes] | None = None
 
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
         self.terminating = True
@@ -116,6 +119,7 @@ class Supervisor:
                 self.qemu = subprocess.Popen(
                     self.config.argv, stdin=subprocess.DEVNULL, stdout=log,
                     stderr=subprocess.STDOUT, env={**os.environ, **self.config.env},
+                    preexec_fn=qos_preexec(self.guard),
                 )
             except OSError as e:
                 self.stop_servers()
@@ -124,6 +128,7 @@ class Supervisor:
         qemu_ref = ProcessRef.of_popen(self.qemu)
         if qemu_ref is not None:
             self.vm.write_process(store.QEMU_PID, qemu_ref)
+        self.start_assertion(self.qemu.pid)
         powerdown_sent: float | None = None
         next_check = time.monotonic()
         while self.qemu.poll() is None:
@@ -139,6 +144,7 @@ class Supervisor:
             if self.crash is None and time.monotonic() >= next_check:
                 next_check = time.monotonic() + RUN_STATE_POLL_S
                 self._check_run_state()
+        self.end_assertion()
         self.keep_last_screen()
         self.stop_servers()
         self.warnings += restore_bindings(self.vm)
@@ -160,6 +166,34 @@ class Supervisor:
             self.qemu.wait(QUIT_GRACE_S)
         except subprocess.TimeoutExpired:
             self.qemu.kill()
+
+    def start_assertion(self, qemu_pid: int) -> None:
+        """Hold the host awake while a passed-through GPU runs (caffeinate -i -w QEMU_PID)."""
+        if self.guard is None or not self.guard.power_assertion:
+            return
+        argv = self.guard.assertion_argv(qemu_pid)
+        try:
+            self.assertion = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        except OSError as e:
+            self.warnings.append(f"no power assertion ({argv[0]}: {e.strerror or e}): "
+                                 "the host may sleep under the GPU")
+            return
+        ref = ProcessRef.of_popen(self.assertion)
+        if ref is not None:
+            self.vm.write_process(store.POWER_ASSERTION_PID, ref)
+
+    def end_assertion(self) -> None:
+        """Release the power assertion (``-w`` ends it with QEMU; this makes sure)."""
+        if self.assertion is None:
+            return
+        if self.assertion.poll() is None:
+            self.assertion.terminate()
+        try:
+            self.assertion.wait(SERVER_STOP_S)
+        except subprocess.TimeoutExpired:
+            self.assertion.kill()
+            self.assertion.wait()
 
     def keep_last_screen(self) -> None:
         """Ask a live display server for the last picture the guest showed (post-mortem)."""
