@@ -23,6 +23,8 @@ NO_GPU = ("--engine", "none", "--accel", "tcg")
 PVPANIC = ("--", "-device", "pvpanic", "-action", "panic=pause")
 PVPANIC_PORT_WRITE = "o /b 0x505 1"  # HMP: write the "panicked" event to the device's port
 NVME_SIZE = 64 << 20
+# QEMU creates its monitor and console sockets before it looks at devices
+BAD_DEVICE = ("--", "-device", "no-such-device")
 SELFTEST_TIMEOUT_S = 400
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 
@@ -185,10 +187,9 @@ def test_failed_start_takes_only_what_it_made(cli: Cli) -> None:
         vm.file(name).write_bytes(data)
     os.truncate(vm.file(store.NVME_BACKING), NVME_SIZE)  # the size this run asks for
     # QEMU rejects this after creating its sockets, with the virtual eGPU's servers up
-    proc = cli("run", "--name", "keep", "--cpus", "1000", "--detach", "--accel", "tcg",
-               "--passthrough", "virtual",
-               "--nvme-size", f"{NVME_SIZE >> 20}M", timeout=180)
-    one_line_error(proc, "failed to start", "qemu-system-aarch64:", "1000")
+    proc = cli("run", "--name", "keep", "--detach", "--accel", "tcg", "--passthrough", "virtual",
+               "--nvme-size", f"{NVME_SIZE >> 20}M", *BAD_DEVICE, timeout=180)
+    one_line_error(proc, "failed to start", "qemu-system-aarch64:", "no-such-device")
     assert vm.file("notes.txt").read_bytes() == before["notes.txt"]
     backing = vm.file(store.NVME_BACKING).read_bytes()
     assert len(backing) == NVME_SIZE and backing.startswith(before[store.NVME_BACKING])
@@ -196,8 +197,8 @@ def test_failed_start_takes_only_what_it_made(cli: Cli) -> None:
     assert not vm.servers_dir.exists() and not vm.qmp_socket.exists()
     assert _processes_under(cli.home) == []
 
-    fresh = cli("run", "--name", "fresh", "--cpus", "1000", "--detach", "-q", *NO_GPU)
-    one_line_error(fresh, "failed to start", "Invalid SMP CPUs 1000")
+    fresh = cli("run", "--name", "fresh", "--detach", "-q", *NO_GPU, *BAD_DEVICE)
+    one_line_error(fresh, "failed to start", "'no-such-device' is not a valid device model")
     assert sorted(p.name for p in vms(cli).iterdir()) == ["keep"]
 
 
