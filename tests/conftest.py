@@ -3,10 +3,10 @@ the hypothesis profile and the test tiers (markers declared in pyproject.toml)."
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -21,7 +21,8 @@ import pytest
 from hypothesis import HealthCheck, settings
 
 from egpu.paths import CACHE_ENV, HOME_ENV
-from egpu.vm.store import QEMU_LOG, QEMU_PID
+from egpu.process import ProcessRef, signal_process
+from egpu.vm import store
 
 # Engine and guest assets are provisioned once by ./run-tests (egpu setup) into the user cache.
 SHARED_CACHE = Path(os.environ.get(CACHE_ENV) or platformdirs.user_cache_dir("egpu"))
@@ -119,28 +120,26 @@ def started_qemu(home: Path) -> list[Path]:
     only the pid file, so both must be there.
     """
     return sorted(d for d in home.glob("data/vms/*")
-                  if (d / QEMU_LOG).is_file() and (d / QEMU_PID).is_file())
+                  if (d / store.QEMU_LOG).is_file() and (d / store.QEMU_PID).is_file())
 
 
-def _recorded_pids(home: Path) -> Iterator[int]:
-    for pidfile in home.glob("data/vms/*/*.pid"):
-        with contextlib.suppress(OSError, ValueError):
-            yield int(pidfile.read_text().split()[0])
-    for record in home.glob("data/vms/*/servers.json"):
-        with contextlib.suppress(OSError, ValueError):
-            yield from (int(s["pid"]) for s in json.loads(record.read_text()))
+def _recorded_processes(home: Path) -> Iterator[ProcessRef]:
+    """Every process egpu recorded under this home, with its identity (pid, start, program)."""
+    for path in home.glob("data/vms/*"):
+        if not path.is_dir() or not store.NAME_RE.match(path.name):
+            continue
+        vm = store.VmDir(path.name, root=path.parent)
+        for which in (store.QEMU_PID, store.SUPERVISOR_PID):
+            ref = vm.read_process(which)
+            if ref is not None:
+                yield ref
+        yield from (s.process for s in vm.read_servers() if s.process is not None)
 
 
 def _stop_leftovers(home: Path) -> None:
-    """Kill whatever a failed test left running under its home (QEMU, supervisor, servers)."""
-    for pid in list(_recorded_pids(home)):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except OSError:
-            continue
-        if str(home).encode() in cmdline:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, 9)
+    """Kill what a failed test left running under its home: only processes proven egpu's own."""
+    for ref in list(_recorded_processes(home)):
+        signal_process(ref, signal.SIGKILL)
 
 
 @pytest.fixture

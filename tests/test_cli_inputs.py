@@ -17,6 +17,7 @@ from egpu.devices.display import SCREENSHOT_SIGNAL, create, request_screenshot, 
 from egpu.engine.argv import check_cpus
 from egpu.engine.qemu import find_engine_info, parse_max_cpus
 from egpu.errors import DeviceServerError, UsageError
+from egpu.process import ProcessRef
 from egpu.vm.lifecycle import ssh_argv
 from test_cli_errors import assert_clean_failure
 
@@ -162,12 +163,13 @@ def test_screenshot_request_carries_any_file_name(tmp_path: Path) -> None:
         serve_screenshots(display, request)
         # a separator str.splitlines() honours, a trailing space, a byte that is not UTF-8
         odd = tmp_path / os.fsdecode(b"shot\x1cnext \xff.png ")
-        request_screenshot(os.getpid(), request, odd, timeout=5)
+        request_screenshot(ProcessRef.current(), request, odd, timeout=5)
         with Image.open(odd) as image:
             assert image.format == "PNG"
         assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("shot")) == [odd.name]
         with pytest.raises(UsageError, match="line break"):
-            request_screenshot(os.getpid(), request, tmp_path / "a\nlast-visible", timeout=5)
+            request_screenshot(ProcessRef.current(), request, tmp_path / "a\nlast-visible",
+                               timeout=5)
     finally:
         signal.signal(SCREENSHOT_SIGNAL, previous)
         display.framebuffer.close()

@@ -7,6 +7,7 @@ import os
 import signal
 import struct
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,7 @@ from egpu.devices.display import (
     serve_screenshots,
 )
 from egpu.errors import DeviceServerError, UsageError
+from egpu.process import ProcessRef
 
 VRAM = 16 << 20
 
@@ -223,14 +225,14 @@ def test_screenshot_request_round_trip(fn: DisplayFunction, tmp_path: Path) -> N
     try:
         serve_screenshots(fn, request)
         out = tmp_path / "shot.png"
-        request_screenshot(os.getpid(), request, out, timeout=5)
+        request_screenshot(ProcessRef.current(), request, out, timeout=5)
         with Image.open(out) as image:
             assert image.size == (64, 48)
             assert image.convert("RGB").getpixel((10, 0)) == (255, 0, 0)
             assert not is_blank(image.convert("RGB"))
         assert not request.exists()
         with pytest.raises(DeviceServerError, match=r"not absolute|cannot write"):
-            request_screenshot(os.getpid(), request, tmp_path / "missing-dir" / "x.png",
+            request_screenshot(ProcessRef.current(), request, tmp_path / "missing-dir" / "x.png",
                                timeout=5)
     finally:
         signal.signal(SCREENSHOT_SIGNAL, previous)
@@ -240,9 +242,26 @@ def test_screenshot_request_to_a_dead_server(tmp_path: Path) -> None:
     pid = os.fork()
     if pid == 0:
         os._exit(0)
+    server = ProcessRef.of(pid, ProcessRef.current().program)
     os.waitpid(pid, 0)
     with pytest.raises(DeviceServerError, match="not running"):
-        request_screenshot(pid, tmp_path / "r", tmp_path / "o.png", timeout=1)
+        request_screenshot(server, tmp_path / "r", tmp_path / "o.png", timeout=1)
+
+
+def test_screenshot_request_never_signals_an_unproven_process(tmp_path: Path) -> None:
+    # this very process, but recorded with another start time (a reused pid): never signalled
+    me = ProcessRef.current()
+    received: list[int] = []
+    previous = signal.signal(SCREENSHOT_SIGNAL, lambda signum, frame: received.append(signum))
+    try:
+        for server in (None, replace(me, started=me.started - 100), replace(me, program="x"),
+                       replace(me, pid=-1), replace(me, pid=1)):
+            with pytest.raises(DeviceServerError, match="not running"):
+                request_screenshot(server, tmp_path / "r", tmp_path / "o.png", timeout=1)
+            assert not (tmp_path / "r").exists()
+        assert received == []
+    finally:
+        signal.signal(SCREENSHOT_SIGNAL, previous)
 
 
 def test_last_visible_picture_survives_blanking_and_reset(fn: DisplayFunction) -> None:

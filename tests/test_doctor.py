@@ -24,6 +24,7 @@ from egpu.host.facts import (
 from egpu.host.ioreg import parse_ioreg
 from egpu.host.sysext import parse_systemextensions
 from egpu.host.sysfs import read_sysfs
+from egpu.process import ProcessRef
 from egpu.vm import store
 from mac_app import make_app
 from test_host_sysfs import T
@@ -362,7 +363,9 @@ def test_gpu_bound_after_the_vm_started_says_restart(egpu_home: Path) -> None:
     with subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"],
                           stdin=subprocess.PIPE) as qemu:
         try:
-            vm.write_pid(store.QEMU_PID, qemu.pid)
+            ref = ProcessRef.of_popen(qemu)
+            assert ref is not None
+            vm.write_process(store.QEMU_PID, ref)
             p = egpu("devices", "--ioreg", dump)
             assert p.returncode == 0, p.stderr
             assert ("pcic2-bridge/01:00.0 was bound to the driver extension after VM 'mac' "

@@ -103,12 +103,13 @@ def test_supervisor_holds_the_assertion_while_qemu_runs(tmp_path: Path) -> None:
     assert proc.returncode == 0, proc.stderr
     exit_record = vm.read_json(store.EXIT_RECORD)
     assert exit_record is not None and exit_record["returncode"] == 0  # QEMU saw the assertion
-    qemu_pid = vm.read_pid(store.QEMU_PID)
+    qemu, assertion = vm.read_process(store.QEMU_PID), vm.read_process(store.POWER_ASSERTION_PID)
+    assert qemu is not None and assertion is not None
+    qemu_pid = qemu.pid
     watched, assertion_pid = (int(x) for x in marker.read_text().split())
     assert watched == qemu_pid
-    assert vm.read_pid(store.POWER_ASSERTION_PID) == assertion_pid
-    ref = vm.read_process(store.POWER_ASSERTION_PID)
-    assert ref is not None and not ref.alive()  # released once QEMU ended
+    assert assertion.pid == assertion_pid
+    assert not assertion.alive()  # released once QEMU ended
 
 
 def test_supervisor_without_a_guard_starts_no_assertion(tmp_path: Path) -> None:

@@ -25,6 +25,7 @@ from egpu.images.qcow2 import read_backing_file
 from egpu.images.reference import Digest
 from egpu.images.store import ImageStore, overlay_bases
 from egpu.paths import dirs
+from egpu.process import ProcessRef
 from egpu.vm import store as vm_store
 from registry_server import (
     Registry,
@@ -338,12 +339,14 @@ def test_reset_refuses_a_live_vm(
     home: Path, tool: tuple[list[str], dict[str, str]], bases: list[Path]
 ) -> None:
     vm = make_vm("busy", bases[0], tool)
-    # A process that looks like this VM's QEMU (its command line names the QMP socket).
+    # A process recorded as this VM's QEMU, with the identity egpu records for one it started.
     fake_qemu = subprocess.Popen(
         [sys.executable, "-c", "import time; time.sleep(120)", str(vm.qmp_socket)]
     )
     try:
-        vm.file(vm_store.QEMU_PID).write_text(str(fake_qemu.pid))
+        ref = ProcessRef.of_popen(fake_qemu)
+        assert ref is not None
+        vm.write_process(vm_store.QEMU_PID, ref)
         proc = egpu("reset", "busy", "--yes")
         assert proc.returncode == 1
         assert proc.stderr.startswith("error: VM 'busy' is starting")

@@ -30,6 +30,7 @@ from egpu.devices.display import request_screenshot
 from egpu.engine.qemu import find_engine
 from egpu.guest import protocol
 from egpu.guest.assets import ensure_guest
+from egpu.process import ProcessRef
 
 pytestmark = pytest.mark.qemu
 
@@ -154,10 +155,10 @@ def test_both_functions_bind_and_work_aarch64(card: Card) -> None:
     assert_nvme_data_in_backing(card, checks["nvme"][1], 16)
     # The guest blanked its display as it powered off: now it shows nothing...
     shot = card.dir / "shot.png"
-    request_screenshot(card.display.pid, card.screenshot_request, shot, timeout=20)
+    request_screenshot(ProcessRef.of_popen(card.display), card.screenshot_request, shot, timeout=20)
     assert lit_pixels(shot) == 0
     # ...but the display server outlives its client and kept the last picture: the console.
-    request_screenshot(card.display.pid, card.screenshot_request, shot, timeout=20,
+    request_screenshot(ProcessRef.of_popen(card.display), card.screenshot_request, shot, timeout=20,
                        last_visible=True)
     with Image.open(shot) as image:
         assert image.size == (1024, 768)
@@ -260,7 +261,8 @@ def test_data_and_display_survive_a_guest_reboot_aarch64(card: Card) -> None:
         shot = card.dir / "running.png"
         deadline = time.monotonic() + 30
         while True:  # the guest copies its shadow buffer to VRAM from a worker, a bit later
-            request_screenshot(card.display.pid, card.screenshot_request, shot, timeout=20)
+            request_screenshot(ProcessRef.of_popen(card.display), card.screenshot_request, shot,
+                               timeout=20)
             if lit_pixels(shot) > 500 or time.monotonic() > deadline:
                 break
             time.sleep(0.2)

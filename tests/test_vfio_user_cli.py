@@ -139,6 +139,7 @@ def test_public_socket_dir_is_refused(egpu_home: Path) -> None:
 
 def test_serve_display_answers_screenshot_requests(egpu_home: Path) -> None:
     from egpu.devices.display import request_screenshot
+    from egpu.process import ProcessRef
 
     base = Path(tempfile.mkdtemp(prefix="vu", dir="/tmp"))
     sock_path = base / "fn0.sock"
@@ -156,7 +157,7 @@ def test_serve_display_answers_screenshot_requests(egpu_home: Path) -> None:
         client = VfioUserClient(s)
         client.negotiate()
         assert client.region_read(7, 0, 4) == struct.pack("<HH", 0x1234, 0x1111)  # bochs IDs
-        request_screenshot(proc.pid, request, base / "out.png", timeout=30)
+        request_screenshot(ProcessRef.of_popen(proc), request, base / "out.png", timeout=30)
         assert (base / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         s.close()
         proc.send_signal(signal.SIGTERM)

@@ -7,6 +7,7 @@
      ├─ EngineError                 no usable QEMU, or provisioning it failed
      ├─ GuestError                  built-in guest assets could not be assembled, or a check failed
      ├─ VMError                     starting, watching or stopping a VM failed
+ │   └─ GuestCrashedError        QEMU runs but its guest stopped for good (internal-error, panic)
      ├─ HostError                   device discovery failed (malformed dump, unreadable sysfs)
      ├─ ImageError                  OCI pull / cache failure (bad reference, digest mismatch, ...)
      └─ DeviceServerError           vfio-user server or device model failure
@@ -57,6 +58,10 @@ class GuestError(EgpuError):
 
 class VMError(EgpuError):
     """Starting, watching or stopping a VM failed."""
+
+
+class GuestCrashedError(VMError):
+    """QEMU came up but its guest stopped for good (internal-error, guest-panicked)."""
 
 
 class HostError(EgpuError):

@@ -23,7 +23,6 @@ from egpu.vm import store as vm_store
 from egpu.vm.status import inspect
 
 SHORT_DIGEST = 19  # "sha256:" + 12 hex digits
-LIVE_STATES = ("running", "starting")
 
 
 def _size(n: int) -> str:
@@ -130,9 +129,10 @@ def prune_command(as_json: bool) -> None:
 def reset_command(name: str, yes: bool) -> None:
     """Delete a VM's overlay and EFI vars: its next run starts from the pristine image."""
     vm = vm_store.VmDir(name).require()
-    state = inspect(vm).state
-    if state in LIVE_STATES:
-        raise ConflictError(f"VM {name!r} is {state}", hint=f"stop it first: egpu stop {name}")
+    status = inspect(vm)
+    if status.active:
+        raise ConflictError(f"VM {name!r} is {status.state}",
+                            hint=f"stop it first: egpu stop {name}")
     targets = [vm.file(f) for f in (vm_store.OVERLAY, vm_store.EFI_VARS) if vm.file(f).exists()]
     if not targets:
         output.notice(f"VM {name!r} has no overlay or EFI vars to reset")

@@ -1,4 +1,4 @@
-"""VM lifecycle commands: run, console, status, list, logs, stop."""
+"""VM lifecycle commands: run, console, status, list, logs, stop, screenshot, ssh, rm."""
 
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ from egpu.guest import protocol as guest_protocol
 from egpu.guest.assets import GuestAssets, ensure_guest, planned_guest
 from egpu.images.pull import DEFAULT_IMAGE
 from egpu.vm import console, lifecycle, store
-from egpu.vm.status import VmStatus, inspect
+from egpu.vm.status import BROKEN, VmStatus, inspect, inspect_all
 
 DEFAULT_NAME = "default"
 SELFTEST_NAME = "selftest"
@@ -57,7 +57,16 @@ def _status_of(name: str) -> VmStatus:
 
 def _status_row(s: VmStatus) -> list[object]:
     ready = "yes" if s.guest_ready else "no"
-    return [s.name, s.state, s.pid, ready, s.arch, s.cpus, f"{s.memory_mib}M", s.engine]
+    memory = f"{s.memory_mib}M" if s.memory_mib is not None else None
+    return [s.name, s.state, s.pid, ready, s.arch, s.cpus, memory, s.engine]
+
+
+def _broken_notices(statuses: list[VmStatus]) -> None:
+    """Say what is wrong with each broken VM (the table has no room for it)."""
+    for s in statuses:
+        if s.state == BROKEN:
+            output.notice(f"VM {s.name!r} is broken: {'; '.join(s.problems)} "
+                          f"(remove it: egpu rm {s.name})")
 
 
 STATUS_COLUMNS = ("NAME", "STATE", "PID", "READY", "ARCH", "CPUS", "MEMORY", "ENGINE")
@@ -155,17 +164,19 @@ def run(
         ssh_port=ssh_port, accel=accel, selftest=selftest, extra=extra, gpu=gpu,
         nvme_size=nvme_size, bind=bind, image=image, base=base,
     )
-    plan = lifecycle.plan_run(request, info, guest, check_host=not dry_run)
-    if not as_json:
-        for notice in (*info.notices, *gpu.notices, *plan.notices):
-            output.notice(notice)
     if dry_run:
+        plan = lifecycle.plan_run(request, info, guest, check_host=False)
+        _print_notices((*info.notices, *gpu.notices, *plan.notices), as_json)
         if as_json:
             output.emit_json({"argv": plan.argv, "gpu": gpu.to_json()})
         else:
             output.out.print(shlex.join(plan.argv), markup=False)
         return
-    status = lifecycle.start(plan, info, progress)
+    # one name, one VM: held from planning (ports, disks) until QEMU runs
+    with store.VmDir(vm_name).lock():
+        plan = lifecycle.plan_run(request, info, guest)
+        _print_notices((*info.notices, *gpu.notices, *plan.notices), as_json)
+        status = lifecycle.start(plan, info, progress)
     if selftest:
         _finish_selftest(vm_name, as_json)
     elif detach:
@@ -173,6 +184,12 @@ def run(
                       f"console: egpu console {vm_name}; stop: egpu stop {vm_name}")
     else:
         _attach(vm_name)
+
+
+def _print_notices(notices: tuple[str, ...], as_json: bool) -> None:
+    if not as_json:
+        for notice in notices:
+            output.notice(notice)
 
 
 def _finish_selftest(name: str, as_json: bool) -> None:
@@ -321,7 +338,7 @@ def console_command(name: str) -> None:
               help="Mac: compare with a saved `ioreg -a -l` dump instead of this registry")
 def status(name: str | None, as_json: bool, ioreg: Path | None) -> None:
     """Show the state of one VM, or of all."""
-    statuses = [_status_of(name)] if name else [_status_of(n) for n in store.list_names()]
+    statuses = [_status_of(name)] if name else inspect_all(store.list_names())
     late = hotplug_for(statuses, ioreg)
     if as_json:
         docs = [{**s.to_json(), "hotplug": late.get(s.name, [])} for s in statuses]
@@ -337,6 +354,7 @@ def status(name: str | None, as_json: bool, ioreg: Path | None) -> None:
                 output.out.print(f"{key:12} {value}", markup=False)
         return
     output.table(STATUS_COLUMNS, [_status_row(s) for s in statuses])
+    _broken_notices(statuses)
 
 
 @click.command(name="list")
@@ -344,7 +362,7 @@ def status(name: str | None, as_json: bool, ioreg: Path | None) -> None:
 @click.option("--quiet", "-q", is_flag=True, help="names only")
 def list_vms(as_json: bool, quiet: bool) -> None:
     """List VMs."""
-    statuses = [_status_of(n) for n in store.list_names()]
+    statuses = inspect_all(store.list_names())
     if as_json:
         output.emit_json([s.to_json() for s in statuses])
     elif quiet:
@@ -352,6 +370,7 @@ def list_vms(as_json: bool, quiet: bool) -> None:
             output.out.print(s.name, markup=False)
     else:
         output.table(STATUS_COLUMNS, [_status_row(s) for s in statuses])
+        _broken_notices(statuses)
 
 
 @click.command()
@@ -384,6 +403,7 @@ def stop(name: str, timeout: float, force: bool) -> None:
         raise UsageError(f"--timeout {timeout} must be a finite, positive number of seconds")
     before = _status_of(name)
     if not before.active:
+        lifecycle.stop(name)  # ends what a crashed run left behind (verified processes only)
         output.notice(f"VM {name!r} is already {before.state}")
         return
     after = lifecycle.stop(name, timeout=timeout, force=force)
@@ -401,13 +421,14 @@ def screenshot(name: str, out: Path) -> None:
         raise UsageError(f"-o {out} is not a regular file; screenshots replace only those")
     vm = store.VmDir(name).require()
     status = inspect(vm)
-    display = next((s for s in status.servers if s.get("name") == "display"), None)
-    request = screenshot_request_of(display.get("options")) if display else None
+    display = next((s for s in status.servers if s.name == "display"), None)
+    request = screenshot_request_of(display.options) if display else None
     if display is None or request is None:
         raise UsageError(f"VM {name!r} has no virtual display (run it with --passthrough virtual)")
     if status.state != "running":
         raise VMError(f"VM {name!r} is {status.state}; screenshots need it running")
-    request_screenshot(int(display["pid"]), request, out)
+    # only the display server this VM's supervisor started, verified, is ever signalled
+    request_screenshot(display.process, request, out)
     output.notice(f"wrote {out}")
 
 
@@ -430,8 +451,17 @@ def ssh(name: str, user: str, command: tuple[str, ...]) -> None:
     os.execvp(argv[0], argv)
 
 
+@click.command(name="rm")
+@click.argument("name")
+@click.option("--force", "-f", is_flag=True, help="stop a live VM first")
+def rm(name: str, force: bool) -> None:
+    """Delete a VM: its directory, disks and logs (a live one only with --force)."""
+    lifecycle.remove(name, force=force)
+    output.notice(f"removed VM {name!r}")
+
+
 def register(group: click.Group) -> None:
     """Add this module's commands to the root group."""
-    for command in (run, console_command, status, list_vms, logs, stop, screenshot, ssh):
+    for command in (run, console_command, status, list_vms, logs, stop, screenshot, ssh, rm):
         group.add_command(command)
 

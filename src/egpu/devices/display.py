@@ -51,6 +51,7 @@ from egpu.devices.options import DeviceOption, OptionType
 from egpu.dma import GuestMemory
 from egpu.errors import DeviceServerError, UsageError
 from egpu.pci import BarKind, ConfigSpace
+from egpu.process import ProcessRef, signal_process
 
 log = logging.getLogger(__name__)
 
@@ -552,9 +553,9 @@ def serve_screenshots(function: DisplayFunction, request: Path) -> None:
         log.warning("display: screenshots unavailable (server not in the main thread)")
 
 
-def request_screenshot(server_pid: int, request: Path, output: Path, timeout: float = 10.0,
-                       *, last_visible: bool = False) -> None:
-    """Ask the display server ``server_pid`` to write a PNG to ``output``; waits for it.
+def request_screenshot(server: ProcessRef | None, request: Path, output: Path,
+                       timeout: float = 10.0, *, last_visible: bool = False) -> None:
+    """Ask the display server ``server`` (verified first) to write a PNG to ``output``; waits.
 
     ``last_visible``: when the guest display is off or blanked now (a guest that powered off),
     get the last picture it showed instead of black.
@@ -577,12 +578,10 @@ def request_screenshot(server_pid: int, request: Path, output: Path, timeout: fl
         flag = LAST_VISIBLE.encode() if last_visible else b""
         tmp.write_bytes(name + REQUEST_LINE_END + flag + REQUEST_LINE_END)
         os.replace(tmp, request)
-        try:
-            os.kill(server_pid, SCREENSHOT_SIGNAL)
-        except ProcessLookupError:
+        if not signal_process(server, SCREENSHOT_SIGNAL):
             request.unlink()
-            raise DeviceServerError(f"the display server (pid {server_pid}) is not running"
-                                    ) from None
+            pid = f" (pid {server.pid})" if server else ""
+            raise DeviceServerError(f"the display server{pid} is not running")
         deadline = time.monotonic() + timeout
         while not done.exists():
             if time.monotonic() > deadline:

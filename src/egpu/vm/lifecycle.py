@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import re
+import shutil
 import signal
 import socket
 import subprocess
@@ -19,15 +20,24 @@ from egpu.engine import virtual
 from egpu.engine.argv import Disk, Firmware, VmSpec, build_argv, check_cpus, parse_disk_option
 from egpu.engine.passthrough import RunPassthrough
 from egpu.engine.qemu import EngineInfo, check_arch, host_is_virtual
-from egpu.errors import ConflictError, EngineError, HostError, ImageError, UsageError, VMError
+from egpu.errors import (
+    ConflictError,
+    EngineError,
+    GuestCrashedError,
+    HostError,
+    ImageError,
+    UsageError,
+    VMError,
+)
 from egpu.guest import protocol as guest_protocol
 from egpu.guest.assets import GuestAssets
 from egpu.host import vfio_bind
 from egpu.images.disk import BootDisk, plan_boot_disk, prepare_boot_disk
 from egpu.images.firmware import ensure_vars, find_firmware
+from egpu.process import ProcessRef, signal_process, wait_gone
 from egpu.progress import Progress
 from egpu.vm import qmp, store
-from egpu.vm.status import VmStatus, inspect, last_line, process_alive
+from egpu.vm.status import BROKEN, VmStatus, inspect, last_line, process_alive
 
 START_TIMEOUT_S = 30.0
 STOP_SIGTERM_WAIT_S = 5.0
@@ -231,14 +241,16 @@ def plan_run(
     return RunPlan(vm=vm, spec=spec, config=config, argv=argv, boot=boot, notices=notices)
 
 
-def _server_entry(server: virtual.DeviceServer) -> dict[str, object]:
+def _server_entry(server: virtual.DeviceServer) -> store.ServerLaunch:
     """How the supervisor starts one device server (a process of its own: a crash there is
     reported, never taken down with QEMU)."""
     argv = [sys.executable, "-m", "egpu", "vfio-user", "serve",
             "--socket", str(server.socket), "--function", server.name]
     for option in server.options:
         argv += ["-o", option]
-    return {**server.to_json(), "argv": argv}
+    return store.ServerLaunch(name=server.name, function=server.function,
+                              socket=str(server.socket), log=str(server.log),
+                              options=server.options, argv=tuple(argv))
 
 
 def _firmware(info: EngineInfo, vm: store.VmDir, arch: str, check_host: bool) -> Firmware:
@@ -253,22 +265,30 @@ def _firmware(info: EngineInfo, vm: store.VmDir, arch: str, check_host: bool) ->
 
 
 def start(plan: RunPlan, info: EngineInfo, progress: Progress | None = None) -> VmStatus:
-    """Start a planned VM detached and return once QEMU's monitor is up.
+    """Start a planned VM detached; return once QEMU answers QMP and its guest runs.
 
-    A VM of that name that is running is refused; a stopped or crashed one is cleaned up and
-    started again. If the start fails, what this call created is removed.
+    The caller holds the VM's lock (``store.VmDir.lock``) from planning through this call. A VM
+    of that name that is running is refused; a stopped or crashed one is cleaned up and started
+    again. If the start fails, what this call created is removed, and nothing else.
     """
     vm = plan.vm
-    created = not vm.exists()
-    previous_image = vm.read_config().image if not created else None
-    if not created:
+    dir_existed = vm.exists()
+    previous_image = None
+    if dir_existed:
         current = inspect(vm)
+        if current.state == BROKEN and vm.file(store.CONFIG).exists():
+            raise ConflictError(f"VM {vm.name!r} is broken: {'; '.join(current.problems)}",
+                                hint=f"remove it: egpu rm {vm.name}")
         if current.active:
             raise ConflictError(f"VM {vm.name!r} is already {current.state}",
                                 hint=f"stop it first: egpu stop {vm.name}")
+        _kill_run(vm)  # what a crashed run left behind (a stuck QEMU, orphaned servers)
+        previous_image = vm.read_config().image if current.state != BROKEN else None
         vm.clear_runtime()
+    before = set(os.listdir(vm.path)) if dir_existed else set()
     try:
         vm.create()
+        vm.write_config(plan.config)
         if plan.config.servers:
             vm.servers_dir.mkdir(mode=0o700, exist_ok=True)
         if plan.spec.firmware is not None and not plan.spec.firmware.vars.exists():
@@ -277,34 +297,45 @@ def start(plan: RunPlan, info: EngineInfo, progress: Progress | None = None) -> 
         if plan.boot is not None:
             prepare_boot_disk(plan.boot, info.engine.qemu_img(), info.engine.env(),
                               progress=progress, previous_source=previous_image)
-        vm.write_config(plan.config)
         if plan.config.bind_functions:
             vfio_bind.ensure_vfio_pci()
             record = vfio_bind.bind_to_vfio(plan.config.bind_functions)
             store.write_json(vm.file(store.VFIO_BIND), record.to_json())
-        vm.serial_log.write_bytes(b"")
-        vm.file(store.QEMU_LOG).write_bytes(b"")
+        for log in (vm.serial_log, vm.file(store.QEMU_LOG), vm.file(store.SUPERVISOR_LOG)):
+            log.write_bytes(b"")  # this run's own, so a failure is never read from an old one
         _spawn_supervisor(vm)
         return wait_started(vm)
+    except GuestCrashedError:
+        raise  # QEMU ran: the VM exists and reads as crashed, with its run state
     except BaseException:
         _kill_run(vm)
         restore_bindings(vm)
-        if created:
+        if dir_existed:
+            _remove_new_entries(vm, before)
+        else:
             vm.remove()
         raise
 
 
+def _remove_new_entries(vm: store.VmDir, before: set[str]) -> None:
+    """Remove what a failed start added to a directory that existed before it; keep the rest."""
+    with contextlib.suppress(FileNotFoundError):
+        for entry in os.scandir(vm.path):
+            if entry.name in before:
+                continue
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path, ignore_errors=True)
+            else:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(entry.path)
+
+
 def stop_orphaned_servers(vm: store.VmDir) -> None:
     """End device servers a dead supervisor left behind (normally it stops them itself)."""
-    for server in vm.read_json_list(store.SERVERS_RECORD):
-        pid, started = server.get("pid"), server.get("started")
-        if not isinstance(pid, int) or not isinstance(started, float):
-            continue
-        ref = store.ProcessRef(pid, started)
-        if ref.alive():
-            _signal(ref, signal.SIGTERM)
-            if not _wait_gone(ref, STOP_SIGTERM_WAIT_S):
-                _signal(ref, signal.SIGKILL)
+    for server in vm.read_servers():
+        if _signal(server.process, signal.SIGTERM) and not _wait_gone(
+                server.process, STOP_SIGTERM_WAIT_S):
+            _signal(server.process, signal.SIGKILL)
 
 
 def restore_bindings(vm: store.VmDir) -> list[str]:
@@ -329,52 +360,77 @@ def _spawn_supervisor(vm: store.VmDir) -> None:
             start_new_session=True,  # outlives the CLI, and Ctrl-C in the CLI does not reach it
             close_fds=True,
         )
-    # recorded here too, so a status taken before the supervisor runs reads "starting"
-    vm.write_pid(store.SUPERVISOR_PID, proc.pid)
+    ref = ProcessRef.of_popen(proc)
+    if ref is not None:  # None: it is already gone, and wait_started reads why from its log
+        vm.write_process(store.SUPERVISOR_PID, ref)
 
 
 def wait_started(vm: store.VmDir, timeout: float = START_TIMEOUT_S) -> VmStatus:
-    """Wait until QEMU's monitor answers; VMError with QEMU's own words if it died first."""
+    """Wait until QEMU answers QMP with its guest running; VMError with the cause otherwise."""
     deadline = time.monotonic() + timeout
+    status = None
     while time.monotonic() < deadline:
         status = inspect(vm)
-        if status.state == "running":
+        if status.state == "running" and status.run_state == qmp.RUNNING_RUN_STATE:
             return status
+        if status.state == "crashed" and status.run_state in qmp.CRASH_RUN_STATES:
+            raise GuestCrashedError(f"VM {vm.name!r} crashed: {'; '.join(status.problems)}")
         if status.ended:
             raise VMError(f"VM {vm.name!r} failed to start: {_failure_text(vm, status)}")
         time.sleep(POLL_S)
+    if status is not None and status.run_state is not None:
+        raise VMError(f"VM {vm.name!r}: QEMU is up but its guest is {status.run_state}, "
+                      f"not running, after {timeout:.0f}s")
     raise VMError(f"VM {vm.name!r}: QEMU did not come up within {timeout:.0f}s")
 
 
 def _failure_text(vm: store.VmDir, status: VmStatus) -> str:
-    return (last_line(vm.file(store.QEMU_LOG)) or last_line(vm.file(store.SUPERVISOR_LOG))
-            or "; ".join(status.problems) or "unknown error")
+    """What failed, in the words of whoever said so; never an unnamed error."""
+    record = status.exit or {}
+    for why in (record.get("error"), record.get("server_failure"),
+                last_line(vm.file(store.QEMU_LOG)), last_line(vm.file(store.SUPERVISOR_LOG))):
+        if why:
+            return str(why)
+    if status.problems:
+        return "; ".join(status.problems)
+    return f"the supervisor ended without a record (see {vm.file(store.SUPERVISOR_LOG)})"
 
 
-def _signal(ref: store.ProcessRef | None, sig: int) -> None:
-    """Signal a recorded process if it is still that process."""
-    if ref is None or not ref.alive():
-        return
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(ref.pid, sig)
+def _signal(ref: ProcessRef | None, sig: int) -> bool:
+    """Signal a recorded process only if it is verifiably still that process."""
+    return signal_process(ref, sig)
 
 
-def _wait_gone(ref: store.ProcessRef | None, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while process_alive(ref):
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(POLL_S)
-    return True
+def _wait_gone(ref: ProcessRef | None, timeout: float) -> bool:
+    return wait_gone(ref, timeout, POLL_S)
 
 
 def _kill_run(vm: store.VmDir) -> None:
-    """Best-effort teardown of a half-started run."""
+    """Best-effort teardown of a half-started or crashed run (verified processes only)."""
     stop_orphaned_servers(vm)
-    _signal(vm.read_process(store.QEMU_PID), signal.SIGKILL)
+    qemu = vm.read_process(store.QEMU_PID)
+    if _signal(qemu, signal.SIGKILL):
+        _wait_gone(qemu, STOP_SIGTERM_WAIT_S)
     sup = vm.read_process(store.SUPERVISOR_PID)
-    _signal(sup, signal.SIGTERM)
-    _wait_gone(sup, SUPERVISOR_EXIT_WAIT_S)
+    if _signal(sup, signal.SIGTERM):
+        _wait_gone(sup, SUPERVISOR_EXIT_WAIT_S)
+
+
+def remove(name: str, *, force: bool = False) -> None:
+    """Delete a VM's directory (``egpu rm``); a live VM is refused unless ``force`` stops it."""
+    vm = store.VmDir(name).require()
+    with vm.lock():
+        status = inspect(vm)
+        live = status.active or any(process_alive(vm.read_process(p))
+                                    for p in (store.QEMU_PID, store.SUPERVISOR_PID))
+        if live and not force:
+            raise ConflictError(f"VM {name!r} is {status.state if status.active else 'live'}",
+                                hint=f"stop it first (egpu stop {name}) or egpu rm --force {name}")
+        if status.active:
+            stop(name, force=True)
+        _kill_run(vm)
+        restore_bindings(vm)
+        vm.remove()
 
 
 def stop(name: str, *, timeout: float = DEFAULT_STOP_TIMEOUT_S, force: bool = False) -> VmStatus:
@@ -382,6 +438,7 @@ def stop(name: str, *, timeout: float = DEFAULT_STOP_TIMEOUT_S, force: bool = Fa
     vm = store.VmDir(name).require()
     status = inspect(vm)
     if not status.active:
+        _kill_run(vm)  # a crashed run's leftovers, if any still verifiably run
         return status
     vm.file(store.STOP_REQUEST).write_text(f"{time.time()}\n")
     qemu = vm.read_process(store.QEMU_PID)

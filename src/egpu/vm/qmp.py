@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import re
 import threading
 from pathlib import Path
 from typing import Any
@@ -60,3 +61,31 @@ def query_status(socket: Path, timeout: float = DEFAULT_TIMEOUT_S) -> str | None
         return None
     status = result.get("status") if isinstance(result, dict) else None
     return status if isinstance(status, str) else None
+
+
+# Run states in which QEMU keeps running but the guest never will again.
+CRASH_RUN_STATES = ("internal-error", "guest-panicked")
+RUNNING_RUN_STATE = "running"
+# `info registers`: x86 prints RIP= (EIP= in 32-bit mode), Arm prints PC=.
+_PC_RE = re.compile(r"\b(?:RIP|EIP|PC)=([0-9a-fA-F]+)")
+
+
+def program_counter(registers: str) -> str | None:
+    """The first vCPU's program counter in ``info registers`` output, as hex."""
+    match = _PC_RE.search(registers)
+    return match.group(1) if match else None
+
+
+def query_pc(socket: Path, timeout: float = DEFAULT_TIMEOUT_S) -> str | None:
+    """The first vCPU's program counter, or None when QMP does not answer."""
+    try:
+        text = execute(socket, "human-monitor-command", {"command-line": "info registers"},
+                       timeout=timeout)
+    except VMError:
+        return None
+    return program_counter(text) if isinstance(text, str) else None
+
+
+def crash_problem(run_state: str, pc: str | None) -> str:
+    """How a guest QEMU stopped in a crash state is reported."""
+    return f"guest stopped in {run_state}" + (f" (PC={pc})" if pc else "")

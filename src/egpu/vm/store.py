@@ -6,18 +6,21 @@ new CLI can inspect or stop a VM another one started (Lima's store does the same
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 import shutil
+import tempfile
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import psutil
-
-from egpu.errors import NotFoundError, UsageError, VMError
+from egpu.errors import ConflictError, NotFoundError, UsageError, VMError
 from egpu.paths import dirs
+from egpu.process import ProcessRef
 
 # File names inside a VM directory.
 CONFIG = "config.json"  # VmConfig: what was asked for and the exact argv
@@ -48,7 +51,9 @@ RUNTIME_FILES = (
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # whole string: fullmatch
 # sun_path is 108 bytes on Linux (104 on macOS); keep every socket path under the smaller.
 MAX_SOCKET_PATH = 103
-START_SLACK_S = 0.05  # psutil start times are rounded to clock ticks
+PID_FILE_FIELDS = 3  # PID START PROGRAM
+LOCK_SUFFIX = ".lock"
+LOCK_ATTEMPTS = 8  # a lock file removed by its holder as another opens it: open it again
 
 
 def check_name(name: str) -> str:
@@ -59,6 +64,91 @@ def check_name(name: str) -> str:
             "starting with a letter or digit"
         )
     return name
+
+
+def _get(data: dict[str, Any], key: str, kind: type | tuple[type, ...], *,
+         optional: bool = False) -> Any:
+    """One field of a JSON record, type-checked (bool is never taken for int)."""
+    value = data.get(key)
+    if value is None and optional:
+        return None
+    kinds = kind if isinstance(kind, tuple) else (kind,)
+    if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+        names = "/".join(k.__name__ for k in kinds)
+        raise ValueError(f"{key}: expected {names}, got {type(value).__name__}")
+    return value
+
+
+def _str_list(data: dict[str, Any], key: str) -> list[str]:
+    value = _get(data, key, list, optional=True) or []
+    if not all(isinstance(v, str) for v in value):
+        raise ValueError(f"{key}: expected a list of strings")
+    return list(value)
+
+
+@dataclass(frozen=True)
+class ServerLaunch:
+    """What the vm layer tells one device server: its function, socket, log, options, command."""
+
+    name: str
+    function: int
+    socket: str
+    log: str
+    options: tuple[str, ...]
+    argv: tuple[str, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "function": self.function, "socket": self.socket,
+                "log": self.log, "options": list(self.options), "argv": list(self.argv)}
+
+    @classmethod
+    def from_json(cls, data: object) -> ServerLaunch:
+        if not isinstance(data, dict):
+            raise ValueError("a device server entry is not an object")
+        argv = _str_list(data, "argv")
+        if not argv:
+            raise ValueError("argv: empty")
+        return cls(name=_get(data, "name", str), function=_get(data, "function", int),
+                   socket=_get(data, "socket", str), log=_get(data, "log", str),
+                   options=tuple(_str_list(data, "options")), argv=tuple(argv))
+
+
+@dataclass(frozen=True)
+class ServerRecord:
+    """What a running (or ended) device server is: its launch, verified identity, exit status."""
+
+    name: str
+    function: int
+    socket: str
+    log: str
+    options: tuple[str, ...]
+    process: ProcessRef | None  # None: no identity recorded, so never signalled
+    returncode: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process else None
+
+    def alive(self) -> bool:
+        """The very process egpu started still runs."""
+        return self.process is not None and self.process.alive()
+
+    def to_json(self) -> dict[str, Any]:
+        identity = self.process.to_json() if self.process else {
+            "pid": None, "started": None, "program": None}
+        return {"name": self.name, "function": self.function, "socket": self.socket,
+                "log": self.log, "options": list(self.options), **identity,
+                "returncode": self.returncode}
+
+    @classmethod
+    def from_json(cls, data: object) -> ServerRecord:
+        if not isinstance(data, dict):
+            raise ValueError("a device server record is not an object")
+        return cls(name=_get(data, "name", str), function=_get(data, "function", int),
+                   socket=_get(data, "socket", str), log=_get(data, "log", str),
+                   options=tuple(_str_list(data, "options")),
+                   process=ProcessRef.from_json(data),
+                   returncode=_get(data, "returncode", int, optional=True))
 
 
 @dataclass
@@ -77,18 +167,42 @@ class VmConfig:
     ssh_port: int | None = None
     selftest: bool = False
     image: str | None = None
-    servers: list[dict[str, Any]] = field(default_factory=list)  # device servers to start
+    servers: list[ServerLaunch] = field(default_factory=list)  # device servers to start
     bind_functions: list[str] = field(default_factory=list)  # --bind: move these to vfio-pci
     host_guard: dict[str, Any] | None = None  # engine.safety.HostGuard: kept while QEMU runs
     gpu_bound_at_start: list[str] | None = None  # apple: functions claimed when it started
 
     def to_json(self) -> dict[str, Any]:
-        return asdict(self)
+        data = asdict(self)
+        data["servers"] = [s.to_json() for s in self.servers]
+        return data
 
     @classmethod
-    def from_json(cls, data: dict[str, Any]) -> VmConfig:
-        known = {f for f in cls.__dataclass_fields__}
-        return cls(**{k: v for k, v in data.items() if k in known})
+    def from_json(cls, data: object) -> VmConfig:
+        """A config read back; ValueError names the first field that is missing or wrong."""
+        if not isinstance(data, dict):
+            raise ValueError(f"expected an object, got {type(data).__name__}")
+        env = _get(data, "env", dict, optional=True) or {}
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+            raise ValueError("env: expected strings")
+        argv = _str_list(data, "argv")
+        if not argv:
+            raise ValueError("argv: missing")
+        return cls(
+            name=_get(data, "name", str), arch=_get(data, "arch", str),
+            cpus=_get(data, "cpus", int), memory_mib=_get(data, "memory_mib", int),
+            accel=_get(data, "accel", str), engine=_get(data, "engine", str),
+            qemu_version=_get(data, "qemu_version", str), argv=argv, env=dict(env),
+            ssh_port=_get(data, "ssh_port", int, optional=True),
+            selftest=bool(_get(data, "selftest", bool, optional=True)),
+            image=_get(data, "image", str, optional=True),
+            servers=[ServerLaunch.from_json(s)
+                     for s in _get(data, "servers", list, optional=True) or []],
+            bind_functions=_str_list(data, "bind_functions"),
+            host_guard=_get(data, "host_guard", dict, optional=True),
+            gpu_bound_at_start=(_str_list(data, "gpu_bound_at_start")
+                                if data.get("gpu_bound_at_start") is not None else None),
+        )
 
 
 class VmDir:
@@ -117,8 +231,47 @@ class VmDir:
     def servers_dir(self) -> Path:
         return self.path / SERVERS_DIR
 
+    @property
+    def lock_path(self) -> Path:
+        """Beside the directory, not in it: a run locks the name before the directory exists."""
+        return self.path.with_name(f".{self.name}{LOCK_SUFFIX}")
+
     def exists(self) -> bool:
-        return (self.path / CONFIG).exists()
+        """Whether this VM has a directory (a usable one or a broken one)."""
+        return self.path.is_dir()
+
+    @contextlib.contextmanager
+    def lock(self) -> Iterator[None]:
+        """Hold this VM's name for one command (run, rm): a second one is refused at once.
+
+        The lock file is removed on release, so a failed start leaves nothing behind; a holder
+        checks after locking that its file is still the one at the path (not one just removed).
+        """
+        self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for _ in range(LOCK_ATTEMPTS):
+            fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise ConflictError(
+                    f"VM {self.name!r} is already starting (another egpu command holds it)",
+                    hint=f"see 'egpu status {self.name}'") from None
+            try:
+                current = os.stat(self.lock_path).st_ino
+            except FileNotFoundError:
+                current = None
+            if current == os.fstat(fd).st_ino:
+                break
+            os.close(fd)  # the previous holder removed this file as we opened it: again
+        else:
+            raise ConflictError(f"VM {self.name!r} is busy (its lock keeps changing hands)")
+        try:
+            yield
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                self.lock_path.unlink()
+            os.close(fd)  # closing the descriptor releases the lock
 
     def require(self) -> VmDir:
         """This VM, or NotFoundError when it never existed."""
@@ -141,37 +294,37 @@ class VmDir:
         os.chmod(self.path, 0o700)
 
     def read_config(self) -> VmConfig:
+        """The recorded config; NotFoundError without a directory, VMError for a broken one."""
         try:
             return VmConfig.from_json(json.loads(self.file(CONFIG).read_text()))
         except FileNotFoundError:
-            raise NotFoundError(f"no VM named {self.name!r}", hint="see 'egpu list'") from None
-        except (ValueError, TypeError) as e:
+            if not self.exists():
+                raise NotFoundError(f"no VM named {self.name!r}", hint="see 'egpu list'") from None
+            raise VMError(f"VM {self.name!r}: missing {CONFIG}") from None
+        except (OSError, ValueError) as e:
             raise VMError(f"VM {self.name!r}: unreadable {CONFIG}: {e}") from e
 
     def write_config(self, config: VmConfig) -> None:
         write_json(self.file(CONFIG), config.to_json())
 
-    def read_pid(self, which: str) -> int | None:
-        ref = self.read_process(which)
-        return ref.pid if ref else None
-
     def read_process(self, which: str) -> ProcessRef | None:
-        """The process a pid file names (``PID [START_TIME]``), or None."""
+        """The process a pid file names (``PID START PROGRAM``), or None without full identity."""
         try:
-            fields = self.file(which).read_text().split()
+            fields = self.file(which).read_text().split(maxsplit=2)
         except OSError:
             return None
-        if not fields or not fields[0].isdigit():
+        if len(fields) != PID_FILE_FIELDS or not fields[0].isdigit():
             return None
         try:
-            started = float(fields[1]) if len(fields) > 1 else None
+            started = float(fields[1])
         except ValueError:
-            started = None
-        return ProcessRef(int(fields[0]), started)
+            return None
+        return ProcessRef.from_json(
+            {"pid": int(fields[0]), "started": started, "program": fields[2].rstrip("\n")})
 
-    def write_pid(self, which: str, pid: int) -> None:
-        """Record a process by pid and start time, so a reused pid is never taken for it."""
-        self.file(which).write_text(f"{pid} {ProcessRef.of(pid).started}\n")
+    def write_process(self, which: str, ref: ProcessRef) -> None:
+        """Record a process by pid, start time and program: a reused pid is never taken for it."""
+        write_text(self.file(which), f"{ref.pid} {ref.started!r} {ref.program}\n")
 
     def read_json(self, name: str) -> dict[str, Any] | None:
         try:
@@ -180,12 +333,20 @@ class VmDir:
             return None
         return data if isinstance(data, dict) else None
 
-    def read_json_list(self, name: str) -> list[Any]:
+    def read_servers(self) -> list[ServerRecord]:
+        """The device servers this run recorded; entries that do not parse are left out."""
         try:
-            data = json.loads(self.file(name).read_text())
+            data = json.loads(self.file(SERVERS_RECORD).read_text())
         except (OSError, ValueError):
             return []
-        return data if isinstance(data, list) else []
+        records = []
+        for entry in data if isinstance(data, list) else []:
+            with contextlib.suppress(ValueError):
+                records.append(ServerRecord.from_json(entry))
+        return records
+
+    def write_servers(self, records: Iterable[ServerRecord]) -> None:
+        write_json(self.file(SERVERS_RECORD), [r.to_json() for r in records])
 
     def clear_runtime(self) -> None:
         """Forget the last run (pids, sockets, exit record); keeps config, logs and disks."""
@@ -194,49 +355,37 @@ class VmDir:
         shutil.rmtree(self.servers_dir, ignore_errors=True)
 
     def remove(self) -> None:
+        """Delete this VM's directory and nothing outside it (a symlinked one: only the link)."""
+        if self.path.is_symlink():
+            self.path.unlink()
+            return
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-@dataclass(frozen=True)
-class ProcessRef:
-    """A process identified by pid and start time (pids are reused; start times are not)."""
+def write_text(path: Path, text: str) -> None:
+    """Write a file atomically through a temp file of this writer's own, then rename.
 
-    pid: int
-    started: float | None = None
-
-    @classmethod
-    def of(cls, pid: int) -> ProcessRef:
-        try:
-            return cls(pid, psutil.Process(pid).create_time())
-        except psutil.Error:
-            return cls(pid, None)
-
-    def alive(self) -> bool:
-        """True while this very process runs (a zombie counts as gone).
-
-        Identity is by start time, not command line: right after a fork the child's
-        /proc/PID/cmdline can still be empty.
-        """
-        try:
-            proc = psutil.Process(self.pid)
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                return False
-            return self.started is None or abs(proc.create_time() - self.started) < START_SLACK_S
-        except psutil.Error:
-            return False
+    Readers never see half a file, and two writers of one file never share a temp file.
+    """
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temp file + rename), so readers never see half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
+    """Write JSON atomically (see write_text)."""
+    write_text(path, json.dumps(data, indent=2) + "\n")
 
 
 def list_names(root: Path | None = None) -> list[str]:
-    """Names of every VM that has a directory with a config."""
+    """Names of every VM directory, usable or broken (lock and temp files start with '.')."""
     base = root or dirs().vms
     if not base.is_dir():
         return []
-    return sorted(p.name for p in base.iterdir()
-                  if NAME_RE.fullmatch(p.name) and (p / CONFIG).exists())
+    return sorted(p.name for p in base.iterdir() if NAME_RE.fullmatch(p.name) and p.is_dir())

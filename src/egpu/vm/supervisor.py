@@ -25,6 +25,7 @@ from egpu.devices.display import request_screenshot
 from egpu.engine.safety import HostGuard, qos_preexec
 from egpu.engine.virtual import screenshot_request_of
 from egpu.errors import EgpuError
+from egpu.process import ProcessRef
 from egpu.vm import qmp, store
 from egpu.vm.lifecycle import restore_bindings
 from egpu.vm.status import last_line
@@ -33,6 +34,9 @@ POLL_S = 0.1
 SERVER_SOCKET_WAIT_S = 30.0  # a cold Python start on a loaded 2-core host
 SERVER_STOP_S = 3.0
 POWERDOWN_GRACE_S = 10.0
+RUN_STATE_POLL_S = 1.0  # how often QEMU's run state is checked for a crashed guest
+RUN_STATE_QMP_TIMEOUT_S = 2.0
+QUIT_GRACE_S = 5.0
 # QEMU catches SIGTERM, SIGINT and SIGHUP, exits 0 and says so on stderr (qemu_kill_report):
 # that line is the only trace of which signal ended it.
 QEMU_KILL_REPORT = re.compile(r": terminating on signal (\d+)")
@@ -54,8 +58,10 @@ class Supervisor:
         self.vm = vmdir
         self.config = vmdir.read_config()
         self.qemu: subprocess.Popen[bytes] | None = None
-        self.servers: list[tuple[dict[str, Any], subprocess.Popen[bytes]]] = []
+        self.servers: list[tuple[store.ServerLaunch, ProcessRef | None,
+                                 subprocess.Popen[bytes]]] = []
         self.server_failure: str | None = None
+        self.crash: tuple[str, str | None] | None = None  # run state and PC of a stuck guest
         self.terminating = False
         self.warnings: list[str] = []
         self.guard = HostGuard.from_json(self.config.host_guard)
@@ -63,40 +69,40 @@ class Supervisor:
 
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
         self.terminating = True
+        # our own unreaped child: its pid cannot have been reused
         if self.qemu is not None and self.qemu.poll() is None:
             self.qemu.send_signal(signal.SIGTERM)
 
     def _record_servers(self) -> None:
-        store.write_json(self.vm.file(store.SERVERS_RECORD), [
-            {"name": s["name"], "socket": s["socket"], "pid": p.pid,
-             "started": s.get("started"),
-             "returncode": p.poll(), "log": s.get("log"), "options": s.get("options", [])}
-            for s, p in self.servers
-        ])
+        self.vm.write_servers(
+            store.ServerRecord(name=launch.name, function=launch.function, socket=launch.socket,
+                               log=launch.log, options=launch.options, process=ref,
+                               returncode=proc.poll())
+            for launch, ref, proc in self.servers)
 
     def start_servers(self) -> None:
         env = {**os.environ, **self.config.env}
-        for spec in self.config.servers:
-            log = open(spec["log"], "ab") if spec.get("log") else subprocess.DEVNULL  # noqa: SIM115
-            proc = subprocess.Popen(spec["argv"], stdin=subprocess.DEVNULL, stdout=log,
-                                    stderr=subprocess.STDOUT, env=env)
-            self.servers.append(({**spec, "started": store.ProcessRef.of(proc.pid).started}, proc))
+        for launch in self.config.servers:
+            with open(launch.log, "ab") as log:
+                proc = subprocess.Popen(list(launch.argv), stdin=subprocess.DEVNULL, stdout=log,
+                                        stderr=subprocess.STDOUT, env=env)
+            self.servers.append((launch, ProcessRef.of_popen(proc), proc))
         self._record_servers()
         deadline = time.monotonic() + SERVER_SOCKET_WAIT_S
-        for spec, proc in self.servers:
-            while not Path(spec["socket"]).exists():
+        for launch, _, proc in self.servers:
+            while not Path(launch.socket).exists():
                 if proc.poll() is not None or time.monotonic() > deadline:
-                    why = last_line(Path(spec["log"])) if spec.get("log") else ""
-                    raise RuntimeError(f"device server {spec['name']} did not start"
+                    why = last_line(Path(launch.log))
+                    raise RuntimeError(f"device server {launch.name} did not start"
                                        + (f": {why}" if why else ""))
                 time.sleep(0.02)
 
     def stop_servers(self) -> None:
-        for _, proc in self.servers:
+        for _, _, proc in self.servers:
             if proc.poll() is None:
                 proc.terminate()
         deadline = time.monotonic() + SERVER_STOP_S
-        for _, proc in self.servers:
+        for _, _, proc in self.servers:
             try:
                 proc.wait(max(0.0, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
@@ -106,15 +112,14 @@ class Supervisor:
             self._record_servers()
 
     def dead_server(self) -> str | None:
-        for spec, proc in self.servers:
+        for launch, _, proc in self.servers:
             if proc.poll() is not None:
-                return f"device server {spec['name']} exited with status {proc.returncode}"
+                return f"device server {launch.name} exited with status {proc.returncode}"
         return None
 
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self._on_term)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
-        self.vm.write_pid(store.SUPERVISOR_PID, os.getpid())
         started = time.time()
         try:
             self.start_servers()
@@ -124,13 +129,22 @@ class Supervisor:
             return 1
         with open(self.vm.file(store.QEMU_LOG), "ab") as log:
             log_start = os.fstat(log.fileno()).st_size  # earlier runs' output is not this run's
-            self.qemu = subprocess.Popen(
-                self.config.argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                env={**os.environ, **self.config.env}, preexec_fn=qos_preexec(self.guard),
-            )
-        self.vm.write_pid(store.QEMU_PID, self.qemu.pid)
+            try:
+                self.qemu = subprocess.Popen(
+                    self.config.argv, stdin=subprocess.DEVNULL, stdout=log,
+                    stderr=subprocess.STDOUT, env={**os.environ, **self.config.env},
+                    preexec_fn=qos_preexec(self.guard),
+                )
+            except OSError as e:
+                self.stop_servers()
+                self._write_exit(None, started, error=f"cannot run QEMU: {e}")
+                return 1
+        qemu_ref = ProcessRef.of_popen(self.qemu)
+        if qemu_ref is not None:
+            self.vm.write_process(store.QEMU_PID, qemu_ref)
         self.start_assertion(self.qemu.pid)
         powerdown_sent: float | None = None
+        next_check = time.monotonic()
         while self.qemu.poll() is None:
             time.sleep(POLL_S)
             if self.server_failure is None and (failure := self.dead_server()):
@@ -141,12 +155,31 @@ class Supervisor:
             if powerdown_sent is not None and time.monotonic() - powerdown_sent > POWERDOWN_GRACE_S:
                 self.qemu.terminate()
                 powerdown_sent = None
+            if self.crash is None and time.monotonic() >= next_check:
+                next_check = time.monotonic() + RUN_STATE_POLL_S
+                self._check_run_state()
         self.end_assertion()
         self.keep_last_screen()
         self.stop_servers()
         self.warnings += restore_bindings(self.vm)
         self._write_exit(self.qemu.returncode, started, qemu_output=self._qemu_output(log_start))
         return 0
+
+    def _check_run_state(self) -> None:
+        """A guest QEMU stopped for good (internal-error, guest-panicked): record it, end QEMU."""
+        if self.qemu is None or not self.vm.qmp_socket.exists():
+            return
+        state = qmp.query_status(self.vm.qmp_socket, RUN_STATE_QMP_TIMEOUT_S)
+        if state not in qmp.CRASH_RUN_STATES:
+            return
+        assert state is not None
+        self.crash = (state, qmp.query_pc(self.vm.qmp_socket, RUN_STATE_QMP_TIMEOUT_S))
+        with contextlib.suppress(EgpuError):
+            qmp.execute(self.vm.qmp_socket, "quit", timeout=RUN_STATE_QMP_TIMEOUT_S)
+        try:
+            self.qemu.wait(QUIT_GRACE_S)
+        except subprocess.TimeoutExpired:
+            self.qemu.kill()
 
     def _qemu_output(self, since: int) -> str:
         """The end of what QEMU wrote to its log in this run."""
@@ -169,7 +202,9 @@ class Supervisor:
             self.warnings.append(f"no power assertion ({argv[0]}: {e.strerror or e}): "
                                  "the host may sleep under the GPU")
             return
-        self.vm.write_pid(store.POWER_ASSERTION_PID, self.assertion.pid)
+        ref = ProcessRef.of_popen(self.assertion)
+        if ref is not None:
+            self.vm.write_process(store.POWER_ASSERTION_PID, ref)
 
     def end_assertion(self) -> None:
         """Release the power assertion (``-w`` ends it with QEMU; this makes sure)."""
@@ -185,12 +220,12 @@ class Supervisor:
 
     def keep_last_screen(self) -> None:
         """Ask a live display server for the last picture the guest showed (post-mortem)."""
-        for spec, proc in self.servers:
-            request = screenshot_request_of(spec.get("options"))
+        for launch, ref, proc in self.servers:
+            request = screenshot_request_of(launch.options)
             if request is None or proc.poll() is not None:
                 continue
             with contextlib.suppress(EgpuError):
-                request_screenshot(proc.pid, request, self.vm.file(store.LAST_SCREEN),
+                request_screenshot(ref, request, self.vm.file(store.LAST_SCREEN),
                                    last_visible=True)
 
     def _powerdown(self) -> None:
@@ -207,6 +242,8 @@ class Supervisor:
             "stop_requested": self.vm.file(store.STOP_REQUEST).exists() or self.terminating,
             "server_failure": self.server_failure,
             "error": error,
+            "run_state": self.crash[0] if self.crash else None,
+            "pc": self.crash[1] if self.crash else None,
             "warnings": self.warnings,
         }
         store.write_json(self.vm.file(store.EXIT_RECORD), record)
