@@ -28,6 +28,7 @@ from egpu.paths import CACHE_ENV
 
 MACHINES = {"aarch64": ["-M", "virt", "-cpu", "max"], "x86_64": ["-M", "q35", "-cpu", "max"]}
 BOOT_TIMEOUT_S = 120  # generous: the 2 cores are shared with the rest of the suite
+PUMP_DRAIN_S = 10.0  # QEMU has exited: what is left in the pipe takes no longer than this
 
 
 @dataclass
@@ -39,6 +40,7 @@ class GuestRun:
     _buf: bytearray = field(default_factory=bytearray)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     started: float = field(default_factory=time.monotonic)
+    pump: threading.Thread | None = None  # reads the console until QEMU closes it
 
     def _pump(self) -> None:
         stream = self.proc.stdout
@@ -60,7 +62,8 @@ class GuestRun:
             if pred(text):
                 return text
             if self.proc.poll() is not None:
-                time.sleep(0.2)  # let the pump drain the pipe
+                if self.pump is not None:
+                    self.pump.join(PUMP_DRAIN_S)  # it ends at the pipe's EOF: all is read
                 text = self.console
                 if pred(text):
                     return text
@@ -117,15 +120,15 @@ def boot(assets: GuestAssets, tmp: Path, *, cpus: int = 2, memory_mib: int = 512
                             stderr=subprocess.STDOUT,
                             env={**os.environ, **engine.env()})
     run = GuestRun(proc, tmp / "qmp.sock")
-    pump = threading.Thread(target=run._pump, daemon=True)
-    pump.start()
+    run.pump = threading.Thread(target=run._pump, daemon=True)
+    run.pump.start()
     try:
         yield run
     finally:
         if proc.poll() is None:
             proc.kill()
         proc.wait()
-        pump.join(5)
+        run.pump.join(PUMP_DRAIN_S)
 
 
 @contextmanager

@@ -22,6 +22,7 @@ from egpu.vfio_user.server import VfioUserServer
 pytestmark = pytest.mark.qemu
 
 READY = b"EGPU-GUEST-READY"
+PROMPT = b"/ # "
 BOOT_TIMEOUT_S = 240
 
 # Lists PCI functions, enables memory decoding of ours, writes then reads a BAR0 scratch
@@ -86,8 +87,8 @@ def test_guest_enumerates_and_reaches_the_device(arch: str, egpu_home: Path) -> 
             chunk = qemu.stdout.read()
             if chunk:
                 console += chunk
-            if not typed and READY in console:
-                time.sleep(0.5)  # let the shell print its prompt
+            # the shell's prompt after the ready marker: it reads what is typed from here on
+            if not typed and PROMPT in console.partition(READY)[2]:
                 qemu.stdin.write(GUEST_SCRIPT)
                 qemu.stdin.flush()
                 typed = True
