@@ -138,34 +138,41 @@ def egpu(
     )
 
 
+# Runs the CLI and, at its exit, writes the peak RSS of its own address space (VmHWM) to argv[1].
+# Not rusage: a child forked from the test process starts as a copy of it, and Linux carries
+# that copy's size into ru_maxrss across exec, so the figure would depend on pytest's size.
+_MEASURED_CLI = """
+import atexit, runpy, sys
+report_to = sys.argv[1]
+def report():
+    with open("/proc/self/status") as status:
+        peak = next(line.split()[1] for line in status if line.startswith("VmHWM:"))
+    with open(report_to, "w") as out:
+        out.write(peak)
+atexit.register(report)
+sys.argv = ["egpu", *sys.argv[2:]]
+runpy.run_module("egpu", run_name="__main__")
+"""
+
+
 def egpu_measured(
     *args: str, workdir: Path, timeout: float = 120
 ) -> tuple[subprocess.CompletedProcess[str], int]:
-    """Run the CLI like ``egpu`` and also return that one process's peak RSS in bytes.
-
-    wait4 gives the rusage of exactly this child (RUSAGE_CHILDREN would be the largest child
-    the test process ever had); a timer kills it at the deadline, so the wait is bounded.
-    """
+    """Run the CLI like ``egpu`` and also return its peak RSS in bytes (VmHWM at its exit)."""
     out_path, err_path = workdir / "measured.out", workdir / "measured.err"
+    peak_path = workdir / "measured.peak"
+    peak_path.unlink(missing_ok=True)
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "egpu", *args],
-            stdout=out,
-            stderr=err,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, "COLUMNS": "250"},
+        proc = subprocess.run(
+            [sys.executable, "-c", _MEASURED_CLI, str(peak_path), *args],
+            stdout=out, stderr=err, stdin=subprocess.DEVNULL,
+            env={**os.environ, "COLUMNS": "250"}, timeout=timeout,
         )
-    killer = threading.Timer(timeout, proc.kill)
-    killer.start()
-    try:
-        _, status, usage = os.wait4(proc.pid, 0)
-    finally:
-        killer.cancel()
-    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
     completed = subprocess.CompletedProcess(
         proc.args, proc.returncode, out_path.read_text(), err_path.read_text()
     )
-    return completed, usage.ru_maxrss * 1024  # Linux reports KiB
+    assert peak_path.exists(), f"the CLI did not report its peak RSS: {completed.stderr}"
+    return completed, int(peak_path.read_text()) * 1024  # /proc reports kB
 
 
 def egpu_popen(*args: str) -> subprocess.Popen[str]:
