@@ -160,7 +160,8 @@ class VmConfig:
     cpus: int
     memory_mib: int
     accel: str
-    engine: str  # engine kind (none / user / apple / vfio) and QEMU source
+    gpu_path: str  # how the GPU reaches the VM: none / user / apple / vfio
+    qemu: str  # the engine that runs it, e.g. "private QEMU 11.1.3"
     qemu_version: str
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
@@ -188,10 +189,14 @@ class VmConfig:
         argv = _str_list(data, "argv")
         if not argv:
             raise ValueError("argv: missing")
+        if "gpu_path" in data:
+            gpu_path, qemu = _get(data, "gpu_path", str), _get(data, "qemu", str)
+        else:
+            gpu_path, qemu = legacy_engine_field(_get(data, "engine", str))
         return cls(
             name=_get(data, "name", str), arch=_get(data, "arch", str),
             cpus=_get(data, "cpus", int), memory_mib=_get(data, "memory_mib", int),
-            accel=_get(data, "accel", str), engine=_get(data, "engine", str),
+            accel=_get(data, "accel", str), gpu_path=gpu_path, qemu=qemu,
             qemu_version=_get(data, "qemu_version", str), argv=argv, env=dict(env),
             ssh_port=_get(data, "ssh_port", int, optional=True),
             selftest=bool(_get(data, "selftest", bool, optional=True)),
@@ -203,6 +208,12 @@ class VmConfig:
             gpu_bound_at_start=(_str_list(data, "gpu_bound_at_start")
                                 if data.get("gpu_bound_at_start") is not None else None),
         )
+
+
+def legacy_engine_field(text: str) -> tuple[str, str]:
+    """GPU path and QEMU text from the "engine" field older versions wrote: "user (QEMU ...)"."""
+    path, _, rest = text.partition(" ")
+    return path, rest.strip().removeprefix("(").removesuffix(")")
 
 
 class VmDir:
