@@ -83,7 +83,8 @@ def make_vm(home: Path, name: str) -> store.VmDir:
     vm = store.VmDir(name, root=home / "data" / "vms")
     vm.create()
     vm.write_config(store.VmConfig(
-        name=name, arch="aarch64", cpus=1, memory_mib=256, accel="tcg", engine="user",
+        name=name, arch="aarch64", cpus=1, memory_mib=256, accel="tcg",
+        gpu_path="user", qemu="test QEMU",
         qemu_version="test", argv=["qemu-system-aarch64"],
     ))
     return vm
@@ -157,7 +158,7 @@ def reused_pids(home: Path) -> list[subprocess.Popen[bytes]]:
         egpu(home, *args)
     check(all(map(running, impostors)), "stop or screenshot signalled a foreign process")
     # a restart first clears what the crashed run left behind; QEMU then rejects an option
-    again = egpu(home, "run", "--name", "vm1", "--engine", "none", "--accel", "tcg",
+    again = egpu(home, "run", "--name", "vm1", "--gpu", "none", "--accel", "tcg",
                  "--detach", "-q", "--", "-no-such-option")
     check(again.returncode == 1 and "no-such-option" in again.stderr,
           f"restart: {again.returncode} {again.stderr}")
@@ -238,7 +239,7 @@ def real_vm(home: Path) -> list[subprocess.Popen[bytes]]:
                  ("stop", "real", "--force")):
         egpu(home, *args)
     again = egpu(home, "run", "--name", "real", "--detach", "-q", "--accel", "tcg",
-                 "--engine", "none", "--", "-no-such-option")
+                 "--gpu", "none", "--", "-no-such-option")
     check(again.returncode == 1 and "no-such-option" in again.stderr, f"restart: {again.stderr}")
     removed = egpu(home, "rm", "real")
     check(removed.returncode == 0, f"rm: {removed.stderr}")

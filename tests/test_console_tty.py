@@ -106,7 +106,7 @@ def answered(output: str) -> Callable[[str], bool]:
 
 
 def run_attached(cli: Cli, tmux: Tmux, name: str) -> None:
-    tmux.start("main", "run", "--name", name, "--engine", "none", "--accel", "tcg")
+    tmux.start("main", "run", "--name", name, "--gpu", "none", "--accel", "tcg")
     cli.wait_for(name, lambda s: s["guest_ready"], timeout=BOOT_TIMEOUT_S)
     tmux.wait("main", at_prompt)
 
@@ -177,7 +177,7 @@ def test_attached_run_is_the_guests_terminal(cli: Cli, tmux: Tmux) -> None:
 
 
 def test_closing_the_terminal_stops_the_vm_cleanly(cli: Cli, tmux: Tmux) -> None:
-    tmux.start("main", "run", "--name", "hup", "--engine", "none", "--accel", "tcg")
+    tmux.start("main", "run", "--name", "hup", "--gpu", "none", "--accel", "tcg")
     cli.wait_for("hup", lambda s: s["guest_ready"], timeout=BOOT_TIMEOUT_S)
     pid = cli.status("hup")["pid"]
     tmux("kill-session", "-t", "t")  # the terminal closes: SIGHUP
@@ -194,7 +194,7 @@ def _default_signals() -> None:
 
 
 def test_sigterm_stops_a_vm_attached_without_a_terminal(cli: Cli) -> None:
-    attached = cli.popen("run", "--name", "term", "--accel", "tcg", "--engine", "none",
+    attached = cli.popen("run", "--name", "term", "--accel", "tcg", "--gpu", "none",
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, preexec_fn=_default_signals)
     cli.wait_for("term", lambda s: s["guest_ready"], timeout=BOOT_TIMEOUT_S)

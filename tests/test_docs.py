@@ -153,6 +153,18 @@ def test_no_string_in_the_code_says_the_reference() -> None:
         ", ".join(offenders)
 
 
+def test_engine_means_only_the_qemu_build() -> None:
+    """The GPU path is ``--gpu``: neither the docs nor a help text offer ``--engine``."""
+    runner = CliRunner()
+    for command in _commands(cli):
+        result = runner.invoke(cli, [*command, "--help"])
+        assert "--engine" not in result.output, (command, result.output)
+    docs = [README, *sorted((ROOT / "docs").glob("*.md")), ROOT / "CONTRIBUTING.md",
+            ROOT / "bench" / "README.md"]
+    offenders = [str(p.relative_to(ROOT)) for p in docs if "--engine" in p.read_text()]
+    assert not offenders, "the GPU path's option is --gpu: " + ", ".join(offenders)
+
+
 def test_help_texts_name_the_project_not_the_reference() -> None:
     runner = CliRunner()
     for command in _commands(cli):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from egpu.errors import UsageError
 from egpu.host.doctor import Check, blocking, run_checks
 from egpu.host.facts import (
     DevVfio,
@@ -258,16 +259,46 @@ def test_passthrough_options_for_run(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     got = seen["run"]
     assert got.plan is not None
-    assert got.engine == "apple" and got.plan.accel_options == ()
+    assert got.path == "apple" and got.plan.accel_options == ()
     assert got.plan.functions == ("0000:08:00.0",)  # the extension refuses the audio function
     T.build(tmp_path, T.host_functions("nvidia", "snd_hda_intel"))
-    r = CliRunner().invoke(fake_run, ["--sysfs", str(tmp_path), "--engine", "vfio", "--bind"])
+    r = CliRunner().invoke(fake_run, ["--sysfs", str(tmp_path), "--gpu", "vfio", "--bind"])
     assert r.exit_code == 0, r.output
     got = seen["run"]
     assert got.plan is not None
-    assert got.engine == "vfio" and len(got.plan.functions) == 2
-    r = CliRunner().invoke(fake_run, ["--engine", "bogus"])
+    assert got.path == "vfio" and len(got.plan.functions) == 2
+    r = CliRunner().invoke(fake_run, ["--gpu", "bogus"])
     assert r.exit_code == 2
+
+
+def test_engine_is_a_hidden_alias_of_gpu(tmp_path: Path) -> None:
+    """``--engine`` (the GPU path's old name) still works, is not shown, and must agree."""
+    import click
+    from click.testing import CliRunner
+
+    from egpu.cli import cli
+    from egpu.cli.host_commands import passthrough_options, run_passthrough
+    from egpu.engine.passthrough import RunPassthrough
+
+    seen: dict[str, RunPassthrough] = {}
+
+    @click.command()
+    @passthrough_options
+    def fake_run(force: bool, **kw: object) -> None:
+        seen["run"] = run_passthrough(**kw)  # type: ignore[arg-type]
+
+    T.build(tmp_path, T.host_functions("nvidia", "snd_hda_intel"))
+    for args in (["--engine", "vfio"], ["--gpu", "vfio", "--engine", "vfio"]):
+        r = CliRunner().invoke(fake_run, ["--sysfs", str(tmp_path), "--bind", *args])
+        assert r.exit_code == 0, r.output
+        assert seen.pop("run").path == "vfio"
+    r = CliRunner().invoke(fake_run, ["--sysfs", str(tmp_path), "--gpu", "vfio",
+                                      "--engine", "user"])
+    # egpu's UsageError (exit 2 once the CLI's main prints it), not click's
+    assert isinstance(r.exception, UsageError) and "disagree" in str(r.exception), r.output
+    help_text = CliRunner().invoke(cli, ["run", "--help"]).output
+    assert "--gpu" in help_text and "how the GPU reaches the VM" in help_text
+    assert "--engine" not in help_text, help_text
 
 
 NEW_APPLE = ("addr", "dma-bounce-size", "dma-companion", "host", "host-root")
@@ -355,7 +386,7 @@ def test_gpu_bound_after_the_vm_started_says_restart(egpu_home: Path) -> None:
     vm.create()
     vm.write_config(store.VmConfig(
         name="mac", arch="aarch64", cpus=8, memory_mib=14336, accel="hvf",
-        engine="apple (app QEMU 10.2.50)", qemu_version="10.2.50", argv=["qemu"],
+        gpu_path="apple", qemu="app QEMU 10.2.50", qemu_version="10.2.50", argv=["qemu"],
         gpu_bound_at_start=["pcic1-bridge/01:00.0", "pcic1-bridge/01:00.1"],
     ))
     dump = str(FIXTURES / "ioreg-dual-egpu.plist")

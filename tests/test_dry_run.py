@@ -46,11 +46,11 @@ FIXTURES = Path(__file__).parent / "fixtures" / "host"
 
 
 def test_dry_run_apple_from_a_registry_dump(cli: Cli) -> None:
-    out = cli.json("run", "--dry-run", "--engine", "apple", "--memory", "14G", "--cpus", "8",
+    out = cli.json("run", "--dry-run", "--gpu", "apple", "--memory", "14G", "--cpus", "8",
                    "--ioreg", str(FIXTURES / "ioreg-rtx-bound.plist"), "--passthrough", "auto",
                    "--force")
     argv = out["argv"]
-    assert out["gpu"]["engine"] == "apple"
+    assert out["gpu"]["path"] == "apple"
     assert out["gpu"]["host_guard"] == {
         "power_assertion": ["caffeinate", "-i", "-w", "{qemu_pid}"], "qos": "user-interactive"}
     assert argv[argv.index("-accel") + 1] == "hvf,tso=on"
@@ -65,14 +65,14 @@ def test_dry_run_apple_from_a_registry_dump(cli: Cli) -> None:
 
 
 def test_dry_run_apple_no_tso(cli: Cli) -> None:
-    argv = cli.json("run", "--dry-run", "--engine", "apple", "--no-tso",
+    argv = cli.json("run", "--dry-run", "--gpu", "apple", "--no-tso",
                     "--passthrough", "03:00.0", "--force")["argv"]
     assert argv[argv.index("-accel") + 1] == "hvf"
     assert "vfio-apple-pci,host=03:00.0,addr=0x1e.0,dma-companion=on,rombar=0" in " ".join(argv)
 
 
 def test_dry_run_with_a_malformed_dump_is_one_line(cli: Cli) -> None:
-    proc = cli("run", "--dry-run", "--engine", "apple",
+    proc = cli("run", "--dry-run", "--gpu", "apple",
                "--ioreg", str(FIXTURES / "ioreg-truncated.plist"))
     assert proc.returncode == 1 and "Traceback" not in proc.stderr  # a HostError
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -80,15 +80,15 @@ def test_dry_run_with_a_malformed_dump_is_one_line(cli: Cli) -> None:
 
 def test_dry_run_apple_refuses_a_gpu_the_guest_cannot_drive(cli: Cli) -> None:
     dump = str(FIXTURES / "ioreg-rtx-bound.plist")
-    proc = cli("run", "--dry-run", "--engine", "apple", "--ioreg", dump)
+    proc = cli("run", "--dry-run", "--gpu", "apple", "--ioreg", dump)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert "built-in guest has no NVIDIA GPU driver" in proc.stderr
     assert "kernel panic macOS" in proc.stderr and "--force" in proc.stderr
-    forced = cli("run", "--dry-run", "--engine", "apple", "--ioreg", dump, "--force", check=True)
+    forced = cli("run", "--dry-run", "--gpu", "apple", "--ioreg", dump, "--force", check=True)
     assert "--force: the built-in guest has no NVIDIA GPU driver" in forced.stderr
     assert "kernel panic macOS" in forced.stderr
     # no GPU, no rule
-    cli("run", "--dry-run", "--engine", "apple", "--passthrough", "none", check=True)
+    cli("run", "--dry-run", "--gpu", "apple", "--passthrough", "none", check=True)
 
 
 def _cached_image(cache: Path, ref: str, features: list[str]) -> None:
@@ -110,7 +110,7 @@ def test_dry_run_apple_image_features_decide(
     ref = "ghcr.io/scottjg/qemu-vfio-apple-images:docker-latest"
     _cached_image(cache, ref, features)
     proc = Cli(env=env, home=cli.home)(
-        "run", "--dry-run", "--engine", "apple", "--image", ref,
+        "run", "--dry-run", "--gpu", "apple", "--image", ref,
         "--ioreg", str(FIXTURES / "ioreg-rtx-bound.plist"))
     assert (proc.returncode == 0) == ok, proc.stderr
     if not ok:
@@ -118,7 +118,7 @@ def test_dry_run_apple_image_features_decide(
 
 
 def test_dry_run_apple_two_egpus_and_allow_sleep(cli: Cli) -> None:
-    out = cli.json("run", "--dry-run", "--engine", "apple", "--force", "--allow-sleep",
+    out = cli.json("run", "--dry-run", "--gpu", "apple", "--force", "--allow-sleep",
                    "--ioreg", str(FIXTURES / "ioreg-dual-egpu.plist"))
     apple = [a for a in out["argv"] if a.startswith("vfio-apple-pci,")]
     assert apple == [
@@ -126,7 +126,7 @@ def test_dry_run_apple_two_egpus_and_allow_sleep(cli: Cli) -> None:
         "vfio-apple-pci,host=01:00.0,host-root=pcic2-bridge,addr=0x1d.0,dma-companion=on,rombar=0",
     ]
     assert out["gpu"]["host_guard"] == {"power_assertion": [], "qos": "user-interactive"}
-    proc = cli("run", "--dry-run", "--engine", "apple", "--force", "--passthrough", "01:00",
+    proc = cli("run", "--dry-run", "--gpu", "apple", "--force", "--passthrough", "01:00",
                "--ioreg", str(FIXTURES / "ioreg-dual-egpu.plist"))
     assert proc.returncode == 2 and "pcic1-bridge/01:00, pcic2-bridge/01:00" in proc.stderr
 
@@ -140,7 +140,7 @@ def test_dry_run_apple_with_an_app_bundle(
     cli: Cli, tmp_path: Path, build: Build, expected: str | None
 ) -> None:
     app = make_app(tmp_path, build)
-    args = ("run", "--dry-run", "--json", "--engine", "apple", "--force", "--qemu", str(app),
+    args = ("run", "--dry-run", "--json", "--gpu", "apple", "--force", "--qemu", str(app),
             "--ioreg", str(FIXTURES / "ioreg-rtx-bound.plist"), "--dma-bounce-size", "128M")
     proc = cli(*args)
     if expected is None:

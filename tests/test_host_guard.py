@@ -95,7 +95,7 @@ def test_supervisor_holds_the_assertion_while_qemu_runs(tmp_path: Path) -> None:
     guard = HostGuard((sys.executable, "-c", FAKE_CAFFEINATE, str(marker), PID_PLACEHOLDER))
     vm.write_config(store.VmConfig(
         name="guarded", arch="aarch64", cpus=1, memory_mib=64, accel="hvf",
-        engine="apple (test)", qemu_version="10.2.50",
+        gpu_path="apple", qemu="test", qemu_version="10.2.50",
         argv=[sys.executable, "-c", FAKE_QEMU, str(marker)], host_guard=guard.to_json(),
     ))
     proc = subprocess.run([sys.executable, "-m", "egpu.vm.supervisor", str(vm.path)],
@@ -116,7 +116,8 @@ def test_supervisor_without_a_guard_starts_no_assertion(tmp_path: Path) -> None:
     vm = store.VmDir("plain", root=tmp_path)
     vm.create()
     vm.write_config(store.VmConfig(
-        name="plain", arch="aarch64", cpus=1, memory_mib=64, accel="tcg", engine="none (test)",
+        name="plain", arch="aarch64", cpus=1, memory_mib=64, accel="tcg",
+        gpu_path="none", qemu="test",
         qemu_version="11.1.0", argv=[sys.executable, "-c", "pass"],
         host_guard=HostGuard(power_assertion=()).to_json(),
     ))

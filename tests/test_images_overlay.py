@@ -185,7 +185,7 @@ def make_vm(name: str, base: Path | None, tool: tuple[list[str], dict[str, str]]
             cpus=1,
             memory_mib=256,
             accel="tcg",
-            engine="none",
+            gpu_path="none", qemu="test QEMU",
             qemu_version="11.1.3",
             argv=["qemu-system-aarch64"],
         )

@@ -36,7 +36,7 @@ def test_home_and_disk_with_commas_boot_and_the_guest_reads_the_disk(
     (files / "greeting").write_text(GREETING + "\n")
     disk = tmp_path / "x.img,readonly=on,file=y"
     subprocess.run(["mkfs.ext4", "-q", "-F", "-d", str(files), str(disk), "16M"], check=True)
-    proc = odd_cli("run", "--name", "odd", "--accel", "tcg", "--detach", "--engine", "none",
+    proc = odd_cli("run", "--name", "odd", "--accel", "tcg", "--detach", "--gpu", "none",
                    "--disk", str(disk))
     assert proc.returncode == 0, proc.stderr
     status = odd_cli.wait_for("odd", lambda s: s["guest_ready"], timeout=120)

@@ -1,4 +1,4 @@
-"""Golden argv for engines apple and vfio, and the vfio command against the real QEMU."""
+"""Golden argv for GPU paths apple and vfio, and the vfio command against the real QEMU."""
 
 from __future__ import annotations
 
@@ -273,7 +273,7 @@ def linux_discovery(tmp_path: Path, *drivers: str) -> Discovery:
 
 def test_run_auto_on_a_mac() -> None:
     r = resolve_run("auto", None, mac_discovery())
-    assert r.engine == "apple" and r.plan is not None
+    assert r.path == "apple" and r.plan is not None
     assert r.plan.functions == ("0000:08:00.0",) and r.notices  # audio skipped, said so
     r = resolve_run("auto", "08:00", mac_discovery(), tso=False)
     assert r.plan is not None and r.plan.accel_options == () and len(r.plan.functions) == 1
@@ -282,7 +282,7 @@ def test_run_auto_on_a_mac() -> None:
 
 def test_run_auto_on_a_mac_with_two_egpus() -> None:
     r = resolve_run("auto", None, mac_discovery("ioreg-dual-egpu.plist"))
-    assert r.engine == "apple" and r.plan is not None
+    assert r.path == "apple" and r.plan is not None
     apple = [d[1] for d in r.plan.devices if d[1].startswith("vfio-apple-pci")]
     assert [a.split(",")[1:4] for a in apple] == [
         ["host=01:00.0", "host-root=pcic1-bridge", "addr=0x1e.0"],
@@ -320,32 +320,32 @@ def test_allow_sleep_drops_the_power_assertion_only() -> None:
 
 def test_run_auto_without_a_ready_gpu_is_the_virtual_egpu(tmp_path: Path) -> None:
     r = resolve_run("auto", None, mac_discovery("ioreg-unbound.plist"))
-    assert r.engine == "user" and r.plan is None and r.selection.kind == "virtual"
+    assert r.path == "user" and r.plan is None and r.selection.kind == "virtual"
     r = resolve_run("auto", None, linux_discovery(tmp_path, "nvidia", "snd_hda_intel"))
-    assert r.engine == "user"
+    assert r.path == "user"
 
 
 def test_run_auto_on_linux_with_bind(tmp_path: Path) -> None:
     d = linux_discovery(tmp_path, "nvidia", "snd_hda_intel")
     r = resolve_run("auto", None, d, bind=True)
-    assert r.engine == "vfio" and r.plan is not None
+    assert r.path == "vfio" and r.plan is not None
     assert r.plan.functions == ("0000:01:00.0", "0000:01:00.1")
 
 
-def test_run_explicit_engines(tmp_path: Path) -> None:
+def test_run_explicit_gpu_paths(tmp_path: Path) -> None:
     d = mac_discovery()
-    assert resolve_run("none", None, d).engine == "none"
-    assert resolve_run("auto", "none", d).engine == "none"
-    assert resolve_run("user", None, d).engine == "user"
-    assert resolve_run("auto", "virtual", d).engine == "user"
+    assert resolve_run("none", None, d).path == "none"
+    assert resolve_run("auto", "none", d).path == "none"
+    assert resolve_run("user", None, d).path == "user"
+    assert resolve_run("auto", "virtual", d).path == "user"
     r = resolve_run("apple", "none", d)
-    assert r.engine == "apple" and r.plan is not None and r.plan.devices[:1] == (
+    assert r.path == "apple" and r.plan is not None and r.plan.devices[:1] == (
         ("-device", "qemu-xhci,id=egpu-xhci"),)
     r = resolve_run("apple", None, mac_discovery("ioreg-unbound.plist"))
-    assert r.engine == "apple" and r.plan is not None and r.plan.functions == ()
-    for engine, spec in (("none", "08:00"), ("user", "08:00"), ("apple", "virtual"), ("x", None)):
+    assert r.path == "apple" and r.plan is not None and r.plan.functions == ()
+    for path, spec in (("none", "08:00"), ("user", "08:00"), ("apple", "virtual"), ("x", None)):
         with pytest.raises(UsageError):
-            resolve_run(engine, spec, d)
+            resolve_run(path, spec, d)
 
 
 def test_run_cross_os_dry_run(tmp_path: Path) -> None:

@@ -37,7 +37,7 @@ def test_run_image_pulls_boots_and_shows_in_images(
     pushed = push_reference_image(registry.host, "egpu/full", "docker-latest",
                                   image_file.read_bytes(), file_name="guest.qcow2")
     port = free_port()
-    proc = cli("run", "--name", "full", "--image", pushed.ref, "--engine", "none",
+    proc = cli("run", "--name", "full", "--image", pushed.ref, "--gpu", "none",
                "--accel", "tcg", "--detach", "--ssh-port", str(port), "--quiet", timeout=300)
     assert proc.returncode == 0, proc.stderr
     status = cli.wait_for("full", lambda s: s["guest_ready"], timeout=BOOT_TIMEOUT_S)
@@ -69,7 +69,7 @@ def test_run_base_keeps_the_user_disk_untouched(cli: Cli, image_file: Path) -> N
     before = hashlib.sha256(image_file.read_bytes()).hexdigest()
     mode = image_file.stat().st_mode
     port = free_port()
-    proc = cli("run", "--name", "local", "--base", str(image_file), "--engine", "none",
+    proc = cli("run", "--name", "local", "--base", str(image_file), "--gpu", "none",
                "--accel", "tcg", "--detach", "--ssh-port", str(port), timeout=300)
     assert proc.returncode == 0, proc.stderr
     cli.wait_for("local", lambda s: s["guest_ready"], timeout=BOOT_TIMEOUT_S)
@@ -80,7 +80,7 @@ def test_run_base_keeps_the_user_disk_untouched(cli: Cli, image_file: Path) -> N
 
 
 def test_image_dry_run_defaults(cli: Cli) -> None:
-    out = cli.json("run", "--dry-run", "--image", "--engine", "none")
+    out = cli.json("run", "--dry-run", "--image", "--gpu", "none")
     argv = out["argv"]
     assert "user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22" in argv  # qemu-vfio-apple's port
     assert "-kernel" not in argv and "-append" not in argv
@@ -95,7 +95,7 @@ def test_image_and_base_together_is_usage_error(cli: Cli, image_file: Path) -> N
 def test_ssh_runs_the_client_against_the_loopback_forward(cli: Cli, tmp_path: Path) -> None:
     # no sshd in the built-in guest: a stand-in `ssh` on PATH records how egpu calls it
     port = free_port()
-    assert cli("run", "--name", "sh", "--engine", "none", "--accel", "tcg", "--detach",
+    assert cli("run", "--name", "sh", "--gpu", "none", "--accel", "tcg", "--detach",
                "--ssh-port", str(port)).returncode == 0
     fake = tmp_path / "bin" / "ssh"
     fake.parent.mkdir()

@@ -167,7 +167,7 @@ def test_apple_auto_takes_every_egpu_each_by_root() -> None:
     assert labels(sel) == ["pcic1-bridge/01:00.0", "pcic2-bridge/01:00.0"]
     assert [len(g) for g in sel.slots] == [1, 1]
     assert all("DART" in n for n in sel.notices) and len(sel.notices) == 2
-    # without the apple rules auto still takes one card (engine vfio)
+    # without the apple rules auto still takes one card (GPU path vfio)
     assert len(resolve_passthrough(None, devs("ioreg-dual-egpu.plist")).slots) == 1
 
 

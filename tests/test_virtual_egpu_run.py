@@ -90,7 +90,7 @@ def test_stop_stops_the_servers(cli: Cli) -> None:
 def test_dry_run_shows_the_card(cli: Cli) -> None:
     out = cli.json("run", "--dry-run", "--passthrough", "virtual")
     argv = out["argv"]
-    assert out["gpu"]["engine"] == "user"
+    assert out["gpu"]["path"] == "user"
     assert "memory-backend-memfd,id=pc.ram,size=512M,share=on" in argv
     devices = [json.loads(a) for a in argv if a.startswith('{"driver":"vfio-user-pci"')]
     assert [d["addr"] for d in devices] == ["0x10.0", "0x10.1"]
@@ -100,7 +100,7 @@ def test_dry_run_shows_the_card(cli: Cli) -> None:
 
 def test_screenshot_of_vm_without_display(cli: Cli) -> None:
     assert cli("run", "--name", "plain", "--accel", "tcg", "--detach",
-               "--engine", "none").returncode == 0
+               "--gpu", "none").returncode == 0
     proc = cli("screenshot", "plain", "-o", "/tmp/never.png")
     assert proc.returncode == 2 and "has no virtual display" in proc.stderr
     cli("stop", "plain", "--force", check=True)

@@ -140,7 +140,8 @@ def test_a_process_is_verifiable_as_soon_as_it_is_recorded() -> None:
 
 def test_config_round_trip_keeps_every_field(tmp_path: Path) -> None:
     config = store.VmConfig(
-        name="vm", arch="x86_64", cpus=2, memory_mib=512, accel="tcg", engine="user",
+        name="vm", arch="x86_64", cpus=2, memory_mib=512, accel="tcg",
+        gpu_path="user", qemu="test QEMU",
         qemu_version="11", argv=["qemu"], env={"A": "b"}, ssh_port=2222, selftest=True,
         image="ref", bind_functions=["0000:01:00.0"], host_guard={"power_assertion": []},
         gpu_bound_at_start=["pcic1/01:00.0"],
@@ -151,3 +152,34 @@ def test_config_round_trip_keeps_every_field(tmp_path: Path) -> None:
     vm.create()
     vm.write_config(config)
     assert vm.read_config() == config
+
+
+def test_config_of_an_older_version_reads_its_engine_field(tmp_path: Path) -> None:
+    """Older versions wrote the GPU path and the QEMU into one "engine" field."""
+    old = {"name": "vm", "arch": "aarch64", "cpus": 1, "memory_mib": 256, "accel": "tcg",
+           "engine": "user (private QEMU 11.1.3)", "qemu_version": "11.1.3", "argv": ["qemu"]}
+    config = store.VmConfig.from_json(old)
+    assert (config.gpu_path, config.qemu) == ("user", "private QEMU 11.1.3")
+    data = config.to_json()
+    assert "engine" not in data and data["gpu_path"] == "user"
+    assert store.VmConfig.from_json(data) == config
+
+
+def test_status_names_the_gpu_path_and_the_qemu_apart(tmp_path: Path) -> None:
+    """``status --json`` and the status/list table keep the GPU path and the QEMU separate."""
+    from egpu.cli.vm_commands import STATUS_COLUMNS, _status_row
+    from egpu.vm.status import inspect
+
+    vm = store.VmDir("vm", root=tmp_path)
+    vm.create()
+    vm.write_config(store.VmConfig(
+        name="vm", arch="aarch64", cpus=1, memory_mib=256, accel="tcg", gpu_path="vfio",
+        qemu="system QEMU 10.2.0", qemu_version="10.2.0", argv=["qemu"],
+    ))
+    status = inspect(vm)
+    doc = status.to_json()
+    assert "engine" not in doc
+    assert (doc["gpu_path"], doc["qemu"]) == ("vfio", "system QEMU 10.2.0")
+    row = dict(zip(STATUS_COLUMNS, _status_row(status), strict=True))
+    assert (row["GPU"], row["QEMU"]) == ("vfio", "system QEMU 10.2.0")
+    assert "ENGINE" not in STATUS_COLUMNS

@@ -20,7 +20,7 @@ ARCHES = ("aarch64", "x86_64")
 def boot(cli: Cli, name: str, arch: str = "aarch64", *extra: str) -> dict[str, object]:
     # the plain lifecycle, without a GPU (the virtual eGPU has tests of its own)
     proc = cli("run", "--name", name, "--arch", arch, "--accel", "tcg", "--detach",
-               "--engine", "none", *extra)
+               "--gpu", "none", *extra)
     assert proc.returncode == 0, proc.stderr
     return cli.wait_for(name, lambda s: s["guest_ready"], timeout=90)
 
@@ -37,7 +37,7 @@ def test_boot_status_list_logs_stop(cli: Cli, arch: str) -> None:
     assert isinstance(status["pid"], int) and Path(f"/proc/{status['pid']}").exists()
     assert Path(str(status["qmp_socket"])).is_socket()
     assert status["memory_mib"] == 384 and status["cpus"] == 2
-    assert "QEMU" in str(status["engine"])
+    assert status["gpu_path"] == "none" and "QEMU" in str(status["qemu"])
     # the VM directory and its sockets are private
     assert vm_dir(cli, "vm1").stat().st_mode & 0o777 == 0o700
 
@@ -59,7 +59,7 @@ def test_boot_status_list_logs_stop(cli: Cli, arch: str) -> None:
 
 def test_same_name_twice_is_refused(cli: Cli) -> None:
     boot(cli, "dup")
-    second = cli("run", "--name", "dup", "--accel", "tcg", "--detach", "--engine", "none")
+    second = cli("run", "--name", "dup", "--accel", "tcg", "--detach", "--gpu", "none")
     assert second.returncode == 1
     assert "already running" in second.stderr and len(second.stderr.strip().splitlines()) == 1
     cli("stop", "dup", "--force", check=True)
@@ -81,7 +81,7 @@ def test_killed_qemu_reads_as_crashed_and_run_restarts(cli: Cli) -> None:
 
 
 def test_cli_killed_while_attached_then_stop_from_new_cli(cli: Cli) -> None:
-    attached = cli.popen("run", "--name", "orphan", "--accel", "tcg", "--engine", "none",
+    attached = cli.popen("run", "--name", "orphan", "--accel", "tcg", "--gpu", "none",
                          stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                          stderr=subprocess.DEVNULL)
     try:
@@ -101,7 +101,7 @@ def _default_sigint() -> None:
 
 def test_ctrl_c_in_attached_mode_shuts_down_cleanly(cli: Cli) -> None:
     # A runner started in the background hands SIGINT down ignored; a user's terminal does not.
-    attached = cli.popen("run", "--name", "att", "--accel", "tcg", "--engine", "none",
+    attached = cli.popen("run", "--name", "att", "--accel", "tcg", "--gpu", "none",
                          stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, preexec_fn=_default_sigint)
     cli.wait_for("att", lambda s: s["guest_ready"], timeout=90)
@@ -116,7 +116,7 @@ def test_ctrl_c_in_attached_mode_shuts_down_cleanly(cli: Cli) -> None:
 
 def test_guest_poweroff_reads_as_stopped(cli: Cli) -> None:
     result = cli("run", "--self-test", "--name", "st", "--accel", "tcg", "--json",
-                 "--engine", "none", timeout=300)
+                 "--gpu", "none", timeout=300)
     assert '"checks"' in result.stdout, result.stderr  # the guest ran its checks and powered off
     final = cli.status("st")
     assert final["state"] == "stopped" and final["exit"]["returncode"] == 0

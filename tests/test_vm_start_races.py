@@ -18,7 +18,7 @@ from egpu.process import ProcessRef, wait_gone
 from egpu.vm import qmp, store
 from egpu.vm.status import derive_state
 
-NO_GPU = ("--engine", "none", "--accel", "tcg")
+NO_GPU = ("--gpu", "none", "--accel", "tcg")
 # x86's ISA pvpanic device, paused on a panic: QEMU's run state becomes guest-panicked
 PVPANIC = ("--", "-device", "pvpanic", "-action", "panic=pause")
 PVPANIC_PORT_WRITE = "o /b 0x505 1"  # HMP: write the "panicked" event to the device's port
@@ -38,7 +38,8 @@ def fake_vm(cli: Cli, name: str) -> store.VmDir:
     vm = store.VmDir(name, root=vms(cli))
     vm.create()
     vm.write_config(store.VmConfig(
-        name=name, arch="aarch64", cpus=1, memory_mib=256, accel="tcg", engine="none",
+        name=name, arch="aarch64", cpus=1, memory_mib=256, accel="tcg",
+        gpu_path="none", qemu="test QEMU",
         qemu_version="test", argv=["qemu-system-aarch64"]))
     store.write_json(vm.file(store.EXIT_RECORD), {"returncode": 0})
     return vm
@@ -258,7 +259,7 @@ def test_nested_kvm_internal_error_ends_self_test_as_crashed(cli: Cli) -> None:
         pytest.skip("no /dev/kvm on this host")
     # nested KVM here stops the guest in internal-error during boot; QEMU itself keeps running
     proc = cli("run", "--self-test", "--name", "kvm", "--arch", "x86_64", "--accel", "kvm",
-               "--engine", "none", timeout=SELFTEST_TIMEOUT_S)
+               "--gpu", "none", timeout=SELFTEST_TIMEOUT_S)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "guest stopped in internal-error (PC=" in proc.stdout, proc.stdout + proc.stderr
     status = cli.status("kvm")

@@ -16,7 +16,7 @@ from egpu.engine.select import ensure_engine_info
 from egpu.guest.assets import ensure_guest
 from egpu.host.facts import live_platform
 
-ENGINE_KINDS = ("auto", "apple", "user")
+QEMU_FOR_GPU_PATHS = ("auto", "apple", "user")  # the GPU paths whose QEMU `egpu engine` finds
 
 
 def _describe(info: EngineInfo) -> None:
@@ -41,9 +41,9 @@ def _describe_candidates(candidates: list[Candidate]) -> None:
                          markup=False)
 
 
-def need_for(kind: str) -> str | None:
-    """The device an engine kind requires of QEMU (auto: apple's on a Mac)."""
-    if kind == "apple" or (kind == "auto" and live_platform() == "macos"):
+def need_for(gpu_path: str) -> str | None:
+    """The device a GPU path requires of QEMU (auto: apple's on a Mac)."""
+    if gpu_path == "apple" or (gpu_path == "auto" and live_platform() == "macos"):
         return APPLE_DEVICE
     return None
 
@@ -52,13 +52,13 @@ def need_for(kind: str) -> str | None:
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--qemu", default=None, metavar="PATH",
               help="use this qemu-system binary, its directory, or a host app (X.app)")
-@click.option("--for", "kind", type=click.Choice(ENGINE_KINDS), default="auto",
-              show_default=True, help="which GPU engine the QEMU is for (apple: vfio-apple-pci)")
+@click.option("--for", "gpu_path", type=click.Choice(QEMU_FOR_GPU_PATHS), default="auto",
+              show_default=True, help="which GPU path the QEMU is for (apple: vfio-apple-pci)")
 @click.option("--provision", is_flag=True, help="provision the private engine if none is usable")
 @click.option("--quiet", "-q", is_flag=True)
-def engine(as_json: bool, qemu: str | None, kind: str, provision: bool, quiet: bool) -> None:
+def engine(as_json: bool, qemu: str | None, gpu_path: str, provision: bool, quiet: bool) -> None:
     """Show which QEMU egpu runs, what it can do here, and every candidate it looked at."""
-    need = need_for(kind)
+    need = need_for(gpu_path)
     if provision:
         ensure_engine_info(qemu, progress=output.BarProgress(quiet=quiet or as_json), need=need)
     candidates = survey_engines(qemu, need, exhaustive=True)

@@ -16,7 +16,12 @@ from rich.markup import escape
 
 from egpu.cli import output
 from egpu.engine.argv import parse_memory
-from egpu.engine.passthrough import ENGINE_CHOICES, RunPassthrough, resolve_run
+from egpu.engine.passthrough import (
+    DEFAULT_GPU_PATH,
+    GPU_PATH_CHOICES,
+    RunPassthrough,
+    resolve_run,
+)
 from egpu.engine.qemu import (
     APPLE_DEVICE,
     Candidate,
@@ -80,8 +85,8 @@ def host_source(
 
 
 def passthrough_options(f: F) -> F:
-    """Add ``--engine``, ``--passthrough``, ``--no-tso``, ``--bind``, the Mac safety options
-    (``--force``, ``--allow-sleep``, ``--dma-bounce-size``) and the host-source options."""
+    """Add ``--gpu`` (hidden alias ``--engine``), ``--passthrough``, ``--no-tso``, ``--bind``, the
+    Mac safety options (``--force``, ``--allow-sleep``, ``--dma-bounce-size``), host sources."""
     f = host_source_options(f)
     f = click.option("--dma-bounce-size", default=None, metavar="SIZE",
                      help="apple: size of the guest's DMA bounce pool, e.g. 64M")(f)
@@ -97,30 +102,43 @@ def passthrough_options(f: F) -> F:
         help="which GPU goes to the VM: [ROOT/]BB:DD[.F] "
         "[default: auto, the first ready display slot; on a Mac every eGPU]",
     )(f)
-    f = click.option("--engine", "engine", type=click.Choice(ENGINE_CHOICES), default="auto",
-                     show_default=True, help="how the GPU reaches the VM")(f)
+    # the GPU path's old name, before "engine" came to mean only the QEMU build
+    f = click.option("--engine", "gpu_path_alias", type=click.Choice(GPU_PATH_CHOICES),
+                     default=None, hidden=True)(f)
+    f = click.option("--gpu", "gpu_path", type=click.Choice(GPU_PATH_CHOICES), default=None,
+                     help=f"how the GPU reaches the VM [default: {DEFAULT_GPU_PATH}]")(f)
     return f
 
 
+def chosen_gpu_path(gpu_path: str | None, gpu_path_alias: str | None) -> str:
+    """The GPU path from ``--gpu`` or its hidden alias ``--engine`` (both: they must agree)."""
+    if gpu_path and gpu_path_alias and gpu_path != gpu_path_alias:
+        raise UsageError(f"--gpu {gpu_path} and --engine {gpu_path_alias} disagree",
+                         hint="--engine is the old name of --gpu; give only --gpu")
+    return gpu_path or gpu_path_alias or DEFAULT_GPU_PATH
+
+
 def run_passthrough(
-    engine: str, passthrough: str | None, *, ioreg: Path | None = None, sysfs: Path | None = None,
+    gpu_path: str | None, passthrough: str | None, *, gpu_path_alias: str | None = None,
+    ioreg: Path | None = None, sysfs: Path | None = None,
     systemextensions: Path | None = None, no_tso: bool = False, bind: bool = False,
     allow_sleep: bool = False, dma_bounce_size: str | None = None,
 ) -> RunPassthrough:
-    """Discover devices (dump or live) and resolve the run's engine and passthrough plan.
+    """Discover devices (dump or live) and resolve the run's GPU path and passthrough plan.
 
     When live discovery is impossible (no /sys/bus/pci, an unsupported OS), an automatic
     choice falls back to the virtual eGPU instead of failing.
     """
+    path = chosen_gpu_path(gpu_path, gpu_path_alias)
     source = host_source(ioreg, sysfs, systemextensions)
     try:
         found = discover(source)
     except HostError:
-        if source.is_dump or (engine in ("apple", "vfio") and passthrough in (None, "auto")):
+        if source.is_dump or (path in ("apple", "vfio") and passthrough in (None, "auto")):
             raise
         found = Discovery("macos" if live_platform() == "macos" else "linux", ())
     bounce = parse_memory(dma_bounce_size) * MIB if dma_bounce_size else None
-    return resolve_run(engine, passthrough, found, tso=not no_tso, bind=bind,
+    return resolve_run(path, passthrough, found, tso=not no_tso, bind=bind,
                        allow_sleep=allow_sleep, dma_bounce_size=bounce)
 
 
@@ -142,7 +160,7 @@ def guest_drivers(image: str | None, base: str | None) -> GuestDrivers:
 
 def check_guest_drivers(gpu: RunPassthrough, guest: GuestDrivers, *, force: bool) -> RunPassthrough:
     """Refuse an apple run whose guest cannot drive its GPU, unless ``force`` (which warns)."""
-    if gpu.engine != "apple":
+    if gpu.path != "apple":
         return gpu
     problem = guest_driver_problem(gpu.selection.functions, guest)
     if problem is None:

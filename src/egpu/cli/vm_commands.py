@@ -58,7 +58,7 @@ def _status_of(name: str) -> VmStatus:
 def _status_row(s: VmStatus) -> list[object]:
     ready = "yes" if s.guest_ready else "no"
     memory = f"{s.memory_mib}M" if s.memory_mib is not None else None
-    return [s.name, s.state, s.pid, ready, s.arch, s.cpus, memory, s.engine]
+    return [s.name, s.state, s.pid, ready, s.arch, s.cpus, memory, s.gpu_path, s.qemu]
 
 
 def _broken_notices(statuses: list[VmStatus]) -> None:
@@ -69,16 +69,16 @@ def _broken_notices(statuses: list[VmStatus]) -> None:
                           f"(remove it: egpu rm {s.name})")
 
 
-STATUS_COLUMNS = ("NAME", "STATE", "PID", "READY", "ARCH", "CPUS", "MEMORY", "ENGINE")
+STATUS_COLUMNS = ("NAME", "STATE", "PID", "READY", "ARCH", "CPUS", "MEMORY", "GPU", "QEMU")
 
 
 def _engine_for(
-    qemu: str | None, gpu_engine: str, *, dry_run: bool, progress: output.BarProgress
+    qemu: str | None, gpu_path: str, *, dry_run: bool, progress: output.BarProgress
 ) -> EngineInfo:
-    if dry_run and gpu_engine == "apple" and platform.system() != "Darwin" and not qemu:
+    if dry_run and gpu_path == "apple" and platform.system() != "Darwin" and not qemu:
         # this host's QEMU is not the one a Mac runs: show the command by program name
         return placeholder_info()
-    need = APPLE_DEVICE if gpu_engine == "apple" else None
+    need = APPLE_DEVICE if gpu_path == "apple" else None
     if dry_run:
         # a dry run starts nothing and downloads nothing, so it works without any engine
         try:
@@ -123,14 +123,15 @@ def run(
     name: str | None, arch: str, cpus: int, memory: str, disks: tuple[str, ...],
     ssh_port: int | None, detach: bool, dry_run: bool, as_json: bool,
     selftest: bool, qemu: str | None, accel: str | None, quiet: bool, nvme_size: str,
-    engine: str, passthrough: str | None, no_tso: bool, bind: bool, ioreg: Path | None,
+    gpu_path: str | None, gpu_path_alias: str | None, passthrough: str | None, no_tso: bool,
+    bind: bool, ioreg: Path | None,
     sysfs: Path | None, systemextensions: Path | None, image: str | None, base: str | None,
     extra: tuple[str, ...], force: bool = False, allow_sleep: bool = False,
     dma_bounce_size: str | None = None,
 ) -> None:
     """Boot a VM (the built-in guest unless an image is given).
 
-    With no real eGPU on the host, the VM gets the virtual eGPU (engine user).
+    With no real eGPU on the host, the VM gets the virtual eGPU (GPU path user).
     """
     check_arch(arch)
     memory_mib = parse_memory(memory)
@@ -149,12 +150,12 @@ def run(
         lifecycle.assumed_disk(disk)
     if ssh_port is not None:
         lifecycle.check_port_free(ssh_port)
-    gpu = run_passthrough(engine, passthrough, ioreg=ioreg, sysfs=sysfs,
-                          systemextensions=systemextensions, no_tso=no_tso, bind=bind,
+    gpu = run_passthrough(gpu_path, passthrough, gpu_path_alias=gpu_path_alias, ioreg=ioreg,
+                          sysfs=sysfs, systemextensions=systemextensions, no_tso=no_tso, bind=bind,
                           allow_sleep=allow_sleep, dma_bounce_size=dma_bounce_size)
     gpu = check_guest_drivers(gpu, guest_drivers(image, base), force=force)
     progress = output.BarProgress(quiet=quiet or as_json)
-    info = _engine_for(qemu, gpu.engine, dry_run=dry_run, progress=progress)
+    info = _engine_for(qemu, gpu.path, dry_run=dry_run, progress=progress)
     gpu = gpu.for_engine(info)
     # a full image brings its own kernel; the built-in guest's paths are then unused
     full_image = bool(image or base)

@@ -1,6 +1,6 @@
 """Build the QEMU command for a VM: a pure function from a VmSpec to argv.
 
-Device pieces for real passthrough (engine ``apple`` / ``vfio``) and the virtual eGPU come in as
+Device pieces for real passthrough (GPU path ``apple`` / ``vfio``) and the virtual eGPU come in as
 ready-made argument lists (``VmSpec.devices``); this module composes the machine around them.
 """
 

@@ -1,5 +1,5 @@
-"""QEMU pieces for real passthrough: engine ``apple`` (macOS hvf + vfio-apple-pci) and engine
-``vfio`` (Linux kvm + vfio-pci). Pure: functions in, a PassthroughPlan out, which
+"""QEMU pieces for real passthrough: GPU path ``apple`` (macOS hvf + vfio-apple-pci) and GPU
+path ``vfio`` (Linux kvm + vfio-pci). Pure: functions in, a PassthroughPlan out, which
 ``PassthroughPlan.apply`` folds into the VmSpec that egpu.engine.argv turns into argv.
 
 ``apple`` follows the command scottjg/qemu-vfio-apple's launcher builds
@@ -38,9 +38,10 @@ from egpu.host.slots import (
     split_root,
 )
 
-PassthroughEngine = Literal["apple", "vfio"]
-EngineName = Literal["apple", "vfio", "user", "none"]
-ENGINE_CHOICES = ("auto", "apple", "vfio", "user", "none")
+PassthroughPath = Literal["apple", "vfio"]
+GpuPath = Literal["apple", "vfio", "user", "none"]
+GPU_PATH_CHOICES = ("auto", "apple", "vfio", "user", "none")
+DEFAULT_GPU_PATH = "auto"  # apple on macOS, vfio on Linux with a ready GPU, else user
 
 # scottjg/qemu-vfio-apple's launcher places the card at guest slot 0x1e (VMLauncher.swift): high
 # enough to stay clear of the slots QEMU's virt board hands out to -device entries without an
@@ -65,9 +66,9 @@ USB_INPUT = (
 
 @dataclass(frozen=True)
 class PassthroughPlan:
-    """What a passthrough engine sets on a VmSpec (accelerator, CPU, RAM, devices)."""
+    """What a passthrough GPU path sets on a VmSpec (accelerator, CPU, RAM, devices)."""
 
-    engine: PassthroughEngine
+    path: PassthroughPath
     accel: Accel
     accel_options: tuple[str, ...]
     cpu_model: str
@@ -81,7 +82,7 @@ class PassthroughPlan:
     def apply(self, spec: VmSpec) -> VmSpec:
         """The spec with this plan's accelerator, CPU, memory backend and devices."""
         if self.needs_firmware and spec.firmware is None:
-            raise UsageError(f"engine {self.engine} boots through UEFI: the VM needs firmware")
+            raise UsageError(f"GPU path {self.path} boots through UEFI: the VM needs firmware")
         return replace(
             spec,
             accel=self.accel,
@@ -94,7 +95,7 @@ class PassthroughPlan:
 
     def to_json(self) -> dict[str, object]:
         return {
-            "engine": self.engine,
+            "path": self.path,
             "accel": ",".join((self.accel, *self.accel_options)),
             "functions": list(self.functions),
             "devices": [list(d) for d in self.devices],
@@ -201,12 +202,12 @@ def apple_plan(
     slot: int = APPLE_GUEST_SLOT, build: AppleDeviceBuild = CURRENT_APPLE_BUILD,
     dma_bounce_size: int | None = None,
 ) -> PassthroughPlan:
-    """Engine ``apple``: hvf (TSO unless ``tso`` is False), host CPU, preallocated RAM, UEFI."""
+    """GPU path ``apple``: hvf (TSO unless ``tso`` is False), host CPU, preallocated RAM, UEFI."""
     devices = apple_device_args(
         functions, slot=slot, build=build, dma_bounce_size=dma_bounce_size,
     ) if functions else ()
     return PassthroughPlan(
-        engine="apple",
+        path="apple",
         accel="hvf",
         # TSO makes the guest's memory ordering x86-like (ACTLR_EL1.EnTSO, macOS 15+; set at
         # vCPU init, as scottjg/qemu-vfio-apple's VMLauncher.swift explains), which
@@ -278,7 +279,7 @@ def vfio_device_args(functions: Sequence[PciDevice]) -> tuple[tuple[str, ...], .
 def vfio_plan(
     selected: Sequence[PciDevice], devices: Sequence[PciDevice], *, bind: bool = False
 ) -> PassthroughPlan:
-    """Engine ``vfio``: kvm, host CPU, the selected functions and their IOMMU group mates.
+    """GPU path ``vfio``: kvm, host CPU, the selected functions and their IOMMU group mates.
 
     Without ``bind`` every function must already be on vfio-pci; with it, the caller rebinds
     ``plan.functions`` (egpu.host.vfio_bind) before starting QEMU.
@@ -292,7 +293,7 @@ def vfio_plan(
                     "pass --bind to rebind it while the VM runs"
                 )
     return PassthroughPlan(
-        engine="vfio",
+        path="vfio",
         accel="kvm",
         accel_options=(),
         cpu_model="host",
@@ -308,11 +309,11 @@ def vfio_plan(
 
 @dataclass(frozen=True)
 class RunPassthrough:
-    """What ``run`` does about a GPU: the engine, the functions, and the plan for the argv."""
+    """What ``run`` does about a GPU: the GPU path, the functions, and the plan for the argv."""
 
-    engine: EngineName
+    path: GpuPath
     selection: Selection
-    plan: PassthroughPlan | None = None  # None for engines user and none
+    plan: PassthroughPlan | None = None  # None for GPU paths user and none
     notices: tuple[str, ...] = ()
     guard: HostGuard | None = None  # apple with a GPU: power assertion and QoS while it runs
     tso: bool = True
@@ -323,7 +324,7 @@ class RunPassthrough:
 
     def to_json(self) -> dict[str, object]:
         return {
-            "engine": self.engine,
+            "path": self.path,
             "selection": self.selection.to_json(),
             "plan": self.plan.to_json() if self.plan else None,
             "notices": list(self.notices),
@@ -331,34 +332,34 @@ class RunPassthrough:
         }
 
     def for_engine(self, info: EngineInfo) -> RunPassthrough:
-        """The plan rebuilt for the probed engine's vfio-apple-pci (other engines: unchanged)."""
-        if self.engine != "apple" or self.plan is None or not self.selection.functions:
+        """The plan rebuilt for the probed engine's vfio-apple-pci (other GPU paths: unchanged)."""
+        if self.path != "apple" or self.plan is None or not self.selection.functions:
             return self
         plan = apple_plan(self.selection.functions, tso=self.tso,
                           build=AppleDeviceBuild.of(info), dma_bounce_size=self.dma_bounce_size)
         return replace(self, plan=plan)
 
 
-def _assumed(spec: str | None, engine: str) -> tuple[PciDevice, ...]:
+def _assumed(spec: str | None, path: str) -> tuple[PciDevice, ...]:
     """Functions named on the command line, taken on trust for a dry run on another OS."""
     if spec is None or spec.lower() in ("", "auto"):
-        flag = "--ioreg FILE" if engine == "apple" else "--sysfs DIR"
+        flag = "--ioreg FILE" if path == "apple" else "--sysfs DIR"
         raise UsageError(
-            f"engine {engine} cannot look for devices on this host; "
+            f"GPU path {path} cannot look for devices on this host; "
             f"name them with --passthrough BB:DD.F or give {flag}"
         )
-    root, address = split_root(spec.strip()) if engine == "apple" else (None, spec)
+    root, address = split_root(spec.strip()) if path == "apple" else (None, spec)
     p = parse_address_pattern(address)
     fn = p.function or 0
     return (PciDevice(
         address=PciAddress(p.domain or 0, p.bus, p.device, fn), vendor_id=0, device_id=0,
         class_code=0x030000, name="(assumed)", passthrough_ready=True,
-        driver=DEXT_NAME if engine == "apple" else VFIO_DEVICE, root=root,
+        driver=DEXT_NAME if path == "apple" else VFIO_DEVICE, root=root,
     ),)
 
 
 def resolve_run(
-    engine: str,
+    gpu_path: str,
     passthrough: str | None,
     discovery: Discovery,
     *,
@@ -368,28 +369,30 @@ def resolve_run(
     allow_sleep: bool = False,
     dma_bounce_size: int | None = None,
 ) -> RunPassthrough:
-    """Resolve ``--engine`` and ``--passthrough`` against discovered devices (pure).
+    """Resolve ``--gpu`` and ``--passthrough`` against discovered devices (pure).
 
     auto picks apple on macOS and vfio on Linux when a ready (or, with ``bind``, rebindable)
     display device exists, else the virtual eGPU (user). When the discovery does not match
-    the engine's OS (a dry run elsewhere), named functions are taken on trust. The apple plan
+    the GPU path's OS (a dry run elsewhere), named functions are taken on trust. The apple plan
     assumes the current vfio-apple-pci until ``RunPassthrough.for_engine`` sees the real one.
     """
-    if dma_bounce_size is not None and engine not in ("auto", "apple"):
-        raise UsageError("--dma-bounce-size is an option of engine apple")
-    if engine not in ENGINE_CHOICES:
-        raise UsageError(f"unknown engine {engine!r}; use one of: {', '.join(ENGINE_CHOICES)}")
+    if dma_bounce_size is not None and gpu_path not in ("auto", "apple"):
+        raise UsageError("--dma-bounce-size is an option of GPU path apple")
+    if gpu_path not in GPU_PATH_CHOICES:
+        raise UsageError(
+            f"unknown GPU path {gpu_path!r}; use one of: {', '.join(GPU_PATH_CHOICES)}"
+        )
     spec = (passthrough or "auto").lower()
-    if engine == "none" or (engine == "auto" and spec == "none"):
+    if gpu_path == "none" or (gpu_path == "auto" and spec == "none"):
         if spec not in ("auto", "none"):
-            raise UsageError("--engine none passes no device; drop --passthrough")
+            raise UsageError("--gpu none passes no device; drop --passthrough")
         return RunPassthrough("none", Selection("none"))
-    if engine == "user" or (engine == "auto" and spec == "virtual"):
+    if gpu_path == "user" or (gpu_path == "auto" and spec == "virtual"):
         if spec not in ("auto", "virtual"):
-            raise UsageError("--engine user serves the virtual eGPU; use --passthrough virtual")
+            raise UsageError("--gpu user serves the virtual eGPU; use --passthrough virtual")
         return RunPassthrough("user", Selection("virtual", auto=spec == "auto"))
-    if engine == "auto":
-        want: PassthroughEngine = "apple" if discovery.platform == "macos" else "vfio"
+    if gpu_path == "auto":
+        want: PassthroughPath = "apple" if discovery.platform == "macos" else "vfio"
         sel = resolve_passthrough(spec, discovery.devices, rebind=bind,
                                   include_audio=include_audio, fallback="virtual",
                                   apple=want == "apple")
@@ -397,10 +400,10 @@ def resolve_run(
             return RunPassthrough("user", sel, None, sel.notices)
         return _plan(want, sel, discovery, tso=tso, bind=bind, allow_sleep=allow_sleep,
                      dma_bounce_size=dma_bounce_size)
-    chosen: PassthroughEngine = "apple" if engine == "apple" else "vfio"
+    chosen: PassthroughPath = "apple" if gpu_path == "apple" else "vfio"
     native = "macos" if chosen == "apple" else "linux"
     if spec == "virtual":
-        raise UsageError(f"--engine {chosen} passes real devices; use --engine user for virtual")
+        raise UsageError(f"--gpu {chosen} passes real devices; use --gpu user for virtual")
     if discovery.platform != native:
         if spec == "none":
             sel = Selection("none")
@@ -416,10 +419,10 @@ def resolve_run(
 
 
 def _plan(
-    engine: PassthroughEngine, sel: Selection, discovery: Discovery, *, tso: bool, bind: bool,
+    path: PassthroughPath, sel: Selection, discovery: Discovery, *, tso: bool, bind: bool,
     allow_sleep: bool = False, dma_bounce_size: int | None = None,
 ) -> RunPassthrough:
-    if engine == "apple":
+    if path == "apple":
         bound = (tuple(function_label(d) for d in discovery.devices if d.passthrough_ready)
                  if discovery.platform == "macos" else None)
         plan = apple_plan(sel.functions, tso=tso, dma_bounce_size=dma_bounce_size)
@@ -433,7 +436,7 @@ def _plan(
     if not sel.functions:
         if sel.auto:
             raise HostError(
-                "engine vfio found no display device to pass through; `egpu doctor` says why"
+                "GPU path vfio found no display device to pass through; `egpu doctor` says why"
             )
         plan = _vfio_bare(())  # --passthrough none: a kvm VM without a GPU
     elif discovery.platform != "linux":
@@ -445,7 +448,7 @@ def _plan(
 
 def _vfio_bare(functions: Sequence[PciDevice]) -> PassthroughPlan:
     return PassthroughPlan(
-        engine="vfio", accel="kvm", accel_options=(), cpu_model="host", memory_backend="plain",
+        path="vfio", accel="kvm", accel_options=(), cpu_model="host", memory_backend="plain",
         machine_options=(), devices=vfio_device_args(functions) if functions else (),
         functions=tuple(d.address.full for d in functions), needs_firmware=False,
     )

@@ -6,7 +6,7 @@ engine is a Debian root unpacked without installing, so its programs run through
 dynamic loader with its own library path (``ld.so --library-path``, ld.so(8)), so no host
 library is mixed in and nothing needs installing.
 
-Engine ``apple`` needs a QEMU with ``vfio-apple-pci``, which Mac users have inside the
+GPU path ``apple`` needs a QEMU with ``vfio-apple-pci``, which Mac users have inside the
 scottjg/qemu-vfio-apple host app (contrib/apple-vfio/scripts/embed-qemu.sh):
 ``X.app/Contents/MacOS/qemu-system-aarch64`` and ``qemu-img``, firmware and data in
 ``Contents/Resources/share/qemu``, pci.ids in ``Contents/Resources``. Then the app bundles in
@@ -494,7 +494,7 @@ def choose_engine(
 ) -> EngineInfo:
     """The chosen candidate's probe, with notices for the ones skipped; EngineError if none."""
     minimum = ".".join(map(str, MIN_VERSION))
-    # a QEMU without the device the engine needs (Homebrew's, on a Mac) is worth a word;
+    # a QEMU without the device the GPU path needs (Homebrew's, on a Mac) is worth a word;
     # an old QEMU on PATH passed over for the private engine is routine
     skipped = tuple(
         f"skipping {c.engine.source} QEMU at {c.engine.location}: {c.reason}"

@@ -1,4 +1,4 @@
-"""Engine ``user``: the virtual eGPU, two vfio-user functions served by egpu's device servers.
+"""GPU path ``user``: the virtual eGPU, two vfio-user functions served by egpu's device servers.
 
 Pure: a servers directory and options in, a VirtualEgpuPlan out. The plan names the servers
 to start (one socket per PCI function, as vfio-user requires) and the QEMU pieces: fd-backed

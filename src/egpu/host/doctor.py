@@ -60,7 +60,7 @@ def check_os(f: HostFacts) -> Check:
             return Check("os-cpu", "ok", f"{f.system}; the dumped host's CPU is not recorded")
         return Check(
             "os-cpu", "fail", f"{f.system} on {f.machine}",
-            "The apple engine needs an Apple Silicon Mac (M1 or later).",
+            "The GPU path apple needs an Apple Silicon Mac (M1 or later).",
         )
     if f.platform == "linux":
         if arch in ("x86_64", "amd64", "aarch64", "arm64"):

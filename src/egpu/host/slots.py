@@ -29,7 +29,7 @@ AUTO = "auto"
 NONE = "none"
 VIRTUAL = "virtual"
 ROOT_SEPARATOR = "/"
-# Why the apple engine never passes audio: the current VFIOUserPCIDriver refuses to attach
+# Why the GPU path apple never passes audio: the current VFIOUserPCIDriver refuses to attach
 # class-0x04 functions because they "triggered DART assertions"
 # (scottjg/qemu-vfio-apple, VFIOUserPCIDriver/VFIOUserPCIDriver.cpp).
 AUDIO_REFUSED = (

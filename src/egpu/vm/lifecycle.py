@@ -67,8 +67,8 @@ class RunRequest:
     accel: str | None = None
     selftest: bool = False
     extra: tuple[str, ...] = ()
-    gpu: RunPassthrough | None = None  # resolved --engine / --passthrough; None: no GPU
-    bind: bool = False  # engine vfio: move the functions to vfio-pci for this run
+    gpu: RunPassthrough | None = None  # resolved --gpu / --passthrough; None: no GPU
+    bind: bool = False  # GPU path vfio: move the functions to vfio-pci for this run
     nvme_size: str = virtual.DEFAULT_NVME_SIZE
     image: str | None = None  # OCI reference of a full guest image (UEFI boot)
     base: str | None = None  # a local qcow2 to boot instead of an image
@@ -186,13 +186,13 @@ def plan_run(
     if ssh_port is not None and check_host:
         check_port_free(ssh_port)
     accel, accel_notice = choose_accel(info, arch, request.accel, nested=host_is_virtual())
-    gpu_engine = request.gpu.engine if request.gpu else "none"
+    gpu_path = request.gpu.path if request.gpu else "none"
     gpu_plan = request.gpu.plan if request.gpu else None
     # the accelerator the VM will run on: a passthrough plan sets its own (hvf, kvm)
     check_cpus(request.cpus, arch, gpu_plan.accel if gpu_plan else accel,
                machine_max=info.cpu_limit(arch), host_cpus=os.cpu_count() if check_host else None)
     card = None
-    if gpu_engine == "user":
+    if gpu_path == "user":
         if check_host and "vfio-user-pci" not in info.devices.get(arch, ()):
             raise EngineError(
                 f"QEMU {info.version_text} has no vfio-user-pci device for the virtual eGPU",
@@ -227,12 +227,13 @@ def plan_run(
     servers = [_server_entry(s) for s in card.servers] if card else []
     config = store.VmConfig(
         name=request.name, arch=arch, cpus=request.cpus, memory_mib=request.memory_mib,
-        accel=spec.accel, engine=f"{gpu_engine} ({info.engine.source} QEMU {info.version_text})",
-        qemu_version=info.version_text, argv=argv, env=info.engine.env(),
+        accel=spec.accel, gpu_path=gpu_path,
+        qemu=f"{info.engine.source} QEMU {info.version_text}", qemu_version=info.version_text,
+        argv=argv, env=info.engine.env(),
         ssh_port=ssh_port, selftest=request.selftest, servers=servers,
         image=boot.source if boot else None,
         bind_functions=list(request.gpu.plan.functions)
-        if request.bind and request.gpu and request.gpu.plan and gpu_engine == "vfio" else [],
+        if request.bind and request.gpu and request.gpu.plan and gpu_path == "vfio" else [],
         host_guard=request.gpu.guard.to_json() if request.gpu and request.gpu.guard else None,
         gpu_bound_at_start=list(request.gpu.bound_at_start)
         if request.gpu and request.gpu.bound_at_start is not None else None,

@@ -43,7 +43,8 @@ class VmStatus:
     pid: int | None
     guest_ready: bool
     arch: str | None  # None (and the fields below): a broken VM whose config is unreadable
-    engine: str | None
+    gpu_path: str | None  # how the GPU reaches the VM
+    qemu: str | None  # which QEMU runs it
     qmp_socket: str
     serial_log: str
     cpus: int | None
@@ -70,7 +71,8 @@ class VmStatus:
             "pid": self.pid,
             "guest_ready": self.guest_ready,
             "arch": self.arch,
-            "engine": self.engine,
+            "gpu_path": self.gpu_path,
+            "qemu": self.qemu,
             "qmp_socket": self.qmp_socket,
             "serial_log": self.serial_log,
             "cpus": self.cpus,
@@ -141,7 +143,8 @@ def inspect(vm: store.VmDir) -> VmStatus:
     return VmStatus(
         name=vm.name, state=state, pid=qemu.pid if qemu is not None and qemu_alive else None,
         guest_ready=state in ACTIVE_STATES and log_contains(vm.serial_log, READY_MARKER),
-        arch=config.arch, engine=config.engine, qmp_socket=str(vm.qmp_socket),
+        arch=config.arch, gpu_path=config.gpu_path, qemu=config.qemu,
+        qmp_socket=str(vm.qmp_socket),
         serial_log=str(vm.serial_log), cpus=config.cpus, memory_mib=config.memory_mib,
         ssh_port=config.ssh_port, exit=exit_record, servers=vm.read_servers(),
         problems=problems, run_state=run_state,
@@ -151,7 +154,8 @@ def inspect(vm: store.VmDir) -> VmStatus:
 def broken_status(vm: store.VmDir, problem: str) -> VmStatus:
     """What a VM directory egpu cannot read is shown as."""
     return VmStatus(
-        name=vm.name, state=BROKEN, pid=None, guest_ready=False, arch=None, engine=None,
+        name=vm.name, state=BROKEN, pid=None, guest_ready=False, arch=None, gpu_path=None,
+        qemu=None,
         qmp_socket=str(vm.qmp_socket), serial_log=str(vm.serial_log), cpus=None,
         memory_mib=None, ssh_port=None, problems=[problem],
     )

@@ -33,7 +33,7 @@ QEMU_LOG = "qemu.log"  # QEMU's own stderr
 SUPERVISOR_LOG = "supervisor.log"
 EXIT_RECORD = "exit.json"  # written by the supervisor when QEMU ends
 STOP_REQUEST = "stop-requested"  # written by `stop` before it acts, so a kill reads as a stop
-SERVERS_DIR = "servers"  # device-server sockets and logs (engine user)
+SERVERS_DIR = "servers"  # device-server sockets and logs (GPU path user)
 OVERLAY = "overlay.qcow2"
 EFI_VARS = "efivars.fd"
 NVME_BACKING = "egpu-nvme.img"  # the virtual eGPU's NVMe storage (sparse; kept across runs)
@@ -160,7 +160,8 @@ class VmConfig:
     cpus: int
     memory_mib: int
     accel: str
-    engine: str  # engine kind (none / user / apple / vfio) and QEMU source
+    gpu_path: str  # how the GPU reaches the VM: none / user / apple / vfio
+    qemu: str  # the engine that runs it, e.g. "private QEMU 11.1.3"
     qemu_version: str
     argv: list[str]
     env: dict[str, str] = field(default_factory=dict)
@@ -188,10 +189,14 @@ class VmConfig:
         argv = _str_list(data, "argv")
         if not argv:
             raise ValueError("argv: missing")
+        if "gpu_path" in data:
+            gpu_path, qemu = _get(data, "gpu_path", str), _get(data, "qemu", str)
+        else:
+            gpu_path, qemu = legacy_engine_field(_get(data, "engine", str))
         return cls(
             name=_get(data, "name", str), arch=_get(data, "arch", str),
             cpus=_get(data, "cpus", int), memory_mib=_get(data, "memory_mib", int),
-            accel=_get(data, "accel", str), engine=_get(data, "engine", str),
+            accel=_get(data, "accel", str), gpu_path=gpu_path, qemu=qemu,
             qemu_version=_get(data, "qemu_version", str), argv=argv, env=dict(env),
             ssh_port=_get(data, "ssh_port", int, optional=True),
             selftest=bool(_get(data, "selftest", bool, optional=True)),
@@ -203,6 +208,12 @@ class VmConfig:
             gpu_bound_at_start=(_str_list(data, "gpu_bound_at_start")
                                 if data.get("gpu_bound_at_start") is not None else None),
         )
+
+
+def legacy_engine_field(text: str) -> tuple[str, str]:
+    """GPU path and QEMU text from the "engine" field older versions wrote: "user (QEMU ...)"."""
+    path, _, rest = text.partition(" ")
+    return path, rest.strip().removeprefix("(").removesuffix(")")
 
 
 class VmDir:
