@@ -238,13 +238,8 @@ def plan_run(
 def _server_entry(server: virtual.DeviceServer) -> store.ServerLaunch:
     """How the supervisor starts one device server (a process of its own: a crash there is
     reported, never taken down with QEMU)."""
-    argv = [sys.executable, "-m", "egpu", "vfio-user", "serve",
-            "--socket", str(server.socket), "--function", server.name]
-    for option in server.options:
-        argv += ["-o", option]
-    return store.ServerLaunch(name=server.name, function=server.function,
-                              socket=str(server.socket), log=str(server.log),
-                              options=server.options, argv=tuple(argv))
+    return store.ServerLaunch(name=server.name, function=server.function, spec=server.spec,
+                              spec_file=str(server.spec_file), log=str(server.log))
 
 
 def _firmware(info: EngineInfo, vm: store.VmDir, arch: str, check_host: bool) -> Firmware:
