@@ -18,6 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from egpu.devices import DEVICE_MODULES
+from egpu.devices.serve_spec import ServeSpec
 from egpu.process import ProcessRef
 from egpu.vm import store
 
@@ -98,11 +100,11 @@ def record(vm: store.VmDir, which: str, proc: subprocess.Popen[bytes]) -> Proces
 
 
 def server(vm: store.VmDir, name: str, function: int, ref: ProcessRef | None) -> store.ServerRecord:
-    options = (f"screenshot_request={vm.servers_dir / 'screenshot.request'}",) if name == \
-        "display" else ()
-    return store.ServerRecord(name=name, function=function, socket=str(vm.servers_dir / name),
-                              log=str(vm.servers_dir / f"{name}.log"), options=options,
-                              process=ref)
+    request = vm.servers_dir / "screenshot.request" if name == "display" else None
+    model = name if name in DEVICE_MODULES else "sample"  # any servable model will do
+    spec = ServeSpec(model, vm.servers_dir / name, screenshot_request=request)
+    return store.ServerRecord(name=name, function=function, spec=spec,
+                              log=str(vm.servers_dir / f"{name}.log"), process=ref)
 
 
 def dead_qmp_socket(path: Path) -> None:

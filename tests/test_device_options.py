@@ -9,7 +9,8 @@ import pytest
 from egpu.devices import DEVICE_MODULES, device_options
 from egpu.devices.display import SCREENSHOT_REQUEST
 from egpu.devices.options import DeviceOption, OptionType, parse_options
-from egpu.engine.virtual import DEFAULT_NVME_SIZE, screenshot_request_of, virtual_egpu_plan
+from egpu.devices.serve_spec import ServeSpec
+from egpu.engine.virtual import DEFAULT_NVME_SIZE, virtual_egpu_plan
 from egpu.errors import UsageError
 from egpu.units import MIB
 
@@ -53,10 +54,11 @@ def test_every_function_declares_its_options() -> None:
 def test_the_virtual_egpu_plan_passes_options_its_functions_declare(tmp_path: Path) -> None:
     plan = virtual_egpu_plan(tmp_path, nvme_backing=tmp_path / "n.img")
     for server in plan.servers:
-        given = dict(option.split("=", 1) for option in server.options)
+        given = server.spec.option_text()
         parse_options(server.name, device_options(server.name), given)  # raises if not
+        assert ServeSpec.from_json(server.spec.to_json()) == server.spec
     display = next(s for s in plan.servers if s.name == "display")
-    assert screenshot_request_of(list(display.options)) == plan.screenshot_request
-    assert SCREENSHOT_REQUEST.pair(plan.screenshot_request) in display.options
+    assert display.spec.screenshot_request == plan.screenshot_request
+    assert SCREENSHOT_REQUEST.name not in dict(display.spec.options)  # a field, not an option
     nvme = next(s for s in plan.servers if s.name == "nvme")
-    assert f"size={DEFAULT_NVME_SIZE}" in nvme.options
+    assert nvme.spec.option_text()["size"] == DEFAULT_NVME_SIZE

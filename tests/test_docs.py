@@ -61,7 +61,10 @@ def _packages() -> list[Path]:
 
 
 def _commands(group: click.Group, prefix: tuple[str, ...] = ()) -> Iterator[tuple[str, ...]]:
-    for name, command in group.commands.items():
+    ctx = click.Context(group)
+    for name in group.list_commands(ctx):
+        command = group.get_command(ctx, name)
+        assert command is not None
         path = (*prefix, name)
         yield path
         if isinstance(command, click.Group):

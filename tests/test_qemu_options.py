@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from egpu.devices.serve_spec import ServeSpec
 from egpu.engine.argv import Disk, Firmware, VmSpec, build_argv
 from egpu.engine.qemu_options import escape, json_option, option_string
 from egpu.engine.virtual import DeviceServer, device_arg
@@ -128,7 +129,8 @@ def test_values_no_escaping_can_carry_are_refused() -> None:
 
 def test_vfio_user_device_json_keeps_the_socket_path_whole(tmp_path: Path) -> None:
     sock = Path("/h,id=evil/display.sock")
-    flag, arg = device_arg(DeviceServer("display", 0, sock, tmp_path / "log"), 0x10)
+    flag, arg = device_arg(DeviceServer("display", 0, ServeSpec("display", sock),
+                                          tmp_path / "spec", tmp_path / "log"), 0x10)
     assert flag == "-device"
     doc = json.loads(arg)
     assert doc["socket"] == {"type": "unix", "path": str(sock)} and doc["id"] == "egpu-display"

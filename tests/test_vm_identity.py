@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from egpu.devices.serve_spec import ServeSpec
 from egpu.process import ProcessRef, signal_process
 from egpu.vm import store
 
@@ -62,11 +63,12 @@ def test_pid_file_round_trip_keeps_a_program_with_spaces(tmp_path: Path) -> None
 
 
 def test_server_record_validates_types() -> None:
-    good = store.ServerRecord(name="display", function=0, socket="/s", log="/l",
-                              options=("a=b",), process=ProcessRef(99, 1.5, "python"))
+    spec = ServeSpec("display", Path("/s"), screenshot_request=Path("/r"))
+    good = store.ServerRecord(name="display", function=0, spec=spec, log="/l",
+                              process=ProcessRef(99, 1.5, "python"))
     assert store.ServerRecord.from_json(good.to_json()) == good
     bads: list[object] = [{**good.to_json(), "function": "0"},
-                          {**good.to_json(), "options": "a=b"},
+                          {**good.to_json(), "spec": {**spec.to_json(), "options": ["a=b"]}},
                           {**good.to_json(), "returncode": True}, [], "x"]
     for bad in bads:
         with pytest.raises(ValueError):
@@ -145,8 +147,9 @@ def test_config_round_trip_keeps_every_field(tmp_path: Path) -> None:
         qemu_version="11", argv=["qemu"], env={"A": "b"}, ssh_port=2222, selftest=True,
         image="ref", bind_functions=["0000:01:00.0"], host_guard={"power_assertion": []},
         gpu_bound_at_start=["pcic1/01:00.0"],
-        servers=[store.ServerLaunch(name="nvme", function=1, socket="/s", log="/l",
-                                    options=("size=1G",), argv=("python", "-m", "egpu"))],
+        servers=[store.ServerLaunch(
+            name="nvme", function=1, log="/l", spec_file="/f",
+            spec=ServeSpec.parse("nvme", Path("/s"), {"size": "1G", "backing": "/b"}))],
     )
     vm = store.VmDir("vm", root=tmp_path)
     vm.create()

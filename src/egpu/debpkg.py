@@ -27,6 +27,7 @@ from pathlib import Path
 import httpx
 
 from egpu.errors import EngineError
+from egpu.process import run_tool
 from egpu.progress import Progress, SilentProgress
 from egpu.transfer import (
     Stalled,
@@ -170,16 +171,12 @@ class DebianArchive:
                 f"{tool} not found",
                 hint="egpu provisions from Debian packages; run it on Debian or Ubuntu",
             )
-        proc = subprocess.run(
+        return run_tool(
             [tool, *self._apt_options(), *args],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "LC_ALL": "C"},
+            lambda why: EngineError(f"{tool} {args[0]} failed: {why}"),
+            timeout=None,  # apt bounds its own network waits; a long update is not a hang
+            env={"LC_ALL": "C"},
         )
-        if proc.returncode != 0:
-            last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise EngineError(f"{tool} {args[0]} failed: {last}")
-        return proc.stdout
 
     def update(self, mirror: str) -> None:
         """Write the private sources and fetch the signed indexes."""

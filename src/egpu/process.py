@@ -12,15 +12,19 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import psutil
 
+from egpu.errors import EgpuError
+
 START_SLACK_S = 0.05  # psutil start times are rounded to clock ticks
 EXEC_WAIT_S = 5.0
 EXEC_POLL_S = 0.005
 MIN_PID = 2  # 0 is the caller's group, 1 is init, negatives are groups or everything
+NO_OUTPUT = "(no output)"
 
 
 @dataclass(frozen=True)
@@ -118,3 +122,29 @@ def wait_gone(ref: ProcessRef | None, timeout: float, poll: float) -> bool:
         time.sleep(poll)
     return True
 
+
+
+def last_line(text: str, fallback: str = NO_OUTPUT) -> str:
+    """The last non-blank line of a tool's output (its error, by convention), or ``fallback``."""
+    return (text.strip().splitlines() or [fallback])[-1]
+
+
+def run_tool(
+    argv: Sequence[str], fail: Callable[[str], EgpuError], *, timeout: float | None,
+    env: Mapping[str, str] | None = None, stdin: str | None = None, fallback: str = NO_OUTPUT,
+) -> str:
+    """Run a tool to completion and return its stdout; raise ``fail(detail)`` if it fails.
+
+    ``detail`` is why it could not start, or the last line of its stderr when it exits non-zero.
+    """
+    try:
+        proc = subprocess.run(
+            list(argv), capture_output=True, text=True, timeout=timeout, input=stdin,
+            stdin=None if stdin is not None else subprocess.DEVNULL,
+            env={**os.environ, **(env or {})}, check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise fail(f"cannot run {argv[0] if argv else 'a tool'}: {e}") from e
+    if proc.returncode != 0:
+        raise fail(last_line(proc.stderr, fallback))
+    return proc.stdout

@@ -10,27 +10,79 @@ import sys
 import click
 
 from egpu import __version__
-from egpu.cli import output
 from egpu.errors import EgpuError
 
-# Each module adds its commands to the root group through ``register(group)``.
-COMMAND_MODULES = (
-    "egpu.cli.vm_commands",
-    "egpu.cli.engine_commands",
-    "egpu.cli.vfio_user_commands",
-    "egpu.cli.host_commands",
-    "egpu.cli.image_commands",
-)
+# name -> (module defining it, its short help): ``--help`` lists every command from this table,
+# and a command's module (with its rich, httpx, QEMU deps) is imported only when that command runs.
+# tests/test_cli_lazy.py checks the table against the real commands.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "console": ("egpu.cli.vm_commands",
+                "Attach to a running VM's serial console; Ctrl-] detaches, the VM keeps running."),
+    "devices": ("egpu.cli.host_commands",
+                "List the host's PCI functions and whether each can be passed through."),
+    "doctor": ("egpu.cli.host_commands",
+               "Check what real passthrough needs on this host; exit 1 when something blocks it."),
+    "engine": ("egpu.cli.engine_commands",
+               "Show which QEMU egpu runs, what it can do here, and every candidate it looked at."),
+    "images": ("egpu.cli.image_commands",
+               "List cached images and the VMs whose overlays use them."),
+    "list": ("egpu.cli.vm_commands", "List VMs."),
+    "logs": ("egpu.cli.vm_commands", "Print a VM's serial console log."),
+    "prune": ("egpu.cli.image_commands", "Delete cached images that no VM overlay uses."),
+    "pull": ("egpu.cli.image_commands",
+             "Download an image (default: scottjg/qemu-vfio-apple's docker-profile image) "
+             "into the cache."),
+    "reset": ("egpu.cli.image_commands",
+              "Delete a VM's overlay and EFI vars: its next run starts from the pristine image."),
+    "rm": ("egpu.cli.vm_commands",
+           "Delete a VM: its directory, disks and logs (a live one only with --force)."),
+    "run": ("egpu.cli.vm_commands", "Boot a VM (the built-in guest unless an image is given)."),
+    "screenshot": ("egpu.cli.vm_commands",
+                   "Write what a VM's virtual display shows to a PNG file."),
+    "setup": ("egpu.cli.engine_commands",
+              "Provision the engine and the built-in guests, so later runs start at once."),
+    "ssh": ("egpu.cli.vm_commands",
+            "Open a shell (or run COMMAND) in a VM over its loopback ssh forward."),
+    "status": ("egpu.cli.vm_commands", "Show the state of one VM, or of all."),
+    "stop": ("egpu.cli.vm_commands", "Stop a VM: powerdown over QMP, then SIGTERM, then SIGKILL."),
+    "vfio-user": ("egpu.cli.vfio_user_commands",
+                  "Serve virtual PCI functions over the vfio-user protocol."),
+}
+HELP_GAP = 6  # click's own indent plus column spacing in the commands list
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    """The root group: lists commands from :data:`COMMANDS`, imports one only to run it."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name not in COMMANDS:
+            return None
+        if cmd_name not in self.commands:
+            # each module adds its commands through ``register(group)``
+            importlib.import_module(COMMANDS[cmd_name][0]).register(self)
+        return self.commands.get(cmd_name)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        names = self.list_commands(ctx)
+        limit = formatter.width - HELP_GAP - max(len(n) for n in names)
+        rows = [(n, click.Command(n, help=COMMANDS[n][1]).get_short_help_str(limit)) for n in names]
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="egpu")
 def cli() -> None:
     """Use a GPU that lives outside your machine's OS, through a Linux VM."""
 
 
-for _name in COMMAND_MODULES:
-    importlib.import_module(_name).register(cli)
+def _error(message: str) -> None:
+    from egpu.cli import output  # rich: imported only once there is an error to print
+
+    output.error(message)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -38,15 +90,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="egpu", standalone_mode=False)
     except EgpuError as e:
-        output.error(str(e))
+        _error(str(e))
         sys.exit(e.exit_code)
     except click.exceptions.Abort:
-        output.error("aborted")
+        _error("aborted")
         sys.exit(130)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        output.error("interrupted")
+        _error("interrupted")
         sys.exit(130)
     sys.exit(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 from pathlib import Path
@@ -10,7 +11,8 @@ from types import FrameType
 import click
 
 from egpu.cli import output
-from egpu.devices import DEVICE_MODULES, create_device, device_options
+from egpu.devices import DEVICE_MODULES, device_options
+from egpu.devices.serve_spec import SERVE_COMMAND, SPEC_OPTION, ServeSpec
 from egpu.errors import UsageError
 from egpu.vfio_user.server import VfioUserServer
 
@@ -42,30 +44,56 @@ class _ServeCommand(click.Command):
         super().format_epilog(ctx, formatter)
 
 
-@click.group("vfio-user")
+@click.group(SERVE_COMMAND[0])
 def vfio_user() -> None:
     """Serve virtual PCI functions over the vfio-user protocol."""
 
 
-@vfio_user.command("serve", cls=_ServeCommand)
-@click.option("--socket", "socket_path", required=True, type=click.Path(path_type=Path),
+@vfio_user.command(SERVE_COMMAND[1], cls=_ServeCommand)
+@click.option("--socket", "socket_path", type=click.Path(path_type=Path),
               help="UNIX socket to listen on (its directory is made private, 0700).")
-@click.option("--function", "function", required=True, type=click.Choice(FUNCTIONS),
+@click.option("--function", "function", type=click.Choice(FUNCTIONS),
               help="Which device function to serve.")
 @click.option("-o", "--option", "options", multiple=True, metavar="KEY=VALUE",
               help="Device option of the function, listed below (repeatable).")
+@click.option(SPEC_OPTION, "spec_file", type=click.Path(dir_okay=False, path_type=Path),
+              help="Serve what this JSON spec file says instead (how egpu run starts servers).")
 @click.option("-v", "--verbose", is_flag=True, help="Log connections and refused requests.")
-def serve(socket_path: Path, function: str, options: tuple[str, ...], verbose: bool) -> None:
+def serve(socket_path: Path | None, function: str | None, options: tuple[str, ...],
+          spec_file: Path | None, verbose: bool) -> None:
     """Serve one PCI function on SOCKET until SIGTERM/SIGINT (clients may come and go).
 
-    Sizes take K, M, G or T (1024-based); a bare number is bytes.
+    Give --socket and --function (and -o), or --spec. Sizes take K, M, G or T (1024-based); a
+    bare number is bytes.
     """
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(name)s: %(message)s")
-    device = create_device(function, _parse_options(options))
-    # A display given screenshot_request answers `egpu screenshot` by signal from here on: the
-    # server attaches it in this, the main, thread (devices/display.py).
-    server = VfioUserServer(device, socket_path)
+    if spec_file is not None:
+        if socket_path or function or options:
+            raise UsageError(f"{SPEC_OPTION} replaces --socket, --function and -o")
+        spec = _read_spec(spec_file)
+    elif socket_path is None or function is None:
+        raise UsageError("serve needs --socket and --function (or --spec FILE)")
+    else:
+        spec = ServeSpec.parse(function, socket_path, _parse_options(options))
+    _serve(spec)
+
+
+def _read_spec(path: Path) -> ServeSpec:
+    try:
+        return ServeSpec.from_json(json.loads(path.read_text()))
+    except OSError as e:
+        raise UsageError(f"{SPEC_OPTION} {path}: {e.strerror or e}") from None
+    except ValueError as e:  # malformed JSON included
+        raise UsageError(f"{SPEC_OPTION} {path}: {e}") from None
+
+
+def _serve(spec: ServeSpec) -> None:
+    """Serve ``spec`` until SIGTERM/SIGINT: the one path for both ways of asking."""
+    device = spec.create_device()
+    # A display given a screenshot request file answers `egpu screenshot` by signal from here
+    # on: the server attaches it in this, the main, thread (devices/display.py).
+    server = VfioUserServer(device, spec.socket)
     server.listen()
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
@@ -73,7 +101,7 @@ def serve(socket_path: Path, function: str, options: tuple[str, ...], verbose: b
 
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
-    output.notice(f"serving {function} on {socket_path}")
+    output.notice(f"serving {spec.function} on {spec.socket}")
     server.serve_forever()
     output.notice("server stopped")
 

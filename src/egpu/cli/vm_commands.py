@@ -36,7 +36,6 @@ from egpu.engine.qemu import (
     placeholder_info,
 )
 from egpu.engine.select import ensure_engine_info
-from egpu.engine.virtual import screenshot_request_of
 from egpu.errors import EgpuError, EngineError, UsageError, VMError
 from egpu.guest import protocol as guest_protocol
 from egpu.guest.assets import GuestAssets, ensure_guest, planned_guest
@@ -423,7 +422,7 @@ def screenshot(name: str, out: Path) -> None:
     vm = store.VmDir(name).require()
     status = inspect(vm)
     display = next((s for s in status.servers if s.name == "display"), None)
-    request = screenshot_request_of(display.options) if display else None
+    request = display.spec.screenshot_request if display else None
     if display is None or request is None:
         raise UsageError(f"VM {name!r} has no virtual display (run it with --passthrough virtual)")
     if status.state != "running":

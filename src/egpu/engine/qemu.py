@@ -22,7 +22,6 @@ import platform
 import plistlib
 import re
 import shutil
-import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -32,6 +31,7 @@ from xml.parsers.expat import ExpatError
 from egpu.engine.argv import machine_type
 from egpu.errors import EngineError, UsageError
 from egpu.paths import dirs
+from egpu.process import run_tool
 
 MIN_VERSION = (10, 1, 0)  # first release with the vfio-user-pci client
 ARCHES = ("aarch64", "x86_64")
@@ -227,17 +227,10 @@ def parse_device_properties(text: str) -> tuple[DeviceProperty, ...]:
 
 
 def _run(argv: Sequence[str], env: dict[str, str], stdin: str = "") -> str:
-    try:
-        proc = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=PROBE_TIMEOUT_S,
-            env={**os.environ, **env}, input=stdin,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise EngineError(f"cannot run {argv[-1] if argv else 'qemu'}: {e}") from e
-    if proc.returncode != 0:
-        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise EngineError(f"{' '.join(argv[-3:])} failed: {last}")
-    return proc.stdout
+    return run_tool(
+        argv, lambda why: EngineError(f"{' '.join(argv[-3:])} failed: {why}"),
+        timeout=PROBE_TIMEOUT_S, env=env, stdin=stdin,
+    )
 
 
 def host_accelerators(arch: str) -> set[str]:

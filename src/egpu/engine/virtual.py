@@ -11,10 +11,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from egpu.devices.display import SCREENSHOT_REQUEST
 from egpu.devices.nvme.function import BACKING as NVME_BACKING
 from egpu.devices.nvme.function import DEFAULT_SIZE
 from egpu.devices.nvme.function import SIZE as NVME_SIZE
+from egpu.devices.serve_spec import ServeSpec
 from egpu.engine.argv import VmSpec
 from egpu.engine.qemu_options import json_option
 from egpu.units import format_size
@@ -25,21 +25,22 @@ GUEST_SLOT = 0x10
 DEFAULT_NVME_SIZE = format_size(DEFAULT_SIZE)  # as `--nvme-size` shows it
 # The guest checks that need the card (egpu/guest/checks).
 CHECKS = ("nvme", "display")
+DISPLAY, NVME = "display", "nvme"  # the device models at functions 0 and 1
 
 
 @dataclass(frozen=True)
 class DeviceServer:
-    """One device server: which function it serves, on which socket, with which options."""
+    """One device server: its PCI function number, what it serves, where its spec and log go."""
 
     name: str  # the device model (egpu.devices registry)
     function: int  # PCI function number at the guest slot
-    socket: Path
+    spec: ServeSpec
+    spec_file: Path  # the vm layer writes ``spec`` here for the server to read
     log: Path
-    options: tuple[str, ...] = ()  # KEY=VALUE, as `egpu vfio-user serve -o`
 
-    def to_json(self) -> dict[str, object]:
-        return {"name": self.name, "function": self.function, "socket": str(self.socket),
-                "log": str(self.log), "options": list(self.options)}
+    @property
+    def socket(self) -> Path:
+        return self.spec.socket
 
 
 @dataclass(frozen=True)
@@ -54,17 +55,6 @@ class VirtualEgpuPlan:
     def apply(self, spec: VmSpec) -> VmSpec:
         """The spec with shared guest RAM and the card's devices."""
         return replace(spec, memory_backend="memfd-shared", devices=spec.devices + self.devices)
-
-
-def screenshot_request_of(options: object) -> Path | None:
-    """The screenshot request file named in a server's recorded options, if any."""
-    if not isinstance(options, list | tuple):
-        return None
-    for option in options:
-        key, _, value = str(option).partition("=")
-        if key == SCREENSHOT_REQUEST.name and value:
-            return Path(value)
-    return None
 
 
 def device_arg(server: DeviceServer, slot: int) -> tuple[str, str]:
@@ -87,15 +77,14 @@ def virtual_egpu_plan(
 ) -> VirtualEgpuPlan:
     """Plan the virtual eGPU: display at function 0, the NVMe DMA engine at function 1."""
     request = servers_dir / "screenshot.request"
-    display = DeviceServer(
-        "display", 0, servers_dir / "display.sock", servers_dir / "display.log",
-        (SCREENSHOT_REQUEST.pair(request),),
-    )
-    nvme = DeviceServer(
-        "nvme", 1, servers_dir / "nvme.sock", servers_dir / "nvme.log",
-        (NVME_BACKING.pair(nvme_backing), f"{NVME_SIZE.name}={nvme_size}"),
-    )
-    servers = (display, nvme)
+    display = ServeSpec(DISPLAY, servers_dir / "display.sock", screenshot_request=request)
+    # parsed now: a bad --nvme-size fails the plan, before anything starts
+    nvme = ServeSpec.parse(NVME, servers_dir / "nvme.sock", {
+        NVME_BACKING.name: str(nvme_backing), NVME_SIZE.name: nvme_size})
+    servers = tuple(
+        DeviceServer(spec.function, number, spec, servers_dir / f"{spec.function}.spec.json",
+                     servers_dir / f"{spec.function}.log")
+        for number, spec in enumerate((display, nvme)))
     return VirtualEgpuPlan(
         servers=servers, devices=tuple(device_arg(s, slot) for s in servers),
         screenshot_request=request,

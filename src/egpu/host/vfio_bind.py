@@ -10,7 +10,6 @@ tests run it against a fake tree whose "kernel" is the writer they pass.
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from typing import Any
 from egpu.errors import HostError
 from egpu.host.address import full_address
 from egpu.host.device import VFIO_PCI_DRIVER
+from egpu.process import run_tool
 
 LIVE_SYSFS = Path("/sys")
 PCI_DEVICES = Path("bus/pci/devices")
@@ -96,16 +96,10 @@ def ensure_vfio_pci(root: Path = LIVE_SYSFS) -> None:
         return
     if root != LIVE_SYSFS:
         raise HostError(f"{root}: the vfio-pci driver is not loaded")
-    try:
-        proc = subprocess.run(
-            ["modprobe", VFIO_PCI_DRIVER], capture_output=True, text=True,
-            timeout=MODPROBE_TIMEOUT_S, stdin=subprocess.DEVNULL, check=False,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise HostError(f"cannot load vfio-pci: {e}") from e
-    if proc.returncode != 0 or not (root / PCI_DRIVERS / VFIO_PCI_DRIVER).is_dir():
-        last = (proc.stderr.strip().splitlines() or ["the driver did not appear"])[-1]
-        raise HostError(f"cannot load vfio-pci: {last}")
+    run_tool(["modprobe", VFIO_PCI_DRIVER], lambda why: HostError(f"cannot load vfio-pci: {why}"),
+             timeout=MODPROBE_TIMEOUT_S)
+    if not (root / PCI_DRIVERS / VFIO_PCI_DRIVER).is_dir():
+        raise HostError("cannot load vfio-pci: the driver did not appear")
 
 
 def _bind_one(root: Path, address: str, writer: SysfsWriter) -> Rebinding:

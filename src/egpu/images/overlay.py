@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from egpu.errors import ImageError
 from egpu.images.qcow2 import read_backing_file
+from egpu.process import run_tool
 
 QCOW2 = "qcow2"
 # Formats a base may have: what the images are (qcow2) and what users often have (raw).
@@ -83,20 +83,8 @@ class DiskInfo:
 
 
 def _run(argv: Sequence[str], env: Mapping[str, str] | None, what: str) -> str:
-    try:
-        proc = subprocess.run(
-            list(argv),
-            env={**os.environ, **(env or {})},
-            capture_output=True,
-            text=True,
-            timeout=QEMU_IMG_TIMEOUT,
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise ImageError(f"{what}: cannot run qemu-img: {e}") from None
-    if proc.returncode != 0:
-        detail = (proc.stderr.strip().splitlines() or ["no message"])[-1]
-        raise ImageError(f"{what}: {detail}")
-    return proc.stdout
+    return run_tool(argv, lambda why: ImageError(f"{what}: {why}"), timeout=QEMU_IMG_TIMEOUT,
+                    env=env)
 
 
 def disk_info(

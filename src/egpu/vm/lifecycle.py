@@ -34,7 +34,7 @@ from egpu.guest.assets import GuestAssets
 from egpu.host import vfio_bind
 from egpu.images.disk import BootDisk, plan_boot_disk, prepare_boot_disk
 from egpu.images.firmware import ensure_vars, find_firmware
-from egpu.process import ProcessRef, signal_process, wait_gone
+from egpu.process import ProcessRef, run_tool, signal_process, wait_gone
 from egpu.progress import Progress
 from egpu.vm import qmp, store
 from egpu.vm.status import BROKEN, VmStatus, inspect, last_line, process_alive
@@ -104,20 +104,14 @@ def probe_disk(qemu_img: Sequence[str], env: dict[str, str], text: str) -> Disk:
     path, readonly = parse_disk_option(text)
     if not path.exists():
         raise UsageError(f"--disk {path}: no such file")
+    stdout = run_tool(
+        # absolute: a relative name could read as a block protocol ("nbd:...")
+        [*qemu_img, "info", "--output=json", "-U", str(path.absolute())],
+        lambda why: UsageError(f"--disk {path}: qemu-img cannot probe it: {why}"),
+        timeout=QEMU_IMG_TIMEOUT_S, env=env,
+    )
     try:
-        proc = subprocess.run(
-            # absolute: a relative name could read as a block protocol ("nbd:...")
-            [*qemu_img, "info", "--output=json", "-U", str(path.absolute())],
-            capture_output=True, text=True, timeout=QEMU_IMG_TIMEOUT_S,
-            env={**os.environ, **env},
-        )
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise VMError(f"cannot run qemu-img: {e}") from e
-    if proc.returncode != 0:
-        why = (proc.stderr.strip().splitlines() or ["unreadable"])[-1]
-        raise UsageError(f"--disk {path}: qemu-img cannot probe it: {why}")
-    try:
-        fmt = json.loads(proc.stdout)["format"]
+        fmt = json.loads(stdout)["format"]
     except (ValueError, KeyError, TypeError):
         raise UsageError(f"--disk {path}: qemu-img gave no format") from None
     return Disk(path=path.absolute(), fmt=str(fmt), readonly=readonly)
@@ -245,13 +239,8 @@ def plan_run(
 def _server_entry(server: virtual.DeviceServer) -> store.ServerLaunch:
     """How the supervisor starts one device server (a process of its own: a crash there is
     reported, never taken down with QEMU)."""
-    argv = [sys.executable, "-m", "egpu", "vfio-user", "serve",
-            "--socket", str(server.socket), "--function", server.name]
-    for option in server.options:
-        argv += ["-o", option]
-    return store.ServerLaunch(name=server.name, function=server.function,
-                              socket=str(server.socket), log=str(server.log),
-                              options=server.options, argv=tuple(argv))
+    return store.ServerLaunch(name=server.name, function=server.function, spec=server.spec,
+                              spec_file=str(server.spec_file), log=str(server.log))
 
 
 def _firmware(info: EngineInfo, vm: store.VmDir, arch: str, check_host: bool) -> Firmware:

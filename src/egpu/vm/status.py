@@ -79,7 +79,9 @@ class VmStatus:
             "memory_mib": self.memory_mib,
             "ssh_port": self.ssh_port,
             "exit": self.exit,
-            "servers": [{**s.to_json(), "running": s.alive()} for s in self.servers],
+            # socket at the top, as before the spec held it: scripts read it from here
+            "servers": [{**s.to_json(), "socket": str(s.socket), "running": s.alive()}
+                        for s in self.servers],
             "problems": self.problems,
             "run_state": self.run_state,
         }

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from egpu.devices.serve_spec import ServeSpec, serve_argv
 from egpu.errors import ConflictError, NotFoundError, UsageError, VMError
 from egpu.paths import dirs
 from egpu.process import ProcessRef
@@ -86,44 +87,51 @@ def _str_list(data: dict[str, Any], key: str) -> list[str]:
     return list(value)
 
 
+def _spec(data: dict[str, Any]) -> ServeSpec:
+    return ServeSpec.from_json(_get(data, "spec", dict))
+
+
 @dataclass(frozen=True)
 class ServerLaunch:
-    """What the vm layer tells one device server: its function, socket, log, options, command."""
+    """What the vm layer starts for one device server: its spec, the file it goes in, the log."""
 
     name: str
-    function: int
-    socket: str
+    function: int  # PCI function number at the guest slot
+    spec: ServeSpec
+    spec_file: str
     log: str
-    options: tuple[str, ...]
-    argv: tuple[str, ...]
+
+    @property
+    def argv(self) -> tuple[str, ...]:
+        return serve_argv(Path(self.spec_file))
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "function": self.function, "socket": self.socket,
-                "log": self.log, "options": list(self.options), "argv": list(self.argv)}
+        return {"name": self.name, "function": self.function, "spec": self.spec.to_json(),
+                "spec_file": self.spec_file, "log": self.log}
 
     @classmethod
     def from_json(cls, data: object) -> ServerLaunch:
         if not isinstance(data, dict):
             raise ValueError("a device server entry is not an object")
-        argv = _str_list(data, "argv")
-        if not argv:
-            raise ValueError("argv: empty")
         return cls(name=_get(data, "name", str), function=_get(data, "function", int),
-                   socket=_get(data, "socket", str), log=_get(data, "log", str),
-                   options=tuple(_str_list(data, "options")), argv=tuple(argv))
+                   spec=_spec(data), spec_file=_get(data, "spec_file", str),
+                   log=_get(data, "log", str))
 
 
 @dataclass(frozen=True)
 class ServerRecord:
-    """What a running (or ended) device server is: its launch, verified identity, exit status."""
+    """What a running (or ended) device server is: what it serves, verified identity, exit."""
 
     name: str
     function: int
-    socket: str
+    spec: ServeSpec
     log: str
-    options: tuple[str, ...]
     process: ProcessRef | None  # None: no identity recorded, so never signalled
     returncode: int | None = None
+
+    @property
+    def socket(self) -> Path:
+        return self.spec.socket
 
     @property
     def pid(self) -> int | None:
@@ -136,17 +144,15 @@ class ServerRecord:
     def to_json(self) -> dict[str, Any]:
         identity = self.process.to_json() if self.process else {
             "pid": None, "started": None, "program": None}
-        return {"name": self.name, "function": self.function, "socket": self.socket,
-                "log": self.log, "options": list(self.options), **identity,
-                "returncode": self.returncode}
+        return {"name": self.name, "function": self.function, "spec": self.spec.to_json(),
+                "log": self.log, **identity, "returncode": self.returncode}
 
     @classmethod
     def from_json(cls, data: object) -> ServerRecord:
         if not isinstance(data, dict):
             raise ValueError("a device server record is not an object")
         return cls(name=_get(data, "name", str), function=_get(data, "function", int),
-                   socket=_get(data, "socket", str), log=_get(data, "log", str),
-                   options=tuple(_str_list(data, "options")),
+                   spec=_spec(data), log=_get(data, "log", str),
                    process=ProcessRef.from_json(data),
                    returncode=_get(data, "returncode", int, optional=True))
 

@@ -23,7 +23,6 @@ from typing import Any
 
 from egpu.devices.display import request_screenshot
 from egpu.engine.safety import HostGuard, qos_preexec
-from egpu.engine.virtual import screenshot_request_of
 from egpu.errors import EgpuError
 from egpu.process import ProcessRef
 from egpu.vm import qmp, store
@@ -75,14 +74,14 @@ class Supervisor:
 
     def _record_servers(self) -> None:
         self.vm.write_servers(
-            store.ServerRecord(name=launch.name, function=launch.function, socket=launch.socket,
-                               log=launch.log, options=launch.options, process=ref,
-                               returncode=proc.poll())
+            store.ServerRecord(name=launch.name, function=launch.function, spec=launch.spec,
+                               log=launch.log, process=ref, returncode=proc.poll())
             for launch, ref, proc in self.servers)
 
     def start_servers(self) -> None:
         env = {**os.environ, **self.config.env}
         for launch in self.config.servers:
+            store.write_json(Path(launch.spec_file), launch.spec.to_json())
             with open(launch.log, "ab") as log:
                 proc = subprocess.Popen(list(launch.argv), stdin=subprocess.DEVNULL, stdout=log,
                                         stderr=subprocess.STDOUT, env=env)
@@ -90,7 +89,7 @@ class Supervisor:
         self._record_servers()
         deadline = time.monotonic() + SERVER_SOCKET_WAIT_S
         for launch, _, proc in self.servers:
-            while not Path(launch.socket).exists():
+            while not launch.spec.socket.exists():
                 if proc.poll() is not None or time.monotonic() > deadline:
                     why = last_line(Path(launch.log))
                     raise RuntimeError(f"device server {launch.name} did not start"
@@ -221,7 +220,7 @@ class Supervisor:
     def keep_last_screen(self) -> None:
         """Ask a live display server for the last picture the guest showed (post-mortem)."""
         for launch, ref, proc in self.servers:
-            request = screenshot_request_of(launch.options)
+            request = launch.spec.screenshot_request
             if request is None or proc.poll() is not None:
                 continue
             with contextlib.suppress(EgpuError):
