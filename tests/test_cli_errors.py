@@ -86,3 +86,17 @@ def test_json_without_dry_run_or_selftest(cli: Cli) -> None:
 def test_stop_negative_timeout(cli: Cli) -> None:
     proc = cli("stop", "x", "--timeout", "-1")
     assert proc.returncode == 2 and "positive number of seconds" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (("run", "--gpuu", "x"), "No such option '--gpuu'"),
+        (("run", "--cpus", "abc"), "'abc' is not a valid integer"),
+        (("nosuch",), "No such command 'nosuch'"),
+    ],
+)
+def test_click_usage_errors_are_one_line(cli: Cli, args: tuple[str, ...], words: str) -> None:
+    proc = cli(*args)
+    assert_clean_failure(cli, proc, 2, words)
+    assert "--help')" in proc.stderr  # it says where to look

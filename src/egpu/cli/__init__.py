@@ -95,6 +95,11 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Abort:
         _error("aborted")
         sys.exit(130)
+    except click.UsageError as e:
+        # one line, like every other error: click's own form spends three on it
+        where = e.ctx.command_path if e.ctx else "egpu"
+        _error(f"{e.format_message()} (see '{where} --help')")
+        sys.exit(e.exit_code)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)
