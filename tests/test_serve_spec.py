@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import signal
 import struct
 import subprocess
 import tempfile
@@ -16,7 +15,7 @@ from egpu.devices.serve_spec import SPEC_OPTION, ServeSpec, serve_argv
 from egpu.engine.virtual import virtual_egpu_plan
 from egpu.errors import UsageError
 from egpu.vm import store
-from test_vfio_user_cli import wait_for_socket
+from test_vfio_user_cli import serving, stop_cleanly, wait_for_socket
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "egpu"
 
@@ -74,8 +73,7 @@ def test_serve_from_a_spec_file(egpu_home: Path) -> None:
     spec = ServeSpec("sample", base / "priv" / "fn.sock")
     spec_file = base / "sample.spec.json"
     spec_file.write_text(json.dumps(spec.to_json()))
-    proc = subprocess.Popen(list(serve_argv(spec_file)), stderr=subprocess.PIPE)
-    try:
+    with serving(serve_argv(spec_file)) as proc:
         wait_for_socket(spec.socket, proc)
         import socket
 
@@ -86,12 +84,7 @@ def test_serve_from_a_spec_file(egpu_home: Path) -> None:
             client = VfioUserClient(s)
             client.negotiate()
             assert client.region_read(7, 0, 2) == struct.pack("<H", SAMPLE_VENDOR_ID)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_cleanly(proc)
 
 
 @pytest.mark.parametrize(("content", "extra", "message"), [

@@ -11,6 +11,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -27,13 +29,35 @@ def wait_for_socket(path: Path, proc: subprocess.Popen[bytes], timeout: float = 
         time.sleep(0.05)
 
 
+def serve_argv(sock_path: Path, function: str, *options: str) -> list[str]:
+    argv = [sys.executable, "-m", "egpu", "vfio-user", "serve", "--socket", str(sock_path),
+            "--function", function]
+    for option in options:
+        argv += ["-o", option]
+    return argv
+
+
+@contextmanager
+def serving(argv: Sequence[str]) -> Iterator[subprocess.Popen[bytes]]:
+    """A device-server process for the block; killed at its end unless the test stopped it."""
+    proc = subprocess.Popen(list(argv), stderr=subprocess.PIPE)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def stop_cleanly(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM ends a server with status 0."""
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(30) == 0
+
+
 def test_serve_sigterm(egpu_home: Path) -> None:
     sock_path = Path(tempfile.mkdtemp(prefix="vu", dir="/tmp")) / "priv" / "fn.sock"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "egpu", "vfio-user", "serve", "--socket", str(sock_path),
-         "--function", "sample"], stderr=subprocess.PIPE,
-    )
-    try:
+    with serving(serve_argv(sock_path, "sample")) as proc:
         wait_for_socket(sock_path, proc)
         assert stat.S_IMODE(sock_path.stat().st_mode) == 0o600
         assert stat.S_IMODE(sock_path.parent.stat().st_mode) == 0o700
@@ -48,14 +72,9 @@ def test_serve_sigterm(egpu_home: Path) -> None:
         s = socket.socket(socket.AF_UNIX)
         s.connect(str(sock_path))
         VfioUserClient(s).negotiate()  # a client still connected when SIGTERM comes
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
+        stop_cleanly(proc)
         s.close()
         assert not sock_path.exists()
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
 
 
 def test_bad_option_is_a_usage_error(egpu_home: Path) -> None:
@@ -66,14 +85,6 @@ def test_bad_option_is_a_usage_error(egpu_home: Path) -> None:
     )
     assert proc.returncode == 2 and "KEY=VALUE" in proc.stderr
     assert not sock_path.exists()
-
-
-def serve_argv(sock_path: Path, function: str, *options: str) -> list[str]:
-    argv = [sys.executable, "-m", "egpu", "vfio-user", "serve", "--socket", str(sock_path),
-            "--function", function]
-    for option in options:
-        argv += ["-o", option]
-    return argv
 
 
 def test_help_lists_every_functions_options(egpu_home: Path) -> None:
@@ -112,18 +123,12 @@ def test_bad_device_option_is_one_line(egpu_home: Path, function: str, option: s
 
 def test_nvme_standalone_gets_a_sparse_backing_in_the_data_dir(egpu_home: Path) -> None:
     sock_path = Path(tempfile.mkdtemp(prefix="vu", dir="/tmp")) / "fn.sock"
-    proc = subprocess.Popen(serve_argv(sock_path, "nvme", "size=8M"), stderr=subprocess.PIPE)
-    try:
+    with serving(serve_argv(sock_path, "nvme", "size=8M")) as proc:
         wait_for_socket(sock_path, proc)
         backing = egpu_home / "data" / "devices" / "nvme.img"
         assert backing.stat().st_size == 8 << 20 and backing.stat().st_blocks == 0
         assert stat.S_IMODE(backing.stat().st_mode) == 0o600
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_cleanly(proc)
 
 
 def test_public_socket_dir_is_refused(egpu_home: Path) -> None:
@@ -144,12 +149,7 @@ def test_serve_display_answers_screenshot_requests(egpu_home: Path) -> None:
     base = Path(tempfile.mkdtemp(prefix="vu", dir="/tmp"))
     sock_path = base / "fn0.sock"
     request = base / "shot.req"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "egpu", "vfio-user", "serve", "--socket", str(sock_path),
-         "--function", "display", "-o", f"screenshot_request={request}"],
-        stderr=subprocess.PIPE,
-    )
-    try:
+    with serving(serve_argv(sock_path, "display", f"screenshot_request={request}")) as proc:
         wait_for_socket(sock_path, proc)
         s = socket.socket(socket.AF_UNIX)
         s.settimeout(10)
@@ -160,23 +160,13 @@ def test_serve_display_answers_screenshot_requests(egpu_home: Path) -> None:
         request_screenshot(ProcessRef.of_popen(proc), request, base / "out.png", timeout=30)
         assert (base / "out.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         s.close()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_cleanly(proc)
 
 
 def test_serve_nvme_with_a_backing_file(egpu_home: Path) -> None:
     base = Path(tempfile.mkdtemp(prefix="vu", dir="/tmp"))
     sock_path = base / "fn1.sock"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "egpu", "vfio-user", "serve", "--socket", str(sock_path),
-         "--function", "nvme", "-o", f"backing={base / 'disk.img'}", "-o", "size=16M"],
-        stderr=subprocess.PIPE,
-    )
-    try:
+    with serving(serve_argv(sock_path, "nvme", f"backing={base / 'disk.img'}", "size=16M")) as proc:
         wait_for_socket(sock_path, proc)
         s = socket.socket(socket.AF_UNIX)
         s.settimeout(10)
@@ -186,9 +176,4 @@ def test_serve_nvme_with_a_backing_file(egpu_home: Path) -> None:
         class_code = client.region_read(7, 9, 3)
         assert class_code == bytes([0x02, 0x08, 0x01])  # NVMe: mass storage, NVM, NVMe
         s.close()
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_cleanly(proc)
