@@ -28,6 +28,7 @@ from typing import Any
 import httpx
 import pytest
 
+from egpu.images.qcow2 import HEADER, QCOW2_MAGIC
 from egpu.images.reference import OciReference
 from egpu.images.registry import RegistryClient
 from egpu.paths import CACHE_ENV, HOME_ENV
@@ -41,6 +42,8 @@ QCOW2 = "application/vnd.scottjg.qemu-vfio.qcow2"
 IMAGE_JSON = "application/vnd.scottjg.qemu-vfio.image.manifest.v1+json"
 ARTIFACT_TYPE = "application/vnd.scottjg.qemu-vfio.image.v1"
 TITLE = "org.opencontainers.image.title"
+# A small qcow2 header plus data: enough for the checks a pull makes, without running qemu-img.
+DISK = HEADER.pack(QCOW2_MAGIC, 3, 0, 0, 16, 1 << 20) + bytes(range(256)) * 2048  # 512 KiB
 
 CONFIG = """\
 version: 0.1

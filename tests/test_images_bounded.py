@@ -14,11 +14,11 @@ import pytest
 
 from egpu.images import pull as pull_module
 from egpu.images.pull import pull, resolve_cached
-from egpu.images.qcow2 import HEADER, QCOW2_MAGIC
 from egpu.images.reference import Digest
 from egpu.images.store import ImageStore
 from egpu.transfer import MIN_RATE_ENV, STALL_TIMEOUT_ENV
 from registry_server import (
+    DISK,
     HUGE_BODY_BYTES,
     OCI_INDEX,
     OCI_MANIFEST,
@@ -37,7 +37,6 @@ from registry_server import (
 
 __all__ = ["home", "registry"]  # fixtures, imported so pytest sees them
 
-DISK = HEADER.pack(QCOW2_MAGIC, 3, 0, 0, 16, 1 << 20) + bytes(range(256)) * 2048  # 512 KiB
 # The CLI's own footprint is well under this; reading a HUGE_BODY_BYTES body whole is far over.
 RSS_BOUND = 200 * 1024 * 1024
 STALL_WINDOW = "2"  # seconds: short, so a stall is seen in a few seconds
