@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -30,6 +29,7 @@ from registry_server import (
     egpu_measured,
     home,
     manifest_descriptor,
+    one_error_line,
     push_manifest,
     push_plain_image,
     registry,
@@ -50,15 +50,6 @@ def gate(registry: Registry) -> Iterator[TokenGate]:
     g = TokenGate(registry.host)
     yield g
     g.close()
-
-
-def one_error_line(proc: subprocess.CompletedProcess[str], exit_code: int = 1) -> str:
-    """The single ``error: ...`` line a failed command printed (and nothing else)."""
-    assert proc.returncode == exit_code, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    return lines[0]
 
 
 def leftovers(store: ImageStore) -> list[Path]:
