@@ -1,7 +1,7 @@
 """``egpu image push``: check a local qcow2 and its JSON manifest, then publish both in
-scottjg/qemu-vfio-apple's layout, so that a pull of the reference yields the same bytes.
+scottjg/qemu-vfio-apple's layout, so that pulling the image reference yields the same bytes.
 
-Order of trust: everything local is checked before any request (the reference and tags parse,
+Order of trust: everything local is checked before any request (REF and the tags parse,
 the file is a qcow2 without a backing file, the JSON parses with the reader ``pull`` uses, and
 its sha256 is the file's), so a refused push sends nothing. Then the blobs the registry lacks
 go up (``images/upload.py``), and only then are the tags set: a failed push tags nothing.
@@ -90,7 +90,7 @@ def default_push_client(ref: OciReference, stall: StallPolicy | None = None) -> 
 
 
 def push_target(reference: str, tags: Sequence[str] = ()) -> tuple[OciReference, tuple[str, ...]]:
-    """The reference to push to and every tag to set, checked (a digest cannot be pushed to)."""
+    """REF and every tag to push to, checked (a digest cannot be pushed to)."""
     ref = parse_reference(reference)
     if ref.digest is not None or ref.tag is None:
         raise UsageError(f"push to a tag, not a digest: {reference[:120]!r}")
