@@ -16,15 +16,27 @@ from pathlib import Path
 import httpx
 import pytest
 
+from egpu.errors import UsageError
 from egpu.images.auth import REGISTRY_AUTH_FILE_ENV
-from egpu.images.manifest import parse_metadata
+from egpu.images.manifest import parse_metadata, select_layout
 from egpu.images.pull import pull
-from egpu.images.push import default_push_client, load_local_image, push
+from egpu.images.push import (
+    default_push_client,
+    image_manifest,
+    load_local_image,
+    make_metadata,
+    push,
+    push_target,
+)
 from egpu.images.reference import Digest
 from egpu.images.store import ImageStore
 from registry_server import (
+    ARTIFACT_TYPE,
+    DISK,
     HOSTILE_UPLOADS,
     HUGE_BODY_BYTES,
+    IMAGE_JSON,
+    OCI_EMPTY,
     OCI_MANIFEST,
     Registry,
     TokenGate,
@@ -93,6 +105,44 @@ def manifest_status(host: str, repo: str, tag: str) -> int:
 
 def methods(gate: TokenGate) -> list[str]:
     return [m for m, path in gate.requests if path != "/token"]
+
+
+# -- pure pieces ---------------------------------------------------------------------------------
+
+
+def test_pushed_manifest_is_the_layout_pull_reads(tmp_path: Path) -> None:
+    disk = tmp_path / "d.qcow2"
+    disk.write_bytes(DISK)
+    meta = make_metadata("d", disk.name, hashlib.sha256(DISK).hexdigest(), ["docker"])
+    disk.with_suffix(".json").write_bytes(meta)
+    image = load_local_image(disk)
+    body, parsed = image_manifest(image)
+    assert image_manifest(load_local_image(disk))[0] == body  # no timestamp: same bytes again
+    doc = json.loads(body)
+    assert doc["artifactType"] == ARTIFACT_TYPE and doc["config"]["mediaType"] == OCI_EMPTY
+    layout = select_layout(parsed)
+    assert layout.kind == "reference" and layout.disk.digest == image.digest
+    assert layout.disk.title == "d.qcow2" and layout.file_name == "d.qcow2"
+    assert layout.metadata is not None and layout.metadata.media_type == IMAGE_JSON
+    assert parse_metadata(meta).features == ("docker",)
+
+
+@pytest.mark.parametrize(
+    ("name", "features"),
+    [("", []), ("x" * 129, []), ("bad\nname", []), ("ok", ["a,b"]), ("ok", [""]), ("ok", ["é"])],
+)
+def test_made_json_refuses_bad_names_and_features(name: str, features: list[str]) -> None:
+    with pytest.raises(UsageError):
+        make_metadata(name, "d.qcow2", "a" * 64, features)
+
+
+def test_push_target_keeps_tags_once_and_refuses_digests() -> None:
+    ref, tags = push_target("127.0.0.1:5000/egpu/x:v1", ["docker-latest", "v1", "docker-latest"])
+    assert (str(ref), tags) == ("127.0.0.1:5000/egpu/x:v1", ("v1", "docker-latest"))
+    with pytest.raises(UsageError, match="not a digest"):
+        push_target(f"127.0.0.1:5000/egpu/x@sha256:{'a' * 64}")
+    with pytest.raises(UsageError, match="bad tag"):
+        push_target("127.0.0.1:5000/egpu/x:v1", ["-dash"])
 
 
 # -- round trip ---------------------------------------------------------------------------------
