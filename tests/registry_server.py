@@ -524,8 +524,12 @@ UPLOAD_ANSWER_HEADERS = (*FORWARDED_HEADERS, "location", "range", "docker-upload
 # Upload Locations a hostile registry may give: not a URL, and plain HTTP to a remote host.
 BAD_LOCATIONS = {"bad-location": "http://[::1", "remote-location": "http://example.com/upload"}
 # How a TokenGate can answer a push: a POST whose error body never ends, a POST accepted with a
-# body that never ends, a bad upload Location, a manifest PUT whose error body never ends.
-HOSTILE_UPLOADS = ("huge-error", "huge-accept", *BAD_LOCATIONS, "huge-manifest-error")
+# body that never ends, a bad upload Location, a manifest PUT whose error body never ends, a
+# chunk acknowledged with another Range, a blob stored under another digest.
+HOSTILE_UPLOADS = (
+    "huge-error", "huge-accept", *BAD_LOCATIONS, "huge-manifest-error", "wrong-range",
+    "wrong-digest",
+)
 
 
 class TokenGate:
@@ -540,7 +544,8 @@ class TokenGate:
     sends that many bytes of each blob response, then hangs up. ``ranges`` records the Range
     headers of blob requests. Pushes (HEAD, POST, PUT, PATCH) are forwarded too, token-gated
     with a push scope; ``hostile_upload`` (HOSTILE_UPLOADS) makes them misbehave, ``requests``
-    records every request's method and path, ``token_scopes`` every scope asked for.
+    records every request's method and path, ``token_scopes`` every scope asked for;
+    ``upload_origin`` moves the upload Locations the registry gives to another HOST:PORT.
     """
 
     def __init__(self, upstream: str, *, user: str | None = None, password: str | None = None):
@@ -567,6 +572,7 @@ class TokenGate:
         self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in order
         self.token_scopes: list[str] = []
         self.hostile_upload: str | None = None  # one of HOSTILE_UPLOADS
+        self.upload_origin: str | None = None  # HOST:PORT that upload Locations are moved to
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, format: str, *args: Any) -> None:
@@ -672,6 +678,19 @@ class TokenGate:
                     if k.lower() in UPLOAD_ANSWER_HEADERS
                     and (method == "HEAD" or k.lower() != "content-length")
                 }
+                if method == "POST" and gate.upload_origin is not None:
+                    # the upload continues at another origin (as a storage backend would)
+                    out = {
+                        k: v.replace(f"//{self.headers['Host']}/", f"//{gate.upload_origin}/")
+                        if k.lower() == "location" else v
+                        for k, v in out.items()
+                    }
+                if method == "PATCH" and hostile == "wrong-range":
+                    out = {k: v for k, v in out.items() if k.lower() != "range"}
+                    out["Range"] = "0-0"
+                if method == "PUT" and not manifest and hostile == "wrong-digest":
+                    out = {k: v for k, v in out.items() if k.lower() != "docker-content-digest"}
+                    out["Docker-Content-Digest"] = "sha256:" + "0" * 64
                 if method == "POST" and hostile == "huge-accept":
                     self._send_huge(r.status_code, out)
                     return

@@ -38,6 +38,7 @@ from registry_server import (
     IMAGE_JSON,
     OCI_EMPTY,
     OCI_MANIFEST,
+    CountingProxy,
     Registry,
     TokenGate,
     egpu,
@@ -256,6 +257,23 @@ def test_second_push_sends_no_blob(
     assert pull(f"{gate.host}/egpu/again:docker-latest").path.read_bytes() == disk_bytes
 
 
+def test_upload_at_another_origin_gets_no_authorization(
+    home: Path, registry: Registry, gate: TokenGate, disk_bytes: bytes
+) -> None:
+    proxy = CountingProxy(registry.host)  # the other origin: the registry itself, ungated
+    try:
+        gate.upload_origin = proxy.host
+        path, _ = write_image(home, disk_bytes)
+        push(load_local_image(path), f"{gate.host}/egpu/elsewhere:v1", chunk_bytes=CHUNK)
+        sent = b"".join(proxy.requests).decode("latin-1")
+        assert "PATCH /v2/egpu/elsewhere/blobs/uploads/" in sent  # the upload went there
+        assert "\r\nauthorization:" not in sent.lower()  # and the token did not
+        assert "PUT" in methods(gate)  # the manifest went to the registry itself, with it
+    finally:
+        proxy.close()
+    assert pull(f"{registry.host}/egpu/elsewhere:v1").path.read_bytes() == disk_bytes
+
+
 # -- refusals: one line, non-zero, nothing sent -------------------------------------------------
 
 
@@ -342,6 +360,8 @@ def test_hostile_upload_answers_cost_bounded_memory(
         "bad-location": "gave a bad upload location 'http://[::1'",
         "remote-location": "refusing plain-HTTP request to example.com",
         "huge-manifest-error": "refused the manifest for tag 'v1' (HTTP 400)",
+        "wrong-range": "reports another range than the 0-",
+        "wrong-digest": "stored the empty config as 'sha256:0000",
     }[mode]
     assert expected in line, line
     assert manifest_status(registry.host, repo, "v1") == 404
