@@ -40,7 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
            "Delete a VM: its directory, disks and logs (a live one only with --force)."),
     "run": ("egpu.cli.vm_commands", "Boot a VM (the built-in guest unless an image is given)."),
     "screenshot": ("egpu.cli.vm_commands",
-                   "Write what a VM's virtual display shows to a PNG file."),
+                   "Write what a VM's display (its own or the virtual eGPU's) shows to a PNG."),
     "setup": ("egpu.cli.engine_commands",
               "Provision the engine and the built-in guests, so later runs start at once."),
     "ssh": ("egpu.cli.vm_commands",

@@ -430,7 +430,7 @@ def stop(name: str, timeout: float, force: bool) -> None:
 @click.option("--output", "-o", "out", required=True, type=click.Path(dir_okay=False,
               path_type=Path), help="PNG file to write")
 def screenshot(name: str, out: Path) -> None:
-    """Write what a VM's display shows to a PNG file (its own screen or the virtual eGPU's)."""
+    """Write what a VM's display (its own or the virtual eGPU's) shows to a PNG."""
     # checked again where the file is written; refusing here needs no VM at all
     if not replaceable(out.resolve()):
         raise UsageError(f"-o {out} is not a regular file; screenshots replace only those")
