@@ -10,6 +10,7 @@ import json
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -345,3 +346,54 @@ def test_cp_locations(text: str, expected: Location) -> None:
 def test_cp_guest_paths_must_be_absolute() -> None:
     with pytest.raises(UsageError, match="absolute"):
         parse_location("vm1:relative")
+
+
+@contextlib.contextmanager
+def one_client_at_a_time(path: Path, respond: Responder) -> Iterator[None]:
+    """A fake agent socket that, like QEMU's chardev, serves one connection at a time."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(4)
+    stop = threading.Event()
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while not stop.is_set():
+                conn, _ = listener.accept()
+                with conn:
+                    _serve(conn, respond, [])
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        listener.close()
+        # a connection unblocks accept() if it is still waiting
+        with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as poke:
+            poke.connect(str(path))
+        thread.join(5)
+
+
+def test_a_long_command_leaves_the_channel_to_other_clients(tmp_path: Path) -> None:
+    release = threading.Event()
+
+    def respond(cmd: dict[str, Any]) -> bytes | None:
+        if cmd["execute"] == "guest-exec":
+            return reply({"pid": 42})
+        if cmd["execute"] == "guest-exec-status":
+            return reply({"exited": True, "exitcode": 0} if release.is_set()
+                         else {"exited": False})
+        return reply({"pong": True})
+    path = tmp_path / "agent.sock"
+    results: list[agent.ExecResult] = []
+    with one_client_at_a_time(path, synced(respond)):
+        runner = threading.Thread(target=lambda: results.append(
+            agent.run_command(path, ["sleep", "9"], timeout=30, session_timeout=5)))
+        runner.start()
+        # another client gets its turn while the command still runs
+        with agent.connect(path, timeout=5) as other:
+            assert other.call("guest-ping") == {"pong": True}
+        release.set()
+        runner.join(30)
+    assert results and results[0].exit_code == 0

@@ -28,14 +28,19 @@ AGENT_HINT = ("the built-in guest starts qemu-ga at boot; a full image needs the
               "qemu-guest-agent package running")
 
 
-@contextlib.contextmanager
-def _session(name: str, timeout: float = agent.DEFAULT_TIMEOUT_S) -> Iterator[agent.AgentClient]:
-    """A synced agent session with a running VM; one-line errors with a hint otherwise."""
+def _running(name: str) -> store.VmDir:
     vm = store.VmDir(name).require()
     status = inspect(vm)
     if status.state != "running":
         raise VMError(f"VM {name!r} is {status.state}; the guest agent needs it running",
                       hint=f"start it: egpu run --name {name} --detach")
+    return vm
+
+
+@contextlib.contextmanager
+def _session(name: str, timeout: float = agent.DEFAULT_TIMEOUT_S) -> Iterator[agent.AgentClient]:
+    """A synced agent session with a running VM; one-line errors with a hint otherwise."""
+    vm = _running(name)
     try:
         session = agent.connect(vm.agent_socket, timeout)
         client = session.__enter__()
@@ -66,8 +71,14 @@ def exec_command(name: str, timeout: float, command: tuple[str, ...]) -> None:
     No network or ssh is needed. The command's stdout and stderr are printed once it ends; after
     --timeout it is killed and exec exits 124."""
     _timeout(timeout)
-    with _session(name) as client:
-        result = client.run(list(command), timeout=timeout)
+    vm = _running(name)
+    try:
+        result = agent.run_command(vm.agent_socket, list(command), timeout=timeout)
+    except agent.AgentTimeout:
+        raise
+    except AgentError as e:
+        raise AgentError(f"the guest agent of VM {name!r}: {e.message}",
+                         hint=e.hint or AGENT_HINT) from e
     sys.stdout.buffer.write(result.stdout)
     sys.stdout.flush()
     sys.stderr.buffer.write(result.stderr)

@@ -387,18 +387,7 @@ class AgentClient:
 
     def run(self, argv: Sequence[str], *, timeout: float, stdin: bytes | None = None) -> ExecResult:
         """Run a command in the guest and wait for it; AgentTimeout once ``timeout`` passes."""
-        pid = self.spawn(argv, stdin)
-        deadline = time.monotonic() + timeout
-        pause = EXEC_POLL_FIRST_S
-        while (result := self.exec_status(pid)) is None:
-            if time.monotonic() >= deadline:
-                self._kill(pid)
-                raise AgentTimeout(f"{argv[0]} still running in the guest after {timeout:g} s",
-                                   hint="it was sent SIGKILL; pass a longer --timeout")
-            # guest-exec-status is poll-only: back off so a long command costs few round trips
-            time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
-            pause = min(pause * 2, EXEC_POLL_MAX_S)
-        return result
+        return _wait_exec(argv, self.spawn(argv, stdin), timeout, self.exec_status, self._kill)
 
     def _kill(self, pid: int) -> None:
         # best effort: the agent has no kill command, the guest's own kill does it
@@ -455,6 +444,40 @@ class AgentClient:
     def _close(self, handle: int) -> None:
         with contextlib.suppress(AgentError):
             self.call("guest-file-close", {"handle": handle})
+
+
+def _wait_exec(argv: Sequence[str], pid: int, timeout: float,
+               status: Callable[[int], ExecResult | None],
+               kill: Callable[[int], None]) -> ExecResult:
+    deadline = time.monotonic() + timeout
+    pause = EXEC_POLL_FIRST_S
+    while (result := status(pid)) is None:
+        if time.monotonic() >= deadline:
+            kill(pid)
+            raise AgentTimeout(f"{argv[0]} still running in the guest after {timeout:g} s",
+                               hint="it was sent SIGKILL; pass a longer --timeout")
+        # guest-exec-status is poll-only: back off so a long command costs few round trips
+        time.sleep(min(pause, max(deadline - time.monotonic(), 0)))
+        pause = min(pause * 2, EXEC_POLL_MAX_S)
+    return result
+
+
+def run_command(path: Path, argv: Sequence[str], *, timeout: float, stdin: bytes | None = None,
+                session_timeout: float = DEFAULT_TIMEOUT_S) -> ExecResult:
+    """:meth:`AgentClient.run` with one short session per step instead of one held throughout:
+    the channel takes one client at a time, so other clients (the port-forward watcher)
+    get their turns while a long command runs."""
+    def status(pid: int) -> ExecResult | None:
+        with connect(path, session_timeout) as client:
+            return client.exec_status(pid)
+
+    def kill(pid: int) -> None:
+        with contextlib.suppress(AgentError), connect(path, session_timeout) as client:
+            client._kill(pid)
+
+    with connect(path, session_timeout) as client:
+        pid = client.spawn(argv, stdin)
+    return _wait_exec(argv, pid, timeout, status, kill)
 
 
 class AgentTimeout(AgentError):
