@@ -7,7 +7,8 @@
      ├─ EngineError                 no usable QEMU, or provisioning it failed
      ├─ GuestError                  built-in guest assets could not be assembled, or a check failed
      ├─ VMError                     starting, watching or stopping a VM failed
- │   └─ GuestCrashedError        QEMU runs but its guest stopped for good (internal-error, panic)
+     │   ├─ GuestCrashedError       QEMU runs but its guest stopped for good (internal-error, panic)
+     │   └─ AgentError              the guest agent did not answer, or answered nonsense
      ├─ HostError                   device discovery failed (malformed dump, unreadable sysfs)
      ├─ ImageError                  OCI pull / cache failure (bad reference, digest mismatch, ...)
      └─ DeviceServerError           vfio-user server or device model failure
@@ -62,6 +63,10 @@ class VMError(EgpuError):
 
 class GuestCrashedError(VMError):
     """QEMU came up but its guest stopped for good (internal-error, guest-panicked)."""
+
+
+class AgentError(VMError):
+    """The QEMU guest agent could not be reached, timed out, or sent a malformed reply."""
 
 
 class HostError(EgpuError):

@@ -30,6 +30,10 @@ NETDEV_ID = "net0"  # the user-mode network, which port forwards are added to ov
 FORWARD_HOST_ADDRESS = "127.0.0.1"  # every host port forward binds loopback only
 GUEST_SSH_PORT = 22
 MAX_PORT = 65535
+AGENT_ID = "agent"
+# the port name qemu-ga looks for (QEMU docs/interop/qemu-ga.rst; Debian's udev rule and
+# systemd unit match on it too)
+AGENT_PORT_NAME = "org.qemu.guest_agent.0"
 
 Accel = Literal["tcg", "kvm", "hvf"]
 MemoryBackend = Literal["plain", "memfd-shared", "prealloc"]
@@ -83,6 +87,7 @@ class VmSpec:
     qmp_socket: Path
     console_socket: Path
     serial_log: Path
+    agent_socket: Path | None = None  # the guest agent's channel; None: no agent port
     kernel: Path | None = None
     initrd: Path | None = None
     append: str | None = None
@@ -211,6 +216,16 @@ def build_argv(qemu: Sequence[str], spec: VmSpec) -> list[str]:
 
     for dev in spec.devices:
         argv += list(dev)
+
+    if spec.agent_socket is not None:
+        # one virtio-serial port named for qemu-ga, its host end a socket in the VM directory
+        argv += [
+            "-chardev", option_string("socket", {
+                "id": AGENT_ID, "path": spec.agent_socket, "server": True, "wait": False}),
+            "-device", "virtio-serial-pci",
+            "-device", option_string("virtserialport", {"chardev": AGENT_ID,
+                                                        "name": AGENT_PORT_NAME}),
+        ]
 
     argv += [
         "-chardev", option_string("socket", {

@@ -37,7 +37,7 @@ from filelock import FileLock
 
 from egpu import debpkg
 from egpu.errors import EgpuError, GuestError
-from egpu.guest import bzimage, cpio, kmod
+from egpu.guest import bzimage, cpio, elf, kmod
 from egpu.guest.protocol import ARCHES, console_for
 from egpu.paths import dirs
 from egpu.progress import Progress, SilentProgress
@@ -45,6 +45,14 @@ from egpu.progress import Progress, SilentProgress
 DEBIAN_ARCH = {"aarch64": "arm64", "x86_64": "amd64"}
 SUITES = ("trixie",)
 BUSYBOX_PACKAGE = "busybox-static"
+# The QEMU guest agent (vm/agent.py talks to it): the binary, the libraries it links (DT_NEEDED,
+# followed through the closure) and the dynamic loader, nothing else of its packages.
+AGENT_PACKAGE = "qemu-guest-agent"
+AGENT_BINARY = "usr/sbin/qemu-ga"
+# Debian's multiarch library directories (merged /usr), where the loader looks by default
+LIB_DIR = {"aarch64": "usr/lib/aarch64-linux-gnu", "x86_64": "usr/lib/x86_64-linux-gnu"}
+MAX_LIBRARIES = 64  # far above qemu-ga's closure (about 15); a loop in the tree stops here
+OS_RELEASE = 'NAME="egpu built-in guest"\nID=egpu\nPRETTY_NAME="egpu built-in guest (busybox)"\n'
 # Modules the guest loads, for this and later work; their dependency closure comes along.
 # Entries built into a kernel are skipped (on Debian 6.12: virtio_console on both, the ACPI
 # button on arm64). Those in AFTER_READY load right after the ready marker (before any check),
@@ -61,9 +69,9 @@ GUEST_MODULES = (
 )
 AFTER_READY = frozenset({"ext4", "vfio_pci"})
 # Bump when the initramfs layout changes in a way the key below cannot see.
-BUILD_FORMAT = 6
+BUILD_FORMAT = 7
 # the build key covers these sources: changing how the guest is assembled rebuilds it
-BUILDER_SOURCES = ("assets.py", "kmod.py", "cpio.py", "bzimage.py")
+BUILDER_SOURCES = ("assets.py", "kmod.py", "cpio.py", "bzimage.py", "elf.py")
 KEY_CHARS = 16
 # A build not asked for in this long is deleted when another one lands. Every cache hit
 # refreshes its time, so a VM or a test still using an older build keeps its files.
@@ -209,7 +217,10 @@ def _build(arch: str, key: str, progress: Progress) -> None:
     archive.update(debpkg.find_mirror())
     image = _kernel_image_package(archive, debarch)
     files = archive.resolve_only([f"{image}:{debarch}", f"{BUSYBOX_PACKAGE}:{debarch}"])
+    # the agent's whole package closure is downloaded; only the ELF files it needs are kept
+    agent_files = archive.resolve([f"{AGENT_PACKAGE}:{debarch}"])
     debs = debpkg.download(files, dirs().debs, progress)
+    agent_debs = debpkg.download(agent_files, dirs().debs, progress)
     arch_dir = base / arch
     arch_dir.mkdir(exist_ok=True)
     # we hold the lock: build directories left by an interrupted run are garbage
@@ -220,10 +231,13 @@ def _build(arch: str, key: str, progress: Progress) -> None:
         tree = work / "tree"
         for deb in debs:
             debpkg.extract(deb, tree)
+        agent_tree = work / "agent"
+        for deb in agent_debs:
+            debpkg.extract(deb, agent_tree)
         out = work / "out"
         out.mkdir()
-        manifest = _assemble(arch, tree, out)
-        manifest.update(key=key, packages=[f.filename for f in files])
+        manifest = _assemble(arch, tree, out, agent_tree)
+        manifest.update(key=key, packages=[f.filename for f in (*files, *agent_files)])
         (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
         final = _build_dir(arch, key)
         if final.exists():  # an unusable leftover under the same key (checked by the caller)
@@ -296,7 +310,44 @@ class _ModuleTree(Mapping[str, kmod.ModInfo]):
         return len(self.paths)
 
 
-def _assemble(arch: str, tree: Path, out: Path) -> dict[str, object]:
+def _tree_file(tree: Path, path: str) -> bytes:
+    """A file of an extracted package tree by its path there, symlinks followed inside it."""
+    target = (tree / path.lstrip("/")).resolve()
+    if not target.is_relative_to(tree.resolve()) or not target.is_file():
+        raise GuestError(f"{AGENT_PACKAGE}'s closure has no {path}")
+    return target.read_bytes()
+
+
+def agent_files(arch: str, tree: Path) -> dict[str, bytes]:
+    """qemu-ga, its libraries (by soname, in the multiarch directory) and the loader, by the
+    path each takes in the initramfs."""
+    lib_dir = LIB_DIR[arch]
+    binary = _tree_file(tree, AGENT_BINARY)
+    out = {AGENT_BINARY: binary}
+    try:
+        interpreter = elf.linkage(binary).interpreter
+        pending = list(elf.linkage(binary).needed)
+        while pending:
+            soname = pending.pop()
+            path = f"{lib_dir}/{soname}"
+            if path in out or "/" in soname:
+                continue
+            if len(out) > MAX_LIBRARIES:
+                raise GuestError(f"{AGENT_BINARY} needs more than {MAX_LIBRARIES} libraries")
+            out[path] = _tree_file(tree, path)
+            pending += elf.linkage(out[path]).needed
+    except ValueError as e:
+        raise GuestError(f"cannot read the guest agent's ELF files: {e}") from e
+    if interpreter is None:
+        raise GuestError(f"{AGENT_BINARY} names no dynamic loader")
+    # merged /usr: the package ships /lib/... as /usr/lib/..., the initramfs has no /lib link
+    loader = interpreter.lstrip("/")
+    usr_loader = f"usr/{loader}"
+    out[loader] = _tree_file(tree, usr_loader if (tree / usr_loader).exists() else loader)
+    return out
+
+
+def _assemble(arch: str, tree: Path, out: Path, agent_tree: Path) -> dict[str, object]:
     """Write vmlinuz and initramfs.gz into ``out`` from an extracted package tree."""
     kernels = sorted((tree / "boot").glob("vmlinuz-*"))
     if len(kernels) != 1:
@@ -328,6 +379,22 @@ def _assemble(arch: str, tree: Path, out: Path) -> dict[str, object]:
     ]
     for name, data in _guest_files().items():
         entries.append(cpio.regular(name, data, perm=0o755))
+    agent = agent_files(arch, agent_tree)
+    have = {e.name for e in entries}
+    for path in sorted(agent):
+        parts = path.split("/")
+        for i in range(1, len(parts)):
+            parent = "/".join(parts[:i])
+            if parent not in have:
+                entries.append(cpio.directory(parent))
+                have.add(parent)
+        # the loader is also libc's DT_NEEDED soname: one copy, the other path a link to it
+        twin = f"{LIB_DIR[arch]}/{path.rsplit('/', 1)[-1]}"
+        if twin != path and agent.get(twin) == agent[path]:
+            entries.append(cpio.symlink(path, "/" + twin))
+        else:
+            entries.append(cpio.regular(path, agent[path], perm=0o755))
+    entries.append(cpio.regular("etc/os-release", OS_RELEASE.encode()))
     for name in order:
         entries.append(cpio.regular(f"{GUEST_MODULE_DIR}/{name}.ko", modules.data(name)))
     # one line per group of modules that depend on each other; groups load concurrently

@@ -4,11 +4,12 @@
 # 1. mount the kernel filesystems, load the modules listed in /etc/egpu/modules (decompressed
 #    on the host, in dependency order), bring up networking if there is any;
 # 2. export each kernel command-line setting egpu.<key>=<value> as EGPU_<KEY>;
-# 3. print the ready marker, then load /etc/egpu/modules.later (nothing at boot needs them);
+# 3. start the QEMU guest agent on its virtio port (if the host gave one), print the ready
+#    marker, then load /etc/egpu/modules.later (nothing at boot needs them);
 # 4. with egpu.selftest=1: run every /checks/*.sh in order, print one EGPU-SELFTEST line, power off;
 #    otherwise: hand PID 1 to busybox init (a respawning shell on the console, acpid turning the
 #    power button -- ACPI on x86_64, the virt machine's GPIO key on aarch64 -- into a clean
-#    poweroff).
+#    poweroff; egpu.acpid=0 leaves the button unread, a guest that ignores it).
 #
 # A check script prints lines "CHECK <name> <ok|fail> <detail>" and may print anything else
 # (that goes to the console only). A script that prints no CHECK line counts as a failed check
@@ -77,6 +78,24 @@ for dev in /sys/class/net/*; do
     ip link set "$iface" up
     # in the background: a network without DHCP must not hold back the ready marker
     udhcpc -b -q -i "$iface" -s /run/udhcpc.sh >/dev/null 2>&1 &
+done
+
+# The QEMU guest agent, on the virtio-serial port the host named for it (no udev here: the port
+# names are in sysfs). guest-shutdown runs /sbin/shutdown -P|-H|-r +0 MESSAGE, which busybox
+# lacks; the script below maps it onto poweroff, halt and reboot.
+cat > /sbin/shutdown <<'SHUTDOWN'
+#!/bin/sh
+case "$1" in
+    -r) exec reboot ;;
+    -H) exec halt ;;
+    *) exec poweroff ;;
+esac
+SHUTDOWN
+chmod 755 /sbin/shutdown
+for port in /sys/class/virtio-ports/*; do
+    [ "$(cat "$port/name" 2>/dev/null)" = org.qemu.guest_agent.0 ] || continue
+    qemu-ga -m virtio-serial -p "/dev/${port##*/}" -t /run -f /run/qemu-ga.pid -d \
+        || echo "egpu-init: cannot start qemu-ga"
 done
 
 # Every /checks/NN-<name>.sh in order, or with egpu.checks=a,b only those (the host asks for the
@@ -161,9 +180,12 @@ fi
 mkdir -p /etc/acpi/PWRF
 printf '#!/bin/sh\nexec poweroff\n' > /etc/acpi/PWRF/00000080
 chmod 755 /etc/acpi/PWRF/00000080
-acpid -f -l /run/acpid.log &
-acpid_pid=$!
-if ls /dev/input/event* >/dev/null 2>&1; then
+acpid_pid=
+if [ "$EGPU_ACPID" != 0 ]; then
+    acpid -f -l /run/acpid.log &
+    acpid_pid=$!
+fi
+if [ -n "$acpid_pid" ] && ls /dev/input/event* >/dev/null 2>&1; then
     tries=0
     until ls -l "/proc/$acpid_pid/fd" 2>/dev/null | grep -q /dev/input/event; do
         tries=$((tries + 1)); [ "$tries" -gt 50 ] && break

@@ -222,7 +222,7 @@ def plan_run(
         name=request.name, arch=arch, cpus=request.cpus, memory_mib=request.memory_mib,
         accel=accel,  # type: ignore[arg-type]
         qmp_socket=vm.qmp_socket, console_socket=vm.console_socket, serial_log=vm.serial_log,
-        kernel=guest.kernel, initrd=guest.initramfs, append=append,
+        agent_socket=vm.agent_socket, kernel=guest.kernel, initrd=guest.initramfs, append=append,
         disks=disks, ssh_port=ssh_port, extra=request.extra,
     )
     if boot is not None:

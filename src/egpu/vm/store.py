@@ -31,6 +31,7 @@ SUPERVISOR_PID = "supervisor.pid"
 QEMU_PID = "qemu.pid"
 QMP_SOCKET = "qmp.sock"
 CONSOLE_SOCKET = "console.sock"
+AGENT_SOCKET = "agent.sock"  # the QEMU guest agent's virtio-serial channel (vm/agent.py)
 SERIAL_LOG = "serial.log"  # everything the guest printed on its serial console
 QEMU_LOG = "qemu.log"  # QEMU's own stderr
 SUPERVISOR_LOG = "supervisor.log"
@@ -48,8 +49,8 @@ VFIO_BIND = "vfio-bind.json"  # functions egpu moved to vfio-pci, and their prev
 SERVERS_RECORD = "servers.json"  # device-server pids and exit statuses
 PORTS_RECORD = "ports.json"  # vm.ports.PortTable: the supervisor's port forwards and states
 RUNTIME_FILES = (
-    SUPERVISOR_PID, QEMU_PID, QMP_SOCKET, CONSOLE_SOCKET, EXIT_RECORD, STOP_REQUEST, SERVERS_RECORD,
-    LAST_SCREEN, PORTS_RECORD,
+    SUPERVISOR_PID, QEMU_PID, QMP_SOCKET, CONSOLE_SOCKET, AGENT_SOCKET, EXIT_RECORD, STOP_REQUEST,
+    SERVERS_RECORD, LAST_SCREEN, PORTS_RECORD,
 )
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # whole string: fullmatch
@@ -259,6 +260,10 @@ class VmDir:
     @property
     def console_socket(self) -> Path:
         return self.path / CONSOLE_SOCKET
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.path / AGENT_SOCKET
 
     @property
     def serial_log(self) -> Path:

@@ -45,6 +45,11 @@ QEMU_KILL_REPORT = re.compile(r": terminating on signal (\d+)")
 KILL_REPORT_TAIL = 4096  # the report is among QEMU's last words
 
 
+# QEMU creates its sockets (QMP, console, guest agent) with its umask and never chmods them:
+# this one makes them 0600 whatever umask the user's shell had (QEMU makes no directories)
+QEMU_UMASK = 0o177
+
+
 def exit_signal(returncode: int | None, qemu_output: str) -> int | None:
     """The signal that ended QEMU: from its exit status, else from QEMU's own report."""
     if returncode is not None and returncode < 0:
@@ -135,7 +140,7 @@ class Supervisor:
                 self.qemu = subprocess.Popen(
                     self.config.argv, stdin=subprocess.DEVNULL, stdout=log,
                     stderr=subprocess.STDOUT, env={**os.environ, **self.config.env},
-                    preexec_fn=qos_preexec(self.guard),
+                    preexec_fn=qos_preexec(self.guard), umask=QEMU_UMASK,
                 )
             except OSError as e:
                 self.stop_servers()
