@@ -9,10 +9,12 @@ nothing the guest says can end the supervisor.
 
 from __future__ import annotations
 
+import io
 import socket
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 from egpu.engine.argv import (
     FORWARD_HOST_ADDRESS,
@@ -21,8 +23,8 @@ from egpu.engine.argv import (
     hostfwd_host,
     hostfwd_rule,
 )
-from egpu.errors import EgpuError
-from egpu.vm import ports, qmp, store
+from egpu.errors import AgentError, EgpuError
+from egpu.vm import agent, ports, qmp, store
 
 POLL_S = 1.0  # how often the guest's listeners are read; a new service appears within this
 HMP_TIMEOUT_S = 2.0
@@ -37,6 +39,41 @@ REMOVED_REPLIES = ("removed", "not found")  # hostfwd_remove: either way, it is 
 GuestTables = Callable[[], tuple[str, str]]
 Log = Callable[[str], None]
 NO_AGENT = "no guest agent to read the guest's listening sockets from"
+AGENT_TIMEOUT_S = 2.0  # a round waits no longer for the guest (a guest without qemu-ga: each round)
+PROC_NET_TCP = "/proc/net/tcp"
+PROC_NET_TCP6 = "/proc/net/tcp6"  # absent in a guest without IPv6
+
+
+class CappedSink(io.BytesIO):
+    """Collects a guest file; more than ``limit`` bytes is an AgentError, not memory."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        if self.tell() + len(data) > self.limit:
+            raise AgentError(f"the guest sent more than {self.limit} bytes of a TCP table")
+        return super().write(data)
+
+
+def _read_table(client: agent.AgentClient, path: str) -> str:
+    sink = CappedSink(ports.MAX_TABLE_BYTES)
+    client.read_file(path, sink)
+    return sink.getvalue().decode("ascii", errors="replace")
+
+
+def agent_tables(agent_socket: Path) -> GuestTables:
+    """Read the guest's TCP tables through its agent (guest-file-open / guest-file-read)."""
+    def read() -> tuple[str, str]:
+        with agent.connect(agent_socket, timeout=AGENT_TIMEOUT_S) as client:
+            tcp = _read_table(client, PROC_NET_TCP)
+            try:
+                tcp6 = _read_table(client, PROC_NET_TCP6)
+            except AgentError:
+                tcp6 = ""
+        return tcp, tcp6
+    return read
 
 
 def host_port_busy(port: int) -> str | None:

@@ -27,7 +27,7 @@ from egpu.engine.safety import HostGuard, qos_preexec
 from egpu.errors import EgpuError
 from egpu.process import ProcessRef
 from egpu.vm import qmp, store
-from egpu.vm.forwarder import Forwarder, GuestTables
+from egpu.vm.forwarder import Forwarder, GuestTables, agent_tables
 from egpu.vm.lifecycle import restore_bindings
 from egpu.vm.status import last_line
 
@@ -174,9 +174,10 @@ class Supervisor:
         self._write_exit(self.qemu.returncode, started, qemu_output=self._qemu_output(log_start))
         return 0
 
-    def guest_tables(self) -> GuestTables | None:
-        """How the forwarder reads the guest's TCP tables; None without a guest agent."""
-        return None
+    def guest_tables(self) -> GuestTables:
+        """How the forwarder reads the guest's TCP tables: through the guest agent (every VM
+        has its channel; a guest without qemu-ga reads as listeners unknown)."""
+        return agent_tables(self.vm.agent_socket)
 
     def start_forwarder(self) -> tuple[threading.Thread, threading.Event]:
         """Keep QEMU's port forwards in step with the guest, on a thread of its own."""
