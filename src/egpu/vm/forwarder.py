@@ -28,6 +28,7 @@ from egpu.vm import agent, ports, qmp, store
 
 POLL_S = 1.0  # how often the guest's listeners are read; a new service appears within this
 HMP_TIMEOUT_S = 2.0
+MIN_GAP_FRACTION = 0.25  # of POLL_S, left between two rounds however long the first took
 MAX_REPLY_CHARS = 200  # of QEMU's reply text kept in a reason
 # HMP answers hostfwd_add with an empty string on success and error text otherwise; slirp's
 # own bind failure reads like this (net/slirp.c, slirp_hostfwd).
@@ -194,7 +195,11 @@ class Forwarder:
     def run(self, stop: threading.Event) -> None:
         """Rounds every POLL_S until ``stop`` is set; a failed round is logged, never raised."""
         failure = None
+        next_round = time.monotonic()
         while not stop.is_set():
+            # rounds start every POLL_S whatever a round costs (guest-agent round trips under
+            # TCG take a good part of one), so a new service waits at most one interval
+            next_round += POLL_S
             if self.vm.qmp_socket.exists():
                 try:
                     self.step()
@@ -204,4 +209,7 @@ class Forwarder:
                     if why != failure:  # once per kind of failure, not once a second
                         self.log(f"ports: round failed, retrying every {POLL_S:g}s: {why}")
                     failure = why
-            stop.wait(POLL_S)
+            now = time.monotonic()
+            # after a round longer than POLL_S (a guest agent timing out), a short breath
+            next_round = max(next_round, now + POLL_S * MIN_GAP_FRACTION)
+            stop.wait(next_round - now)
