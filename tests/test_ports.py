@@ -13,9 +13,9 @@ from hypothesis import strategies as st
 
 from conftest import Cli
 from egpu.engine.argv import hostfwd_host, hostfwd_rule
-from egpu.errors import UsageError
+from egpu.errors import AgentError, UsageError
 from egpu.vm import ports
-from egpu.vm.forwarder import host_port_busy
+from egpu.vm.forwarder import CappedSink, host_port_busy
 from egpu.vm.lifecycle import parse_port_forwards
 
 # Linux net/ipv4/tcp_ipv4.c (get_tcp4_sock) and net/ipv6/tcp_ipv6.c (get_tcp6_sock) formats.
@@ -229,3 +229,18 @@ def test_host_port_busy_sees_listeners_on_loopback_and_everywhere() -> None:
     with listening() as freed:
         pass
     assert host_port_busy(freed) is None
+
+
+def test_a_guest_table_larger_than_the_bound_is_refused_not_buffered() -> None:
+    sink = CappedSink(ports.MAX_TABLE_BYTES)
+    sink.write(b"x" * ports.MAX_TABLE_BYTES)
+    with pytest.raises(AgentError, match="more than"):
+        sink.write(b"y")
+    assert len(sink.getvalue()) == ports.MAX_TABLE_BYTES
+
+
+def test_ports_of_an_unknown_vm_is_one_line(cli: Cli) -> None:
+    for args in (("ports", "nosuch"), ("ports", "nosuch", "--json")):
+        proc = cli(*args)
+        assert proc.returncode == 1 and "no VM named 'nosuch'" in proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1

@@ -259,7 +259,7 @@ class PortTable:
     forwards: tuple[Forward, ...] = ()
     # why the guest's listeners are unknown right now (no agent yet, a bad reply), or None
     guest_error: str | None = None
-    updated: float = 0.0  # time.time() of this table
+    updated: float = 0.0  # time.time() when the table last changed
 
     def to_json(self) -> dict[str, Any]:
         return {"automatic": self.automatic, "guest_error": self.guest_error,
