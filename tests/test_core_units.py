@@ -78,6 +78,15 @@ def test_argv_x86_and_disks() -> None:
     assert "file=/d.qcow2,format=qcow2,if=none,id=disk0,discard=unmap,detect-zeroes=unmap" in argv
 
 
+def test_argv_agent_port_on_a_socket_chardev() -> None:
+    argv = build_argv(["q"], spec(agent_socket=Path("/vm,x/agent.sock")))
+    # the path's comma stays part of the value; the port carries the name qemu-ga looks for
+    assert "socket,id=agent,path=/vm,,x/agent.sock,server=on,wait=off" in argv
+    assert argv[argv.index("virtio-serial-pci") - 1] == "-device"
+    assert "virtserialport,chardev=agent,name=org.qemu.guest_agent.0" in argv
+    assert "virtio-serial-pci" not in build_argv(["q"], spec())
+
+
 def test_argv_port_forward_binds_loopback() -> None:
     argv = build_argv(["q"], spec(ssh_port=2222))
     assert "user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22" in argv

@@ -58,6 +58,14 @@ def test_assets_are_complete(built: assets.GuestAssets) -> None:
     machine = int.from_bytes(m["bin/busybox"].data[18:20], "little")  # ELF e_machine
     assert machine == {"aarch64": 183, "x86_64": 62}[built.arch]
     assert stat.S_ISLNK(m["bin/sh"].mode)
+    # the guest agent and exactly what it links, for this architecture
+    agent = m[assets.AGENT_BINARY]
+    assert agent.mode & 0o111 and int.from_bytes(agent.data[18:20], "little") == machine
+    libs = {n.rsplit("/", 1)[-1] for n in m if n.startswith(assets.LIB_DIR[built.arch] + "/")}
+    assert {"libc.so.6", "libglib-2.0.so.0"} <= libs and len(libs) < 20
+    loader = {"aarch64": "lib/ld-linux-aarch64.so.1",
+              "x86_64": "lib64/ld-linux-x86-64.so.2"}[built.arch]
+    assert loader in m
     console, null = m["dev/console"], m["dev/null"]
     assert stat.S_ISCHR(console.mode) and (console.rdev_major, console.rdev_minor) == (5, 1)
     assert stat.S_ISCHR(null.mode) and (null.rdev_major, null.rdev_minor) == (1, 3)

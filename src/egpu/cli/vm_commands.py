@@ -40,7 +40,7 @@ from egpu.errors import EgpuError, EngineError, UsageError, VMError
 from egpu.guest import protocol as guest_protocol
 from egpu.guest.assets import GuestAssets, ensure_guest, planned_guest
 from egpu.images.pull import DEFAULT_IMAGE
-from egpu.vm import console, lifecycle, store
+from egpu.vm import agent, console, lifecycle, store
 from egpu.vm.status import BROKEN, VmStatus, inspect, inspect_all
 
 DEFAULT_NAME = "default"
@@ -347,8 +347,12 @@ def status(name: str | None, as_json: bool, ioreg: Path | None) -> None:
     """Show the state of one VM, or of all."""
     statuses = [_status_of(name)] if name else inspect_all(store.list_names())
     late = hotplug_for(statuses, ioreg)
+    # from the guest agent, with a short timeout each: only running VMs are asked
+    facts = {s.name: agent.facts(store.VmDir(s.name).agent_socket)
+             for s in statuses if s.state == "running"}
     if as_json:
-        docs = [{**s.to_json(), "hotplug": late.get(s.name, [])} for s in statuses]
+        docs = [{**s.to_json(), "hotplug": late.get(s.name, []),
+                 "agent": facts.get(s.name, agent.NOT_ANSWERING)} for s in statuses]
         output.emit_json(docs[0] if name else docs)
         return
     for notes in late.values():
@@ -356,7 +360,7 @@ def status(name: str | None, as_json: bool, ioreg: Path | None) -> None:
             output.notice(note)
     if name:
         s = statuses[0]
-        for key, value in s.to_json().items():
+        for key, value in {**s.to_json(), "agent": facts.get(s.name)}.items():
             if value not in (None, [], {}):
                 output.out.print(f"{key:12} {value}", markup=False)
         return
@@ -404,7 +408,7 @@ def logs(name: str, follow: bool) -> None:
               type=float, help="seconds to wait for the guest to power off")
 @click.option("--force", is_flag=True, help="skip the clean powerdown")
 def stop(name: str, timeout: float, force: bool) -> None:
-    """Stop a VM: powerdown over QMP, then SIGTERM, then SIGKILL."""
+    """Stop a VM: powerdown over QMP, then the guest agent, then SIGTERM, then SIGKILL."""
     # nan passes every comparison and inf never ends the wait
     if not math.isfinite(timeout) or timeout <= 0:
         raise UsageError(f"--timeout {timeout} must be a finite, positive number of seconds")

@@ -9,7 +9,7 @@
 # 4. with egpu.selftest=1: run every /checks/*.sh in order, print one EGPU-SELFTEST line, power off;
 #    otherwise: hand PID 1 to busybox init (a respawning shell on the console, acpid turning the
 #    power button -- ACPI on x86_64, the virt machine's GPIO key on aarch64 -- into a clean
-#    poweroff; egpu.acpid=0 leaves the button unread, a guest that ignores it).
+#    poweroff).
 #
 # A check script prints lines "CHECK <name> <ok|fail> <detail>" and may print anything else
 # (that goes to the console only). A script that prints no CHECK line counts as a failed check
@@ -180,12 +180,9 @@ fi
 mkdir -p /etc/acpi/PWRF
 printf '#!/bin/sh\nexec poweroff\n' > /etc/acpi/PWRF/00000080
 chmod 755 /etc/acpi/PWRF/00000080
-acpid_pid=
-if [ "$EGPU_ACPID" != 0 ]; then
-    acpid -f -l /run/acpid.log &
-    acpid_pid=$!
-fi
-if [ -n "$acpid_pid" ] && ls /dev/input/event* >/dev/null 2>&1; then
+acpid -f -l /run/acpid.log &
+acpid_pid=$!
+if ls /dev/input/event* >/dev/null 2>&1; then
     tries=0
     until ls -l "/proc/$acpid_pid/fd" 2>/dev/null | grep -q /dev/input/event; do
         tries=$((tries + 1)); [ "$tries" -gt 50 ] && break

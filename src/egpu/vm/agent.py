@@ -28,7 +28,8 @@ from egpu.errors import AgentError
 # qemu-ga sends it before a guest-sync-delimited reply; sent to it, it resets its parser
 SENTINEL = b"\xff"
 LINE_END = b"\n"
-DEFAULT_TIMEOUT_S = 5.0
+DEFAULT_TIMEOUT_S = 10.0
+TRANSFER_TIMEOUT_S = 60.0  # per chunk: a 1 MiB write took 1 to 3 s under TCG on a loaded host
 CONNECT_TIMEOUT_S = 2.0
 CHUNK = 1 << 20  # bytes per guest-file-read / guest-file-write
 # qemu-ga keeps at most 16 MiB of a command's output per stream (qga/commands.c,
@@ -459,6 +460,8 @@ class AgentClient:
 class AgentTimeout(AgentError):
     """A guest command outlived its timeout."""
 
+    exit_code = 124  # what timeout(1) exits with
+
 
 @contextlib.contextmanager
 def connect(path: Path, timeout: float = DEFAULT_TIMEOUT_S) -> Iterator[AgentClient]:
@@ -476,3 +479,26 @@ def connect(path: Path, timeout: float = DEFAULT_TIMEOUT_S) -> Iterator[AgentCli
         yield client
     finally:
         sock.close()
+
+
+FACTS_TIMEOUT_S = 1.5  # status must never wait long for a guest that does not answer
+NOT_ANSWERING: Mapping[str, Any] = {"answering": False, "ip": [], "os": None, "kernel": None}
+
+
+def facts(path: Path, timeout: float = FACTS_TIMEOUT_S) -> dict[str, Any]:
+    """What ``status --json`` shows of the agent: answering or not, the guest's addresses
+    (loopback left out), OS and kernel; never raises."""
+    out: dict[str, Any] = dict(NOT_ANSWERING)
+    try:
+        with connect(path, timeout) as client:
+            out["answering"] = True
+            with contextlib.suppress(AgentError):
+                info = client.osinfo()
+                out["os"] = info.pretty_name or info.name
+                out["kernel"] = info.kernel_release
+            with contextlib.suppress(AgentError):
+                out["ip"] = [a.address for i in client.interfaces() if i.name != "lo"
+                             for a in i.addresses]
+    except AgentError:
+        pass
+    return out

@@ -21,6 +21,7 @@ from egpu.engine.argv import Disk, Firmware, VmSpec, build_argv, check_cpus, par
 from egpu.engine.passthrough import RunPassthrough
 from egpu.engine.qemu import EngineInfo, check_arch, host_is_virtual
 from egpu.errors import (
+    AgentError,
     ConflictError,
     EngineError,
     GuestCrashedError,
@@ -36,13 +37,16 @@ from egpu.images.disk import BootDisk, plan_boot_disk, prepare_boot_disk
 from egpu.images.firmware import ensure_vars, find_firmware
 from egpu.process import ProcessRef, run_tool, signal_process, wait_gone
 from egpu.progress import Progress
-from egpu.vm import ports, qmp, store
+from egpu.vm import agent, ports, qmp, store
 from egpu.vm.status import BROKEN, VmStatus, inspect, last_line, process_alive
 
 START_TIMEOUT_S = 30.0
 STOP_SIGTERM_WAIT_S = 5.0
 SUPERVISOR_EXIT_WAIT_S = 5.0
 DEFAULT_STOP_TIMEOUT_S = 30.0
+# the share of the stop timeout ACPI powerdown gets before the guest agent is asked instead
+ACPI_SHARE = 0.5
+AGENT_STOP_TIMEOUT_S = 2.0
 QEMU_IMG_TIMEOUT_S = 30
 POLL_S = 0.05
 MAX_PORT = 65535
@@ -444,7 +448,8 @@ def remove(name: str, *, force: bool = False) -> None:
 
 
 def stop(name: str, *, timeout: float = DEFAULT_STOP_TIMEOUT_S, force: bool = False) -> VmStatus:
-    """Stop a VM: powerdown over QMP, then SIGTERM, then SIGKILL (``force`` skips the first)."""
+    """Stop a VM: powerdown over QMP, then the guest agent's shutdown, then SIGTERM, then SIGKILL
+    (``force`` skips the first two)."""
     vm = store.VmDir(name).require()
     status = inspect(vm)
     if not status.active:
@@ -453,12 +458,22 @@ def stop(name: str, *, timeout: float = DEFAULT_STOP_TIMEOUT_S, force: bool = Fa
     vm.file(store.STOP_REQUEST).write_text(f"{time.time()}\n")
     qemu = vm.read_process(store.QEMU_PID)
     gone = False
+    deadline = time.monotonic() + timeout
     if not force and vm.qmp_socket.exists():
         try:
             qmp.execute(vm.qmp_socket, "system_powerdown")
-            gone = _wait_gone(qemu, timeout)
+            gone = _wait_gone(qemu, timeout * ACPI_SHARE)
         except VMError:
             gone = False
+    if not force and not gone and vm.agent_socket.exists():
+        # a guest that ignores the power button may still run its agent
+        try:
+            with agent.connect(vm.agent_socket, AGENT_STOP_TIMEOUT_S) as client:
+                client.shutdown()
+        except AgentError:
+            pass
+        else:
+            gone = _wait_gone(qemu, max(deadline - time.monotonic(), 0.0))
     if not gone:
         _signal(qemu, signal.SIGTERM)
         gone = _wait_gone(qemu, STOP_SIGTERM_WAIT_S)
