@@ -12,10 +12,7 @@ from typing import Any
 import pytest
 
 from conftest import Cli
-from egpu.errors import AgentError
-from egpu.vm import agent
 from egpu.vm.forwarder import host_port_busy
-from test_virtual_egpu_run import shell_command
 
 pytestmark = pytest.mark.qemu
 
@@ -67,21 +64,15 @@ def forwards(cli: Cli, name: str) -> dict[tuple[str, int | None], dict[str, Any]
     return {(f["kind"], f["host_port"]): f for f in doc["forwards"]}
 
 
-def serve_in_guest(vm: Path, port: int) -> None:
-    """Start busybox httpd in the guest on ``port``, serving the greeting."""
-    # the quotes split the marker so only the command's output matches it, not its echo
-    shell_command(vm, f"mkdir -p /tmp/w && echo {GREETING} > /tmp/w/index.html && "
-                      f"httpd -p {port} -h /tmp/w && echo serv''ing\n".encode(), "serving")
-
-
 def test_static_forwards_answer_and_a_busy_host_port_is_a_conflict(cli: Cli) -> None:
     static, busy, ssh = free_port(), free_port(), free_port()
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", busy))
         holder.listen()
-        vm = boot(cli, "web", "--port", f"{static}:8080", "--port", f"{busy}:8080",
+        boot(cli, "web", "--port", f"{static}:8080", "--port", f"{busy}:8080",
                   "--ssh-port", str(ssh), "--no-port-forwarding")
-        serve_in_guest(vm, 8080)
+        in_guest(cli, "web", f"mkdir -p /tmp/w && echo {GREETING} > /tmp/w/index.html && "
+                             "httpd -p 8080 -h /tmp/w")
         body = wait_until(lambda: http_get(static), FORWARD_WAIT_S, "the static forward")
         assert GREETING in body
         rows = wait_until(lambda: (r := forwards(cli, "web")).get(("static", busy)) and r,
@@ -109,18 +100,16 @@ def test_static_forwards_answer_and_a_busy_host_port_is_a_conflict(cli: Cli) -> 
     assert http_get(static, timeout=1.0) is None
 
 
-def in_guest(vm: Path, script: str) -> None:
-    """Run a shell script in the guest through its agent (waiting for qemu-ga to come up)."""
+def in_guest(cli: Cli, name: str, script: str) -> None:
+    """Run a shell script in the guest with ``egpu exec`` (waiting for qemu-ga to come up)."""
     deadline = time.monotonic() + AGENT_WAIT_S
     while True:
-        try:
-            with agent.connect(vm / "agent.sock", timeout=30.0) as client:
-                result = client.run(["/bin/sh", "-c", script], timeout=30.0)
-            break
-        except AgentError:
-            assert time.monotonic() < deadline, "the guest agent never answered"
-            time.sleep(0.5)
-    assert result.exit_code == 0, result
+        proc = cli("exec", name, "--", "/bin/sh", "-c", script)
+        if proc.returncode == 0:
+            return
+        # before qemu-ga answers, exec says so; anything else is the script's own failure
+        assert "agent" in proc.stderr and time.monotonic() < deadline, proc.stderr
+        time.sleep(0.5)
 
 
 def auto_rows(cli: Cli, name: str) -> dict[int, dict[str, Any]]:
@@ -139,16 +128,16 @@ def refused(port: int) -> bool:
 def test_a_guest_service_appears_on_the_host_and_goes_when_it_stops(cli: Cli) -> None:
     port = SERVICE_PORT if host_port_busy(SERVICE_PORT) is None else free_port()
     busy, loop_only = free_port(), free_port()
-    vm = boot(cli, "auto")
-    in_guest(vm, f"mkdir -p /tmp/w && echo {GREETING} > /tmp/w/index.html")
-    in_guest(vm, f"httpd -p {port} -h /tmp/w")
+    boot(cli, "auto")
+    in_guest(cli, "auto", f"mkdir -p /tmp/w && echo {GREETING} > /tmp/w/index.html")
+    in_guest(cli, "auto", f"httpd -p {port} -h /tmp/w")
     body = wait_until(lambda: http_get(port), FORWARD_WAIT_S, "the automatic forward")
     assert GREETING in body
     assert auto_rows(cli, "auto")[port] == {"host_port": port, "guest_port": port,
                                             "kind": "auto", "state": "active", "reason": None}
 
     # the service stops: the forward goes, and the host port with it
-    in_guest(vm, "killall httpd")  # the only one running in the guest
+    in_guest(cli, "auto", "killall httpd")  # the only one running in the guest
     wait_until(lambda: port not in auto_rows(cli, "auto"), FORWARD_WAIT_S, "the forward gone")
     assert refused(port) and host_port_busy(port) is None
 
@@ -156,8 +145,8 @@ def test_a_guest_service_appears_on_the_host_and_goes_when_it_stops(cli: Cli) ->
     with socket.socket() as holder:
         holder.bind(("127.0.0.1", busy))
         holder.listen()
-        in_guest(vm, f"httpd -p {busy} -h /tmp/w; httpd -p 127.0.0.1:{loop_only} -h /tmp/w; "
-                     "httpd -p 80 -h /tmp/w")
+        in_guest(cli, "auto", f"httpd -p {busy} -h /tmp/w; "
+                              f"httpd -p 127.0.0.1:{loop_only} -h /tmp/w; httpd -p 80 -h /tmp/w")
         rows = wait_until(lambda: (r := auto_rows(cli, "auto")).get(busy) and r,
                           FORWARD_WAIT_S, "the conflict")
         assert rows[busy]["state"] == "conflict" and "in use" in rows[busy]["reason"]
