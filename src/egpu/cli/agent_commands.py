@@ -61,8 +61,10 @@ def _timeout(value: float) -> float:
               help="seconds the command may run; it is killed after that")
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
 def exec_command(name: str, timeout: float, command: tuple[str, ...]) -> None:
-    """Run COMMAND in a VM through its guest agent (no network or ssh needed); print its
-    output and exit with its exit code."""
+    """Run a command in a VM through its guest agent; exit with its exit code.
+
+    No network or ssh is needed. The command's stdout and stderr are printed once it ends; after
+    --timeout it is killed and exec exits 124."""
     _timeout(timeout)
     with _session(name) as client:
         result = client.run(list(command), timeout=timeout)
@@ -103,8 +105,10 @@ def parse_location(text: str) -> Location:
 @click.argument("destination")
 @click.option("-q", "--quiet", is_flag=True, help="no progress bar")
 def cp(source: str, destination: str, quiet: bool) -> None:
-    """Copy a file into a VM (cp SRC NAME:DST) or out of it (cp NAME:SRC DST) through its
-    guest agent."""
+    """Copy a file into or out of a VM through its guest agent (SRC NAME:DST, NAME:SRC DST).
+
+    NAME:PATH is a guest path when NAME is a VM name; write ./a:b for a local file with ':' in
+    its name. The copy is renamed into place only once complete."""
     src, dst = parse_location(source), parse_location(destination)
     if (src.vm is None) == (dst.vm is None):
         raise UsageError("exactly one side of cp must be NAME:PATH in a VM "
