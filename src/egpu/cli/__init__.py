@@ -34,6 +34,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "List cached images and the VMs whose overlays use them."),
     "list": ("egpu.cli.vm_commands", "List VMs."),
     "logs": ("egpu.cli.vm_commands", "Print a VM's serial console log."),
+    "ports": ("egpu.cli.port_commands",
+              "List a VM's port forwards (127.0.0.1 on the host to the guest) and their states."),
     "prune": ("egpu.cli.image_commands", "Delete cached images that no VM overlay uses."),
     "pull": ("egpu.cli.image_commands",
              "Download an image (default: scottjg/qemu-vfio-apple's docker-profile image) "

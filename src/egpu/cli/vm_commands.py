@@ -103,6 +103,10 @@ def _guest_for(arch: str, *, dry_run: bool, progress: output.BarProgress) -> Gue
               help="e.g. 512M, 4G (a bare number is MiB)")
 @click.option("--disk", "disks", multiple=True, metavar="PATH[:ro]", help="extra disk (virtio)")
 @click.option("--ssh-port", type=int, default=None, help="forward 127.0.0.1:PORT to guest :22")
+@click.option("--port", "ports", multiple=True, metavar="HOST:GUEST",
+              help="forward 127.0.0.1:HOST to guest port GUEST (repeatable; any port, 22 too)")
+@click.option("--no-port-forwarding", is_flag=True,
+              help="do not forward the guest's listening ports automatically")
 @click.option("--detach", "-d", is_flag=True, help="return once QEMU is up")
 @click.option("--dry-run", is_flag=True, help="print the QEMU command; start nothing")
 @click.option("--json", "as_json", is_flag=True, help="JSON output (--dry-run, --self-test)")
@@ -127,7 +131,8 @@ def _guest_for(arch: str, *, dry_run: bool, progress: output.BarProgress) -> Gue
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[-- EXTRA QEMU ARGS]")
 def run(
     name: str | None, arch: str, cpus: int, memory: str, disks: tuple[str, ...],
-    ssh_port: int | None, detach: bool, dry_run: bool, as_json: bool,
+    ssh_port: int | None, ports: tuple[str, ...], no_port_forwarding: bool, detach: bool,
+    dry_run: bool, as_json: bool,
     selftest: bool, qemu: str | None, accel: str | None, quiet: bool, nvme_size: str,
     gpu_path: str | None, gpu_path_alias: str | None, passthrough: str | None, no_tso: bool,
     bind: bool, ioreg: Path | None,
@@ -157,6 +162,7 @@ def run(
         lifecycle.assumed_disk(disk)
     if ssh_port is not None:
         lifecycle.check_port_free(ssh_port)
+    forwards = lifecycle.parse_port_forwards(ports, ssh_port)
     gpu = run_passthrough(gpu_path, passthrough, gpu_path_alias=gpu_path_alias, ioreg=ioreg,
                           sysfs=sysfs, systemextensions=systemextensions, no_tso=no_tso, bind=bind,
                           allow_sleep=allow_sleep, dma_bounce_size=dma_bounce_size)
@@ -178,6 +184,7 @@ def run(
         name=vm_name, arch=arch, cpus=cpus, memory_mib=memory_mib, disks=disks,
         ssh_port=ssh_port, accel=accel, selftest=selftest, extra=extra, gpu=gpu,
         nvme_size=nvme_size, bind=bind, image=image, base=base, display=screen_plan,
+        ports=forwards, port_forwarding=not no_port_forwarding,
     )
     if dry_run:
         plan = lifecycle.plan_run(request, info, guest, check_host=False)

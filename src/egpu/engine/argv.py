@@ -27,6 +27,10 @@ RAM_BACKEND_ID = "pc.ram"
 FIRMWARE_MENU_WAIT_MS = 0  # no firmware boot-menu countdown
 CONSOLE_ID = "console"  # chardev ids
 QMP_ID = "qmp"
+NETDEV_ID = "net0"  # the user-mode network, which port forwards are added to over QMP
+FORWARD_HOST_ADDRESS = "127.0.0.1"  # every host port forward binds loopback only
+GUEST_SSH_PORT = 22
+MAX_PORT = 65535
 AGENT_ID = "agent"
 # the port name qemu-ga looks for (QEMU docs/interop/qemu-ga.rst; Debian's udev rule and
 # systemd unit match on it too)
@@ -122,6 +126,25 @@ def check_cpus(cpus: int, arch: str, accel: str, *, machine_max: int,
     return cpus
 
 
+def _port(port: int) -> int:
+    if isinstance(port, bool) or not isinstance(port, int) or not 1 <= port <= MAX_PORT:
+        raise UsageError(f"{port!r} is not a TCP port (1-{MAX_PORT})")
+    return port
+
+
+def hostfwd_rule(host_port: int, guest_port: int) -> str:
+    """A slirp forward rule, ``tcp:127.0.0.1:HOST-:GUEST`` (for -netdev hostfwd= and hostfwd_add).
+
+    Only ever built from two checked port numbers: loopback on the host, the guest's address.
+    """
+    return f"tcp:{FORWARD_HOST_ADDRESS}:{_port(host_port)}-:{_port(guest_port)}"
+
+
+def hostfwd_host(host_port: int) -> str:
+    """The host end of a rule, ``tcp:127.0.0.1:HOST``, as hostfwd_remove names it."""
+    return f"tcp:{FORWARD_HOST_ADDRESS}:{_port(host_port)}"
+
+
 def build_argv(qemu: Sequence[str], spec: VmSpec) -> list[str]:
     """The full QEMU command: ``qemu`` (the engine's prefix) followed by the VM's options.
 
@@ -186,11 +209,11 @@ def build_argv(qemu: Sequence[str], spec: VmSpec) -> list[str]:
         argv += ["-drive", option_string(None, drive),
                  "-device", option_string("virtio-blk-pci", device)]
 
-    netdev = "user,id=net0"
+    netdev = f"user,id={NETDEV_ID}"
     if spec.ssh_port is not None:
         # loopback only: a guest's sshd is never exposed beyond this host
-        netdev += f",hostfwd=tcp:127.0.0.1:{spec.ssh_port}-:22"
-    argv += ["-netdev", netdev, "-device", "virtio-net-pci,netdev=net0,romfile="]
+        netdev += f",hostfwd={hostfwd_rule(spec.ssh_port, GUEST_SSH_PORT)}"
+    argv += ["-netdev", netdev, "-device", f"virtio-net-pci,netdev={NETDEV_ID},romfile="]
     argv += ["-device", "virtio-rng-pci"]
 
     for dev in spec.devices:

@@ -38,7 +38,7 @@ from egpu.images.disk import BootDisk, plan_boot_disk, prepare_boot_disk
 from egpu.images.firmware import ensure_vars, find_firmware
 from egpu.process import ProcessRef, run_tool, signal_process, wait_gone
 from egpu.progress import Progress
-from egpu.vm import agent, qmp, store
+from egpu.vm import agent, ports, qmp, store
 from egpu.vm.status import BROKEN, VmStatus, inspect, last_line, process_alive
 
 START_TIMEOUT_S = 30.0
@@ -78,6 +78,8 @@ class RunRequest:
     image: str | None = None  # OCI reference of a full guest image (UEFI boot)
     base: str | None = None  # a local qcow2 to boot instead of an image
     display: DisplayPlan | None = None  # the VM's own screen; None: headless
+    ports: tuple[tuple[int, int], ...] = ()  # --port HOST:GUEST, checked by parse_port_forwards
+    port_forwarding: bool = True  # forward the guest's listening ports automatically
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,21 @@ def check_port_free(port: int) -> None:
             raise ConflictError(
                 f"port {port} on 127.0.0.1 is already in use", hint="pick another --ssh-port"
             ) from None
+
+
+def parse_port_forwards(texts: Sequence[str], ssh_port: int | None) -> tuple[tuple[int, int], ...]:
+    """``run --port HOST:GUEST`` values: each well-formed, no host port given twice or taken by
+    ``--ssh-port``. A busy host port is not refused here: the forwarder reports it."""
+    pairs: list[tuple[int, int]] = []
+    for text in texts:
+        try:
+            host, guest = ports.parse_port_option(text)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        if host == ssh_port or any(host == h for h, _ in pairs):
+            raise UsageError(f"--port {text}: host port {host} is forwarded twice")
+        pairs.append((host, guest))
+    return tuple(pairs)
 
 
 def probe_disk(qemu_img: Sequence[str], env: dict[str, str], text: str) -> Disk:
@@ -185,6 +202,8 @@ def plan_run(
             ssh_port = DEFAULT_IMAGE_SSH_PORT
     if ssh_port is not None and check_host:
         check_port_free(ssh_port)
+    if ssh_port is not None and any(host == ssh_port for host, _ in request.ports):
+        raise UsageError(f"--port: host port {ssh_port} is the ssh forward already")
     accel, accel_notice = choose_accel(info, arch, request.accel, nested=host_is_virtual())
     gpu_path = request.gpu.path if request.gpu else "none"
     gpu_plan = request.gpu.plan if request.gpu else None
@@ -238,6 +257,7 @@ def plan_run(
         gpu_bound_at_start=list(request.gpu.bound_at_start)
         if request.gpu and request.gpu.bound_at_start is not None else None,
         display=request.display.to_json() if request.display else None,
+        ports=list(request.ports), port_forwarding=request.port_forwarding,
     )
     notices: tuple[str, ...] = (accel_notice,) if accel_notice and spec.accel == accel else ()
     if request.display and request.display.notice:

@@ -19,9 +19,11 @@ from pathlib import Path
 from typing import Any
 
 from egpu.devices.serve_spec import ServeSpec, serve_argv
+from egpu.engine.argv import MAX_PORT
 from egpu.errors import ConflictError, NotFoundError, UsageError, VMError
 from egpu.paths import dirs
 from egpu.process import ProcessRef
+from egpu.vm.ports import PortTable
 
 # File names inside a VM directory.
 CONFIG = "config.json"  # VmConfig: what was asked for and the exact argv
@@ -46,9 +48,10 @@ VFIO_BIND = "vfio-bind.json"  # functions egpu moved to vfio-pci, and their prev
 
 # Files that belong to one run; removed before the next run starts.
 SERVERS_RECORD = "servers.json"  # device-server pids and exit statuses
+PORTS_RECORD = "ports.json"  # vm.ports.PortTable: the supervisor's port forwards and states
 RUNTIME_FILES = (
     SUPERVISOR_PID, QEMU_PID, QMP_SOCKET, CONSOLE_SOCKET, AGENT_SOCKET, EXIT_RECORD, STOP_REQUEST,
-    SERVERS_RECORD, LAST_SCREEN, SCREENDUMP,
+    SERVERS_RECORD, LAST_SCREEN, SCREENDUMP, PORTS_RECORD,
 )
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # whole string: fullmatch
@@ -95,6 +98,18 @@ def _str_map(data: dict[str, Any], key: str) -> dict[str, str] | None:
                                      for k, v in value.items()):
         raise ValueError(f"{key}: expected an object of strings")
     return None if value is None else dict(value)
+
+
+def _port_pairs(data: dict[str, Any], key: str) -> list[tuple[int, int]]:
+    """A list of [host, guest] port pairs (older configs have none)."""
+    pairs = []
+    for value in _get(data, key, list, optional=True) or []:
+        if not (isinstance(value, list) and len(value) == 2 and all(
+                isinstance(p, int) and not isinstance(p, bool) and 1 <= p <= MAX_PORT
+                for p in value)):
+            raise ValueError(f"{key}: expected [host, guest] port pairs")
+        pairs.append((value[0], value[1]))
+    return pairs
 
 
 def _spec(data: dict[str, Any]) -> ServeSpec:
@@ -189,10 +204,13 @@ class VmConfig:
     host_guard: dict[str, Any] | None = None  # engine.safety.HostGuard: kept while QEMU runs
     gpu_bound_at_start: list[str] | None = None  # apple: functions claimed when it started
     display: dict[str, str] | None = None  # engine.display.DisplayPlan: device and UI
+    ports: list[tuple[int, int]] = field(default_factory=list)  # run --port HOST:GUEST
+    port_forwarding: bool = True  # forward guest listeners automatically (--no-port-forwarding)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["servers"] = [s.to_json() for s in self.servers]
+        data["ports"] = [list(p) for p in self.ports]
         return data
 
     @classmethod
@@ -225,6 +243,8 @@ class VmConfig:
             gpu_bound_at_start=(_str_list(data, "gpu_bound_at_start")
                                 if data.get("gpu_bound_at_start") is not None else None),
             display=_str_map(data, "display"),
+            ports=_port_pairs(data, "ports"),
+            port_forwarding=_get(data, "port_forwarding", bool, optional=True) is not False,
         )
 
 
@@ -380,6 +400,16 @@ class VmDir:
 
     def write_servers(self, records: Iterable[ServerRecord]) -> None:
         write_json(self.file(SERVERS_RECORD), [r.to_json() for r in records])
+
+    def read_ports(self) -> PortTable | None:
+        """The supervisor's port table, or None when there is none (yet) or it does not parse."""
+        try:
+            return PortTable.from_json(json.loads(self.file(PORTS_RECORD).read_text()))
+        except (OSError, ValueError):
+            return None
+
+    def write_ports(self, table: PortTable) -> None:
+        write_json(self.file(PORTS_RECORD), table.to_json())
 
     def clear_runtime(self) -> None:
         """Forget the last run (pids, sockets, exit record); keeps config, logs and disks."""

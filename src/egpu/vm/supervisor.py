@@ -16,6 +16,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from types import FrameType
@@ -26,12 +27,14 @@ from egpu.engine.safety import HostGuard, qos_preexec
 from egpu.errors import EgpuError
 from egpu.process import ProcessRef
 from egpu.vm import qmp, store
+from egpu.vm.forwarder import Forwarder, GuestTables, agent_tables
 from egpu.vm.lifecycle import restore_bindings
 from egpu.vm.status import last_line
 
 POLL_S = 0.1
 SERVER_SOCKET_WAIT_S = 30.0  # a cold Python start on a loaded 2-core host
 SERVER_STOP_S = 3.0
+FORWARDER_STOP_S = 10.0  # a round in progress ends within its QMP timeouts
 POWERDOWN_GRACE_S = 10.0
 RUN_STATE_POLL_S = 1.0  # how often QEMU's run state is checked for a crashed guest
 RUN_STATE_QMP_TIMEOUT_S = 2.0
@@ -147,6 +150,7 @@ class Supervisor:
         if qemu_ref is not None:
             self.vm.write_process(store.QEMU_PID, qemu_ref)
         self.start_assertion(self.qemu.pid)
+        forwarding = self.start_forwarder()
         powerdown_sent: float | None = None
         next_check = time.monotonic()
         while self.qemu.poll() is None:
@@ -162,12 +166,30 @@ class Supervisor:
             if self.crash is None and time.monotonic() >= next_check:
                 next_check = time.monotonic() + RUN_STATE_POLL_S
                 self._check_run_state()
+        self.stop_forwarder(*forwarding)
         self.end_assertion()
         self.keep_last_screen()
         self.stop_servers()
         self.warnings += restore_bindings(self.vm)
         self._write_exit(self.qemu.returncode, started, qemu_output=self._qemu_output(log_start))
         return 0
+
+    def guest_tables(self) -> GuestTables:
+        """How the forwarder reads the guest's TCP tables: through the guest agent (every VM
+        has its channel; a guest without qemu-ga reads as listeners unknown)."""
+        return agent_tables(self.vm.agent_socket)
+
+    def start_forwarder(self) -> tuple[threading.Thread, threading.Event]:
+        """Keep QEMU's port forwards in step with the guest, on a thread of its own."""
+        forwarder = Forwarder(self.vm, self.config, self.guest_tables(), log=_log)
+        stop = threading.Event()
+        thread = threading.Thread(target=forwarder.run, args=(stop,), name="ports", daemon=True)
+        thread.start()
+        return thread, stop
+
+    def stop_forwarder(self, thread: threading.Thread, stop: threading.Event) -> None:
+        stop.set()
+        thread.join(FORWARDER_STOP_S)
 
     def _check_run_state(self) -> None:
         """A guest QEMU stopped for good (internal-error, guest-panicked): record it, end QEMU."""
@@ -251,6 +273,11 @@ class Supervisor:
             "warnings": self.warnings,
         }
         store.write_json(self.vm.file(store.EXIT_RECORD), record)
+
+
+def _log(message: str) -> None:
+    """One line in supervisor.log (the supervisor's stdout and stderr)."""
+    print(message, file=sys.stderr, flush=True)
 
 
 def main(argv: list[str]) -> int:
