@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from egpu.devices.serve_spec import ServeSpec, serve_argv
+from egpu.engine.shares import Share
 from egpu.errors import ConflictError, NotFoundError, UsageError, VMError
 from egpu.paths import dirs
 from egpu.process import ProcessRef
@@ -178,10 +179,12 @@ class VmConfig:
     bind_functions: list[str] = field(default_factory=list)  # --bind: move these to vfio-pci
     host_guard: dict[str, Any] | None = None  # engine.safety.HostGuard: kept while QEMU runs
     gpu_bound_at_start: list[str] | None = None  # apple: functions claimed when it started
+    mounts: list[Share] = field(default_factory=list)  # --mount: shared folders (9p)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["servers"] = [s.to_json() for s in self.servers]
+        data["mounts"] = [m.to_json() for m in self.mounts]
         return data
 
     @classmethod
@@ -213,6 +216,7 @@ class VmConfig:
             host_guard=_get(data, "host_guard", dict, optional=True),
             gpu_bound_at_start=(_str_list(data, "gpu_bound_at_start")
                                 if data.get("gpu_bound_at_start") is not None else None),
+            mounts=[Share.from_json(m) for m in _get(data, "mounts", list, optional=True) or []],
         )
 
 
