@@ -33,10 +33,12 @@ MAX_SHARES = 16
 # security_model=none: QEMU creates and opens files as the (usually non-root) host user, with
 # the modes the guest asks for, and ignores the ownership changes it cannot make. A root guest
 # then writes host files the user owns and can use as they are (a model cache shared with host
-# tools), it needs no extended attributes from the host filesystem (macOS's, a Linux tmpfs before
-# 6.6), and nothing runs as root. mapped-xattr would keep the guest's owners and modes in
+# tools), and nothing runs as root. mapped-xattr would keep the guest's owners and modes in
 # user.virtfs.* xattrs and give every file it creates mode 0600 on the host: right for a guest
-# with many users, wrong for a shared cache. passthrough needs QEMU to run as root.
+# with many users, wrong for a shared cache; it also needs user xattrs from the host filesystem
+# (a Linux tmpfs has them only from 6.6). On macOS QEMU's 9p has to map Linux xattr namespaces
+# onto Darwin's flat ones and would leave those attributes on the user's files: none again, so
+# both hosts behave the same. passthrough needs QEMU to run as root.
 SECURITY_MODEL: Literal["none"] = "none"
 
 # Guest directories a share may not cover: the kernel's and the runtime's filesystems (at or
