@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 import subprocess
@@ -13,6 +14,7 @@ from hypothesis import strategies as st
 
 from conftest import Cli
 from egpu.engine.argv import build_argv
+from egpu.engine.qemu import PASSTHROUGH_DEVICES, placeholder_info
 from egpu.engine.shares import (
     MAX_SHARES,
     MountRequest,
@@ -22,8 +24,10 @@ from egpu.engine.shares import (
     resolve_mounts,
     share_args,
 )
-from egpu.errors import UsageError
+from egpu.errors import EngineError, UsageError
+from egpu.guest.assets import planned_guest
 from egpu.guest.protocol import GuestMount, encode_path, kernel_cmdline, mounts_arg
+from egpu.vm.lifecycle import RunRequest, plan_run
 from egpu.vm.store import VmConfig
 from test_core_units import spec
 from test_qemu_options import parse_qemu_opts
@@ -237,3 +241,18 @@ def test_dry_run_shows_the_shares(cli: Cli, tmp_path: Path) -> None:
         f"local,id=share0,path={str(host).replace(',', ',,')},security_model=none,readonly=on")
     append = argv[argv.index("-append") + 1]
     assert f"egpu.mounts=egpu0:ro:{encode_path(str(host))}" in append.split(" ")
+
+
+def test_plan_refuses_mounts_on_a_qemu_without_9p(egpu_home: Path, tmp_path: Path) -> None:
+    info = placeholder_info()
+    request = RunRequest(name="v", arch="aarch64", cpus=1, memory_mib=256,
+                         mounts=(f"{tmp_path}:/mnt/a:ro",))
+    plan = plan_run(request, info, planned_guest("aarch64"))
+    assert plan.shares == (Share("egpu0", tmp_path.resolve(), "/mnt/a", True),)
+    assert plan.config.mounts == list(plan.shares)
+    without = dataclasses.replace(info, devices={a: PASSTHROUGH_DEVICES for a in info.arches})
+    with pytest.raises(EngineError, match="no virtio-9p-pci"):
+        plan_run(request, without, planned_guest("aarch64"))
+    # no mounts: no 9p needed
+    assert plan_run(dataclasses.replace(request, mounts=()), without,
+                    planned_guest("aarch64")).shares == ()
