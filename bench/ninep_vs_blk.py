@@ -36,6 +36,8 @@ SHARE_GUEST = "/mnt/bench"
 DATA_FILE = "data.bin"
 BLK_DEVICE = "/dev/vda"  # the only virtio-blk disk of this guest
 BLK_SERIAL = "benchblk"
+# Linux's 9p cache modes (Documentation/filesystems/9p.rst); egpu mounts with the default, none
+CACHE_MODES = ("none", "readahead", "loose", "fscache", "mmap")
 # BENCH ROUND SIDE MSIZE START END (seconds since the guest's boot, /proc/uptime: 10 ms ticks,
 # against reads that take seconds under TCG)
 BENCH_LINE = re.compile(r"^BENCH (\d+) (9p|blk) (\d+) ([\d.]+) ([\d.]+)\s*$", re.M)
@@ -45,12 +47,14 @@ CHECK_SCRIPT = f"""#!/bin/sh
 rounds=${{EGPU_BENCH_ROUNDS:-3}}
 mib=${{EGPU_BENCH_MIB:-256}}
 msizes=$(echo "${{EGPU_BENCH_MSIZES:-{protocol.MOUNT_MSIZE}}}" | tr ',' ' ')
+cache=${{EGPU_BENCH_CACHE:-}}
+case "$cache" in ''|*[!a-z]*) cache= ;; *) cache=",cache=$cache" ;; esac
 now() {{ cut -d' ' -f1 /proc/uptime; }}
 umount {SHARE_GUEST} 2>/dev/null
 r=1
 while [ "$r" -le "$rounds" ]; do
     for msize in $msizes; do
-        mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=$msize egpu0 {SHARE_GUEST} || {{
+        mount -t 9p -o trans=virtio,version=9p2000.L,ro,msize=$msize$cache egpu0 {SHARE_GUEST} || {{
             echo "CHECK bench fail cannot mount the share with msize=$msize"; exit 0; }}
         sync; echo 3 > /proc/sys/vm/drop_caches
         t0=$(now); dd if={SHARE_GUEST}/{DATA_FILE} of=/dev/null bs=1M 2>/dev/null; t1=$(now)
@@ -77,7 +81,7 @@ def initrd(arch: str, work: Path) -> Path:
 
 
 def boot(arch: str, rd: Path, share: Path, disk: Path, size_mib: int, rounds: int,
-         msizes: list[int]) -> str:
+         msizes: list[int], cache: str | None) -> str:
     """One self-test boot running the bench check; the console text."""
     guest = ensure_guest(arch)
     engine = find_engine()
@@ -87,7 +91,7 @@ def boot(arch: str, rd: Path, share: Path, disk: Path, size_mib: int, rounds: in
         guest, selftest=True, cpus=CPUS, memory_mib=MEMORY_MIB, checks=["bench"], mounts=mounts,
         extra=(f"egpu.bench_rounds={rounds}", f"egpu.bench_mib={size_mib}",
                f"egpu.bench_msizes={','.join(map(str, msizes))}",
-               f"egpu.check_timeout={budget}"))
+               f"egpu.check_timeout={budget}", *([f"egpu.bench_cache={cache}"] if cache else [])))
     argv = [*engine.qemu(arch), "-accel", "tcg,thread=multi", "-cpu", "max", "-smp", str(CPUS),
             "-machine", "virt,highmem=on" if arch == "aarch64" else "q35",
             "-m", f"{MEMORY_MIB}M", "-kernel", str(guest.kernel), "-initrd", str(rd),
@@ -123,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds (median shown)")
     ap.add_argument("--msize", type=int, action="append", default=None,
                     help=f"9p msize to mount with (repeatable) [default: {protocol.MOUNT_MSIZE}]")
+    ap.add_argument("--cache", default=None, choices=CACHE_MODES,
+                    help="a 9p cache mode to compare [default: none, as egpu mounts]")
     ap.add_argument("--quick", action="store_true", help="1 round on 16 MiB (smoke)")
     args = ap.parse_args(argv)
     size_mib, rounds = (16, 1) if args.quick else (args.size_mib, args.rounds)
@@ -140,14 +146,16 @@ def main(argv: list[str] | None = None) -> int:
             with open(path, "wb") as f:
                 for _ in range(size_mib):
                     f.write(pattern[:MIB])
-        console = boot(args.arch, initrd(args.arch, work), share, disk, size_mib, rounds, msizes)
+        console = boot(args.arch, initrd(args.arch, work), share, disk, size_mib, rounds, msizes,
+                       args.cache)
     figures = parse(console, size_mib)
     blk = figures.get(("blk", 0), [])
     if len(blk) != rounds or any(len(figures.get(("9p", m), [])) != rounds for m in msizes):
         tail = "\n".join(console.splitlines()[-30:])
         raise SystemExit(f"dd figures missing on the console:\n{tail}")
     print(f"arch={args.arch} accel=tcg dd bs=1M of {size_mib} MiB x {rounds} rounds, "
-          "alternating in one guest, guest caches dropped before each read")
+          f"alternating in one guest, guest caches dropped before each read; "
+          f"9p cache={args.cache or 'none'}")
     print(f"{'side':18} {'MiB/s (median)':>15} {'ratio 9p/blk':>13}  per-round MiB/s")
     print(f"{'virtio-blk':18} {statistics.median(blk):15.1f} {'':>13}  "
           + " ".join(f"{v:.1f}" for v in blk))
