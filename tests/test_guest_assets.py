@@ -75,7 +75,8 @@ def test_assets_are_complete(built: assets.GuestAssets) -> None:
 def test_modules_are_decompressed_and_in_dependency_order(built: assets.GuestAssets) -> None:
     m = members(built)
     stages = [[line.split() for line in m[path].data.decode().splitlines()]
-              for path in (assets.GUEST_MODULE_LIST, assets.GUEST_LATER_MODULE_LIST)]
+              for path in (assets.GUEST_MODULE_LIST, assets.GUEST_SHARE_MODULE_LIST,
+                           assets.GUEST_LATER_MODULE_LIST)]
     listed = [mod for stage in stages for group in stage for mod in group]
     assert sorted(listed) == sorted(built.modules) and len(set(listed)) == len(listed)
     first = {mod for group in stages[0] for mod in group}
@@ -83,8 +84,13 @@ def test_modules_are_decompressed_and_in_dependency_order(built: assets.GuestAss
                    "gpio_keys"):
         assert wanted in first
     assert {"ext4", "vfio_pci"} <= set(listed) - first
+    # the shared-folder modules have a stage of their own (loaded before the ready marker when
+    # the host asks for mounts), which needs only the first stage (init loads it second)
+    shares = {mod for group in stages[1] for mod in group}
+    assert {"9p", "9pnet_virtio", "9pnet"} <= shares
+    assert not shares & {mod for group in stages[2] for mod in group}
     # ext4's soft dependency is the alias crypto-crc32c: resolved to a module, loaded first
-    ext4_group = next(g for g in stages[1] if "ext4" in g)
+    ext4_group = next(g for g in stages[2] if "ext4" in g)
     assert ext4_group.index("crc32c_generic") < ext4_group.index("ext4")
     if built.arch == "x86_64":
         assert "button" in first  # the ACPI power button is modular on amd64

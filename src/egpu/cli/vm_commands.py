@@ -38,6 +38,7 @@ from egpu.engine.qemu import (
     placeholder_info,
 )
 from egpu.engine.select import ensure_engine_info
+from egpu.engine.shares import resolve_mounts
 from egpu.errors import EgpuError, EngineError, UsageError, VMError
 from egpu.guest import protocol as guest_protocol
 from egpu.guest.assets import GuestAssets, ensure_guest, planned_guest
@@ -102,6 +103,9 @@ def _guest_for(arch: str, *, dry_run: bool, progress: output.BarProgress) -> Gue
 @click.option("--memory", default=DEFAULT_MEMORY, show_default=True,
               help="e.g. 512M, 4G (a bare number is MiB)")
 @click.option("--disk", "disks", multiple=True, metavar="PATH[:ro]", help="extra disk (virtio)")
+@click.option("--mount", "mounts", multiple=True, metavar="HOST_DIR[:GUEST_DIR][:ro]",
+              help="share a host folder (virtio-9p), in the guest at GUEST_DIR [default: the "
+              "host path]; repeatable")
 @click.option("--ssh-port", type=int, default=None, help="forward 127.0.0.1:PORT to guest :22")
 @click.option("--port", "ports", multiple=True, metavar="HOST:GUEST",
               help="forward 127.0.0.1:HOST to guest port GUEST (repeatable; any port, 22 too)")
@@ -131,8 +135,8 @@ def _guest_for(arch: str, *, dry_run: bool, progress: output.BarProgress) -> Gue
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[-- EXTRA QEMU ARGS]")
 def run(
     name: str | None, arch: str, cpus: int, memory: str, disks: tuple[str, ...],
-    ssh_port: int | None, ports: tuple[str, ...], no_port_forwarding: bool, detach: bool,
-    dry_run: bool, as_json: bool,
+    mounts: tuple[str, ...], ssh_port: int | None, ports: tuple[str, ...],
+    no_port_forwarding: bool, detach: bool, dry_run: bool, as_json: bool,
     selftest: bool, qemu: str | None, accel: str | None, quiet: bool, nvme_size: str,
     gpu_path: str | None, gpu_path_alias: str | None, passthrough: str | None, no_tso: bool,
     bind: bool, ioreg: Path | None,
@@ -160,6 +164,7 @@ def run(
     # cheap checks first: bad input must fail before anything is downloaded or built
     for disk in disks:
         lifecycle.assumed_disk(disk)
+    resolve_mounts(mounts)
     if ssh_port is not None:
         lifecycle.check_port_free(ssh_port)
     forwards = lifecycle.parse_port_forwards(ports, ssh_port)
@@ -184,7 +189,7 @@ def run(
         name=vm_name, arch=arch, cpus=cpus, memory_mib=memory_mib, disks=disks,
         ssh_port=ssh_port, accel=accel, selftest=selftest, extra=extra, gpu=gpu,
         nvme_size=nvme_size, bind=bind, image=image, base=base, display=screen_plan,
-        ports=forwards, port_forwarding=not no_port_forwarding,
+        ports=forwards, port_forwarding=not no_port_forwarding, mounts=mounts,
     )
     if dry_run:
         plan = lifecycle.plan_run(request, info, guest, check_host=False)

@@ -13,6 +13,7 @@ from typing import Literal
 
 from egpu.engine.display import DisplayPlan
 from egpu.engine.qemu_options import OptionValue, option_string
+from egpu.engine.shares import Share, share_args
 from egpu.errors import UsageError
 from egpu.units import MIB, parse_size
 
@@ -95,6 +96,7 @@ class VmSpec:
     firmware: Firmware | None = None
     boot_disk: Disk | None = None
     disks: tuple[Disk, ...] = ()
+    shares: tuple[Share, ...] = ()  # --mount: host folders over virtio-9p
     ssh_port: int | None = None
     memory_backend: MemoryBackend = "plain"
     cpu_model: str | None = None  # default: max under tcg, host otherwise
@@ -208,6 +210,8 @@ def build_argv(qemu: Sequence[str], spec: VmSpec) -> list[str]:
             device["bootindex"] = 0
         argv += ["-drive", option_string(None, drive),
                  "-device", option_string("virtio-blk-pci", device)]
+
+    argv += share_args(spec.shares)
 
     netdev = f"user,id={NETDEV_ID}"
     if spec.ssh_port is not None:

@@ -29,6 +29,7 @@ from typing import Literal
 from xml.parsers.expat import ExpatError
 
 from egpu.engine.argv import machine_type
+from egpu.engine.shares import DEVICE as SHARE_DEVICE
 from egpu.errors import EngineError, UsageError
 from egpu.paths import dirs
 from egpu.process import run_tool
@@ -36,6 +37,8 @@ from egpu.process import run_tool
 MIN_VERSION = (10, 1, 0)  # first release with the vfio-user-pci client
 ARCHES = ("aarch64", "x86_64")
 PASSTHROUGH_DEVICES = ("vfio-user-pci", "vfio-pci", "vfio-apple-pci")
+# the devices a probe looks for: passthrough, and 9p for shared folders (run --mount)
+PROBED_DEVICES = (*PASSTHROUGH_DEVICES, SHARE_DEVICE)
 PROBE_TIMEOUT_S = 20
 MARKER = ".egpu-engine.json"  # written last into a complete private root
 APPLE_DEVICE = "vfio-apple-pci"
@@ -299,7 +302,7 @@ def probe(engine: Engine) -> EngineInfo:
         compiled = parse_help_names(_run([*base, "-accel", "help"], env))
         accels[arch] = tuple(sorted(compiled & host_accelerators(arch)))
         names = parse_help_names(_run([*base, "-device", "help"], env), prefix="name ")
-        devices[arch] = tuple(d for d in PASSTHROUGH_DEVICES if d in names)
+        devices[arch] = tuple(d for d in PROBED_DEVICES if d in names)
         replies = _run([*base, "-nodefaults", "-display", "none", "-qmp", "stdio"], env,
                        stdin=QUERY_MACHINES)
         most = parse_max_cpus(replies, machine_type(arch))
@@ -403,7 +406,7 @@ def placeholder_info() -> EngineInfo:
     ))
     return EngineInfo(
         engine, MIN_VERSION, ARCHES,
-        {a: ("tcg",) for a in ARCHES}, {a: PASSTHROUGH_DEVICES for a in ARCHES},
+        {a: ("tcg",) for a in ARCHES}, {a: PROBED_DEVICES for a in ARCHES},
         {APPLE_DEVICE: apple},
     )
 

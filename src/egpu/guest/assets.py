@@ -67,8 +67,12 @@ GUEST_MODULES = (
     "ext4",                      # a root filesystem for later full-image boots
     "vfio_pci",                  # passthrough inside the guest (nested tests)
     "virtio_gpu",                # a VM's own screen (run --display): DRM, with fbcon on it
+    "9p", "9pnet_virtio",        # run --mount: shared folders over virtio-9p
 )
-AFTER_READY = frozenset({"ext4", "vfio_pci", "virtio_gpu"})
+# Shared-folder modules have a list of their own: loaded before the ready marker when the host
+# asks for mounts (so a ready guest has them mounted), after it like the rest otherwise.
+SHARE_MODULES = frozenset({"9p", "9pnet_virtio"})
+AFTER_READY = frozenset({"ext4", "vfio_pci", "virtio_gpu"}) | SHARE_MODULES
 # Bump when the initramfs layout changes in a way the key below cannot see.
 BUILD_FORMAT = 7
 # the build key covers these sources: changing how the guest is assembled rebuilds it
@@ -87,6 +91,7 @@ CHECKS_DIR = "checks"
 GUEST_MODULE_DIR = "lib/modules"
 GUEST_MODULE_LIST = "etc/egpu/modules"
 GUEST_LATER_MODULE_LIST = "etc/egpu/modules.later"
+GUEST_SHARE_MODULE_LIST = "etc/egpu/modules.shares"
 GUEST_CHECKS_DIR = "checks"
 # Linux device numbers (Documentation/admin-guide/devices.txt)
 DEV_CONSOLE = (5, 1)
@@ -363,6 +368,10 @@ def _assemble(arch: str, tree: Path, out: Path, agent_tree: Path) -> dict[str, o
         order = kmod.load_order(GUEST_MODULES, modules, builtin)
         first = kmod.load_order([m for m in GUEST_MODULES if m not in AFTER_READY], modules,
                                 builtin)
+        # the share modules' closure beyond the first stage: loadable right after it
+        shares = [m for m in kmod.load_order(
+            [*first, *(m for m in GUEST_MODULES if m in SHARE_MODULES)], modules, builtin)
+            if m not in first]
     except ValueError as e:
         raise GuestError(str(e)) from e
     busybox = tree / "usr/bin/busybox"
@@ -399,8 +408,9 @@ def _assemble(arch: str, tree: Path, out: Path, agent_tree: Path) -> dict[str, o
     for name in order:
         entries.append(cpio.regular(f"{GUEST_MODULE_DIR}/{name}.ko", modules.data(name)))
     # one line per group of modules that depend on each other; groups load concurrently
-    later = [m for m in order if m not in first]
-    for path, stage in ((GUEST_MODULE_LIST, first), (GUEST_LATER_MODULE_LIST, later)):
+    later = [m for m in order if m not in first and m not in shares]
+    for path, stage in ((GUEST_MODULE_LIST, first), (GUEST_SHARE_MODULE_LIST, shares),
+                        (GUEST_LATER_MODULE_LIST, later)):
         groups = kmod.load_groups(stage, modules)
         entries.append(cpio.regular(path, "".join(" ".join(g) + "\n" for g in groups).encode()))
     entries.append(cpio.regular("etc/egpu/kernel-version", f"{version}\n".encode()))
@@ -417,4 +427,4 @@ def _assemble(arch: str, tree: Path, out: Path, agent_tree: Path) -> dict[str, o
             kernel = PVH_KERNEL_FILE
     (out / INITRAMFS_FILE).write_bytes(cpio.gzip_archive(entries))
     return {"arch": arch, "kernel_version": version, "kernel": kernel, "modules": order,
-            "modules_after_ready": later}
+            "modules_after_ready": later, "modules_for_shares": shares}

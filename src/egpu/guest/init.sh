@@ -4,9 +4,10 @@
 # 1. mount the kernel filesystems, load the modules listed in /etc/egpu/modules (decompressed
 #    on the host, in dependency order), bring up networking if there is any;
 # 2. export each kernel command-line setting egpu.<key>=<value> as EGPU_<KEY>;
-# 3. start the QEMU guest agent on its virtio port (if the host gave one), print the ready
+# 3. with egpu.mounts=...: load /etc/egpu/modules.shares and mount each shared folder;
+# 4. start the QEMU guest agent on its virtio port (if the host gave one), print the ready
 #    marker, then load /etc/egpu/modules.later (nothing at boot needs them);
-# 4. with egpu.selftest=1: run every /checks/*.sh in order, print one EGPU-SELFTEST line, power off;
+# 5. with egpu.selftest=1: run every /checks/*.sh in order, print one EGPU-SELFTEST line, power off;
 #    otherwise: hand PID 1 to busybox init (a respawning shell on the console, acpid turning the
 #    power button -- ACPI on x86_64, the virt machine's GPIO key on aarch64 -- into a clean
 #    poweroff).
@@ -57,6 +58,43 @@ load_modules() {
 }
 load_modules /etc/egpu/modules
 
+# The modules loaded after the ready marker: the share modules first unless mounts loaded them
+# (a later module may depend on one of them, never the other way round).
+load_later_modules() {
+    [ -n "$EGPU_MOUNTS" ] || load_modules /etc/egpu/modules.shares
+    load_modules /etc/egpu/modules.later
+}
+
+# egpu.mounts=TAG:ro|rw:PATH,... (egpu/guest/protocol.py: mounts_arg). PATH is percent-encoded:
+# only [A-Za-z0-9/._%-] may appear, and each %XX becomes one byte through printf's \xXX.
+# Anything else is skipped with a message: the command line is the host's, but stay strict.
+mount_shares() {
+    [ -n "$EGPU_MOUNTS" ] || return 0
+    load_modules /etc/egpu/modules.shares
+    opts="trans=virtio,version=9p2000.L"
+    case "${EGPU_MSIZE:-}" in ''|*[!0-9]*) ;; *) opts="$opts,msize=$EGPU_MSIZE" ;; esac
+    set -f
+    for entry in $(echo "$EGPU_MOUNTS" | tr ',' ' '); do
+        tag=${entry%%:*}; rest=${entry#*:}; mode=${rest%%:*}; enc=${rest#*:}
+        case "$tag" in ''|*[!a-z0-9]*) echo "egpu-init: bad share tag in $entry"; continue ;; esac
+        case "$mode" in ro|rw) ;; *) echo "egpu-init: bad share mode in $entry"; continue ;; esac
+        case "$enc" in /*) ;; *) echo "egpu-init: bad share path in $entry"; continue ;; esac
+        case "$enc" in *[!A-Za-z0-9/._%-]*) echo "egpu-init: bad share path in $entry"; continue ;; esac
+        case "$(echo "$enc" | sed 's/%[0-9A-F][0-9A-F]//g')" in
+            *%*) echo "egpu-init: bad share path in $entry"; continue ;;
+        esac
+        path=$(printf "$(echo "$enc" | sed 's/%\([0-9A-F][0-9A-F]\)/\\x\1/g')")
+        how=$opts
+        [ "$mode" = ro ] && how="$how,ro"
+        if mkdir -p "$path" && mount -t 9p -o "$how" "$tag" "$path"; then
+            echo "egpu-init: mounted share $tag at $path ($mode)"
+        else
+            echo "egpu-init: cannot mount share $tag at $path"
+        fi
+    done
+    set +f
+}
+
 ip link set lo up
 cat > /run/udhcpc.sh <<'EOF'
 #!/bin/sh
@@ -79,6 +117,7 @@ for dev in /sys/class/net/*; do
     # in the background: a network without DHCP must not hold back the ready marker
     udhcpc -b -q -i "$iface" -s /run/udhcpc.sh >/dev/null 2>&1 &
 done
+mount_shares
 
 # The QEMU guest agent, on the virtio-serial port the host named for it (no udev here: the port
 # names are in sysfs). guest-shutdown runs /sbin/shutdown -P|-H|-r +0 MESSAGE, which busybox
@@ -161,7 +200,7 @@ to_json() {
 
 if [ "$EGPU_SELFTEST" = 1 ]; then
     printf '\n%s\n' "$READY_MARKER"
-    load_modules /etc/egpu/modules.later
+    load_later_modules
     result=$(run_checks | to_json)
     # keep kernel messages off the console while the result line goes out
     echo 1 > /proc/sys/kernel/printk
@@ -191,7 +230,7 @@ if ls /dev/input/event* >/dev/null 2>&1; then
 fi
 # (the marker goes on a line of its own even if something left the cursor mid-line)
 printf '\n%s\n' "$READY_MARKER"
-load_modules /etc/egpu/modules.later &
+load_later_modules &
 
 # busybox init as PID 1 from here: a respawning shell on the console, clean shutdown
 cat > /etc/inittab <<'EOF'

@@ -12,6 +12,7 @@ The guest is untrusted: :func:`parse_selftest` bounds every size and never raise
 from __future__ import annotations
 
 import json
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,18 @@ SELFTEST_PARAM = "egpu.selftest"
 CPUS_PARAM = "egpu.cpus"
 MEMORY_PARAM = "egpu.mem_mib"
 CHECKS_PARAM = "egpu.checks"
+# shared folders: egpu.mounts=TAG:ro|rw:PATH,... with PATH percent-encoded (every byte outside
+# [A-Za-z0-9/._-]), so spaces, commas and quotes survive the command line; egpu.msize=BYTES
+MOUNTS_PARAM = "egpu.mounts"
+MSIZE_PARAM = "egpu.msize"
+# 9p's largest message: 512 KiB, about the most Linux's virtio transport takes (its ring of
+# 128 descriptors of 4 KiB pages). bench/ninep_vs_blk.py --msize: never slower than 128 KiB,
+# 1.6x faster once read-ahead keeps requests in flight (figures in bench/README.md)
+MOUNT_MSIZE = 512 * 1024
+_MOUNT_TAG = re.compile(r"[a-z][a-z0-9]{0,30}")  # 9p tags: at most 31 bytes
+_PATH_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789/._-")
+# Linux's COMMAND_LINE_SIZE on arm64 and x86 (arch/*/include/uapi/asm/setup.h), with its NUL
+MAX_CMDLINE = 2048 - 1
 # the checks every built-in guest can pass whatever devices it has
 BASE_CHECKS = ("pci", "memory", "cpus")
 # panic=-1: reboot at once on a panic, which ends QEMU under -no-reboot instead of hanging.
@@ -89,11 +102,40 @@ def console_for(arch: str) -> str:
             from None
 
 
+@dataclass(frozen=True)
+class GuestMount:
+    """A shared folder as the built-in guest mounts it: 9p tag, mount point, read-only."""
+
+    tag: str
+    path: str
+    readonly: bool
+
+
+def encode_path(path: str) -> str:
+    """``path`` with every byte outside ``[A-Za-z0-9/._-]`` as ``%XX`` (the guest's init
+    decodes it with printf)."""
+    return "".join(chr(b) if b in _PATH_SAFE else f"%{b:02X}" for b in os.fsencode(path))
+
+
+def mounts_arg(mounts: Sequence[GuestMount], msize: int = MOUNT_MSIZE) -> list[str]:
+    """The kernel arguments that make the built-in guest mount ``mounts`` before it is ready."""
+    if not mounts:
+        return []
+    for m in mounts:
+        if not _MOUNT_TAG.fullmatch(m.tag) or not m.path.startswith("/"):
+            raise ValueError(f"bad guest mount {m!r}")
+    entries = ",".join(f"{m.tag}:{'ro' if m.readonly else 'rw'}:{encode_path(m.path)}"
+                       for m in mounts)
+    return [f"{MOUNTS_PARAM}={entries}", f"{MSIZE_PARAM}={msize}"]
+
+
 def kernel_cmdline(target: str | _HasArch, *, selftest: bool, cpus: int, memory_mib: int,
-                   checks: Sequence[str] | None = None, extra: Sequence[str] = ()) -> str:
+                   checks: Sequence[str] | None = None, extra: Sequence[str] = (),
+                   mounts: Sequence[GuestMount] = ()) -> str:
     """The built-in guest's kernel command line for an arch (or GuestAssets).
 
     ``checks`` names the self-checks to run (in the guest's order); None runs every one.
+    ValueError when it is longer than the kernel takes (many or long mount paths).
     """
     arch = target if isinstance(target, str) else target.arch
     if cpus < 1 or memory_mib < 1:
@@ -109,7 +151,11 @@ def kernel_cmdline(target: str | _HasArch, *, selftest: bool, cpus: int, memory_
         if not checks or not all(_CHECK_NAME.fullmatch(c) for c in checks):
             raise ValueError(f"bad self-check names {list(checks)!r}")
         args.append(f"{CHECKS_PARAM}={','.join(checks)}")
-    return " ".join([*args, *extra])
+    line = " ".join([*args, *mounts_arg(mounts), *extra])
+    if len(line.encode()) > MAX_CMDLINE:
+        raise ValueError(f"the guest's kernel command line would be {len(line.encode())} bytes, "
+                         f"more than the kernel's {MAX_CMDLINE}")
+    return line
 
 
 def _lines(text: str) -> list[str]:

@@ -21,6 +21,9 @@ from egpu.engine.argv import Disk, Firmware, VmSpec, build_argv, check_cpus, par
 from egpu.engine.display import DisplayPlan
 from egpu.engine.passthrough import RunPassthrough
 from egpu.engine.qemu import EngineInfo, check_arch, host_is_virtual
+from egpu.engine.shares import DEVICE as SHARE_DEVICE
+from egpu.engine.shares import OPTION as MOUNT_OPTION
+from egpu.engine.shares import Share, resolve_mounts
 from egpu.errors import (
     AgentError,
     ConflictError,
@@ -80,6 +83,7 @@ class RunRequest:
     display: DisplayPlan | None = None  # the VM's own screen; None: headless
     ports: tuple[tuple[int, int], ...] = ()  # --port HOST:GUEST, checked by parse_port_forwards
     port_forwarding: bool = True  # forward the guest's listening ports automatically
+    mounts: tuple[str, ...] = ()  # --mount HOST_DIR[:GUEST_DIR][:ro], as typed
 
 
 @dataclass(frozen=True)
@@ -92,6 +96,11 @@ class RunPlan:
     argv: list[str] = field(default_factory=list)
     boot: BootDisk | None = None  # a full image: its overlay is made at start
     notices: tuple[str, ...] = ()
+
+    @property
+    def shares(self) -> tuple[Share, ...]:
+        """The shared folders (9p tag, host directory, guest path, read-only), in tag order."""
+        return self.spec.shares
 
 
 def check_port_free(port: int) -> None:
@@ -219,17 +228,27 @@ def plan_run(
             )
         card = virtual.virtual_egpu_plan(
             vm.servers_dir, nvme_backing=vm.file(store.NVME_BACKING), nvme_size=request.nvme_size)
+    shares = resolve_mounts(request.mounts)
+    if shares and check_host and SHARE_DEVICE not in info.devices.get(arch, ()):
+        raise EngineError(
+            f"QEMU {info.version_text} has no {SHARE_DEVICE} device for {MOUNT_OPTION}",
+            hint="use a QEMU built with virtfs (9p); 'egpu engine --provision' installs one")
     checks = guest_protocol.BASE_CHECKS + (card.checks if card else ())
-    append = guest_protocol.kernel_cmdline(
-        guest, selftest=request.selftest, cpus=request.cpus, memory_mib=request.memory_mib,
-        checks=checks,
-    )
+    try:
+        append = guest_protocol.kernel_cmdline(
+            guest, selftest=request.selftest, cpus=request.cpus, memory_mib=request.memory_mib,
+            checks=checks, mounts=[guest_protocol.GuestMount(s.tag, s.guest, s.readonly)
+                                   for s in shares],
+        )
+    except ValueError as e:
+        raise UsageError(f"{MOUNT_OPTION}: {e}", hint="use fewer or shorter guest paths") from e
     spec = VmSpec(
         name=request.name, arch=arch, cpus=request.cpus, memory_mib=request.memory_mib,
         accel=accel,  # type: ignore[arg-type]
         qmp_socket=vm.qmp_socket, console_socket=vm.console_socket, serial_log=vm.serial_log,
         agent_socket=vm.agent_socket, kernel=guest.kernel, initrd=guest.initramfs, append=append,
-        disks=disks, ssh_port=ssh_port, extra=request.extra, display=request.display,
+        disks=disks, shares=shares, ssh_port=ssh_port, extra=request.extra,
+        display=request.display,
     )
     if boot is not None:
         # a full image boots through UEFI from its overlay; the built-in guest is not involved
@@ -249,7 +268,7 @@ def plan_run(
         accel=spec.accel, gpu_path=gpu_path,
         qemu=f"{info.engine.source} QEMU {info.version_text}", qemu_version=info.version_text,
         argv=argv, env=info.engine.env(),
-        ssh_port=ssh_port, selftest=request.selftest, servers=servers,
+        ssh_port=ssh_port, selftest=request.selftest, servers=servers, mounts=list(shares),
         image=boot.source if boot else None,
         bind_functions=list(request.gpu.plan.functions)
         if request.bind and request.gpu and request.gpu.plan and gpu_path == "vfio" else [],

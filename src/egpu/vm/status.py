@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from egpu.engine.shares import Share
 from egpu.errors import NotFoundError, VMError
 from egpu.guest import protocol as guest_protocol
 from egpu.process import ProcessRef
@@ -52,6 +53,7 @@ class VmStatus:
     ssh_port: int | None
     exit: dict[str, Any] | None = None
     servers: list[store.ServerRecord] = field(default_factory=list)
+    mounts: list[Share] = field(default_factory=list)  # shared folders, from the config
     problems: list[str] = field(default_factory=list)
     run_state: str | None = None  # QMP query-status: running, paused, shutdown, ...
     display: dict[str, str] | None = None  # its own screen (device, UI); None: headless
@@ -83,6 +85,7 @@ class VmStatus:
             # socket at the top, as before the spec held it: scripts read it from here
             "servers": [{**s.to_json(), "socket": str(s.socket), "running": s.alive()}
                         for s in self.servers],
+            "mounts": [m.to_json() for m in self.mounts],
             "problems": self.problems,
             "run_state": self.run_state,
             "display": self.display,
@@ -152,6 +155,7 @@ def inspect(vm: store.VmDir) -> VmStatus:
         serial_log=str(vm.serial_log), cpus=config.cpus, memory_mib=config.memory_mib,
         ssh_port=config.ssh_port, exit=exit_record, servers=vm.read_servers(),
         display=config.display,
+        mounts=config.mounts,
         problems=problems, run_state=run_state,
     )
 

@@ -20,6 +20,7 @@ from typing import Any
 
 from egpu.devices.serve_spec import ServeSpec, serve_argv
 from egpu.engine.argv import MAX_PORT
+from egpu.engine.shares import Share
 from egpu.errors import ConflictError, NotFoundError, UsageError, VMError
 from egpu.paths import dirs
 from egpu.process import ProcessRef
@@ -206,11 +207,13 @@ class VmConfig:
     display: dict[str, str] | None = None  # engine.display.DisplayPlan: device and UI
     ports: list[tuple[int, int]] = field(default_factory=list)  # run --port HOST:GUEST
     port_forwarding: bool = True  # forward guest listeners automatically (--no-port-forwarding)
+    mounts: list[Share] = field(default_factory=list)  # --mount: shared folders (9p)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["servers"] = [s.to_json() for s in self.servers]
         data["ports"] = [list(p) for p in self.ports]
+        data["mounts"] = [m.to_json() for m in self.mounts]
         return data
 
     @classmethod
@@ -245,6 +248,7 @@ class VmConfig:
             display=_str_map(data, "display"),
             ports=_port_pairs(data, "ports"),
             port_forwarding=_get(data, "port_forwarding", bool, optional=True) is not False,
+            mounts=[Share.from_json(m) for m in _get(data, "mounts", list, optional=True) or []],
         )
 
 
