@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import os
 import re
@@ -12,9 +13,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from egpu.engine import virtual
 from egpu.engine.argv import Disk, Firmware, VmSpec, build_argv, check_cpus, parse_disk_option
@@ -34,9 +36,12 @@ from egpu.guest.assets import GuestAssets
 from egpu.host import vfio_bind
 from egpu.images.disk import BootDisk, plan_boot_disk, prepare_boot_disk
 from egpu.images.firmware import ensure_vars, find_firmware
+from egpu.images.seed import SeedMount, SeedSpec, check_hostname, login_user, new_instance_id
+from egpu.images.seed import seed_files as seed_file_contents
+from egpu.images.seed_iso import write_seed_iso
 from egpu.process import ProcessRef, run_tool, signal_process, wait_gone
 from egpu.progress import Progress
-from egpu.vm import qmp, store
+from egpu.vm import qmp, sshkeys, store
 from egpu.vm.status import BROKEN, VmStatus, inspect, last_line, process_alive
 
 START_TIMEOUT_S = 30.0
@@ -72,6 +77,9 @@ class RunRequest:
     nvme_size: str = virtual.DEFAULT_NVME_SIZE
     image: str | None = None  # OCI reference of a full guest image (UEFI boot)
     base: str | None = None  # a local qcow2 to boot instead of an image
+    seed: bool = True  # a full image gets a cloud-init NoCloud seed (--no-seed: none)
+    cloud_init: Mapping[str, Any] | None = None  # the user's --cloud-init, parsed and checked
+    mounts: tuple[SeedMount, ...] = ()  # 9p shares the seed mounts in the guest
 
 
 @dataclass(frozen=True)
@@ -84,6 +92,7 @@ class RunPlan:
     argv: list[str] = field(default_factory=list)
     boot: BootDisk | None = None  # a full image: its overlay is made at start
     notices: tuple[str, ...] = ()
+    seed: SeedSpec | None = None  # written at start, with the login keys found then
 
 
 def check_port_free(port: int) -> None:
@@ -172,11 +181,14 @@ def plan_run(
     else:
         disks = tuple(assumed_disk(d) for d in request.disks)
     boot = None
+    seed = None
     ssh_port = request.ssh_port
     if request.image or request.base:
         boot = plan_boot_disk(vm.file(store.OVERLAY), image=request.image, base=request.base)
         if ssh_port is None:
             ssh_port = DEFAULT_IMAGE_SSH_PORT
+        if request.seed:
+            seed = plan_seed(vm, request)
     if ssh_port is not None and check_host:
         check_port_free(ssh_port)
     accel, accel_notice = choose_accel(info, arch, request.accel, nested=host_is_virtual())
@@ -210,7 +222,8 @@ def plan_run(
         # a full image boots through UEFI from its overlay; the built-in guest is not involved
         spec = replace(spec, kernel=None, initrd=None, append=None,
                        boot_disk=Disk(boot.overlay, "qcow2"),
-                       firmware=_firmware(info, vm, arch, check_host))
+                       firmware=_firmware(info, vm, arch, check_host),
+                       seed=vm.file(store.SEED) if seed is not None else None)
     if card is not None:
         spec = card.apply(spec)
     elif request.gpu is not None and request.gpu.plan is not None:
@@ -231,9 +244,44 @@ def plan_run(
         host_guard=request.gpu.guard.to_json() if request.gpu and request.gpu.guard else None,
         gpu_bound_at_start=list(request.gpu.bound_at_start)
         if request.gpu and request.gpu.bound_at_start is not None else None,
+        ssh_user=seed.user if seed else None,
+        seed_instance_id=seed.instance_id if seed else None,
     )
     notices = (accel_notice,) if accel_notice and spec.accel == accel else ()
-    return RunPlan(vm=vm, spec=spec, config=config, argv=argv, boot=boot, notices=notices)
+    return RunPlan(vm=vm, spec=spec, config=config, argv=argv, boot=boot, notices=notices,
+                   seed=seed)
+
+
+def host_user() -> str | None:
+    """The name of the user running egpu, or None when the system cannot say."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return None
+
+
+def plan_seed(vm: store.VmDir, request: RunRequest) -> SeedSpec:
+    """What a full image's seed will say (its keys are found at start); reads, never writes.
+
+    The instance-id is kept from the VM's recorded config: cloud-init's once-per-instance
+    setup runs on the VM's first boot, not again on every run.
+    """
+    instance_id = None
+    if vm.file(store.CONFIG).exists():
+        with contextlib.suppress(VMError):
+            instance_id = vm.read_config().seed_instance_id
+    return SeedSpec(hostname=check_hostname(request.name),
+                    instance_id=instance_id or new_instance_id(),
+                    user=login_user(host_user()), public_keys=(), mounts=request.mounts,
+                    user_data=request.cloud_init)
+
+
+def write_seed(vm: store.VmDir, seed: SeedSpec) -> sshkeys.LoginKeys:
+    """Find (or make) the login keys and write the VM's seed ISO with them."""
+    keys = sshkeys.login_keys()
+    write_seed_iso(vm.file(store.SEED),
+                   seed_file_contents(replace(seed, public_keys=keys.public_keys)))
+    return keys
 
 
 def _server_entry(server: virtual.DeviceServer) -> store.ServerLaunch:
@@ -278,15 +326,22 @@ def start(plan: RunPlan, info: EngineInfo, progress: Progress | None = None) -> 
     before = set(os.listdir(vm.path)) if dir_existed else set()
     try:
         vm.create()
-        vm.write_config(plan.config)
+        config = plan.config
+        if plan.seed is not None:
+            keys = write_seed(vm, plan.seed)
+            config = replace(config, ssh_key=str(keys.private))
+        vm.write_config(config)
         if plan.config.servers:
             vm.servers_dir.mkdir(mode=0o700, exist_ok=True)
         if plan.spec.firmware is not None and not plan.spec.firmware.vars.exists():
             ensure_vars(find_firmware([plan.spec.firmware.code.parent], plan.spec.arch),
                         plan.spec.firmware.vars)
         if plan.boot is not None:
-            prepare_boot_disk(plan.boot, info.engine.qemu_img(), info.engine.env(),
-                              progress=progress, previous_source=previous_image)
+            _, made = prepare_boot_disk(plan.boot, info.engine.qemu_img(), info.engine.env(),
+                                        progress=progress, previous_source=previous_image)
+            if made != "kept":
+                # a new or rebased disk: the guest makes new host keys on its first boot
+                vm.file(store.KNOWN_HOSTS).unlink(missing_ok=True)
         if plan.config.bind_functions:
             vfio_bind.ensure_vfio_pci()
             record = vfio_bind.bind_to_vfio(plan.config.bind_functions)
@@ -500,18 +555,43 @@ def check_ssh_user(user: str) -> str:
     return user
 
 
-def ssh_argv(port: int, user: str, command: Sequence[str] = ()) -> list[str]:
+def ssh_argv(port: int, user: str, command: Sequence[str] = (), *, key: Path | None = None,
+             known_hosts: Path | None = None) -> list[str]:
     """The ssh command into a VM's loopback forward.
 
-    Host keys are not recorded: the forward is loopback-only and a reset VM gets new keys
-    (Lima does the same).
+    With ``known_hosts`` (a seeded VM's own file) the guest's host key is trusted on first use
+    and checked after; egpu clears that file when the VM gets a new disk. Without it, host keys
+    are not recorded (the forward is loopback-only). The user's ~/.ssh/known_hosts is never
+    touched. ``key`` is passed alone (IdentitiesOnly), so an agent's other keys are not tried.
     """
     check_ssh_user(user)
-    return [
-        "ssh", "-p", str(port),
-        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-        "-o", "LogLevel=ERROR", f"{user}@127.0.0.1", *command,
-    ]
+    if known_hosts is not None:
+        hosts = ["-o", "StrictHostKeyChecking=accept-new",
+                 "-o", f"UserKnownHostsFile={_ssh_config_path(known_hosts)}"]
+    else:
+        hosts = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
+    identity = ["-i", str(key), "-o", "IdentitiesOnly=yes"] if key is not None else []
+    return ["ssh", "-p", str(port), *identity, *hosts, "-o", "LogLevel=ERROR",
+            f"{user}@127.0.0.1", *command]
+
+
+def _ssh_config_path(path: Path) -> str:
+    """A path as an ssh -o value: ssh splits it at whitespace and expands '%' and '~'."""
+    text = str(path)
+    if any(c.isspace() or c in "%~\"'" for c in text):
+        raise UsageError(f"{text!r}: egpu cannot pass this path to ssh",
+                         hint="set EGPU_HOME to a path without spaces, '%' or quotes")
+    return text
+
+
+def ssh_login(vm: store.VmDir, config: store.VmConfig, user: str | None) -> tuple[
+        str, Path | None, Path | None]:
+    """The user, key and known_hosts file ``egpu ssh`` uses for a VM (``user``: asked for)."""
+    key = Path(config.ssh_key) if config.ssh_key else None
+    if key is not None and not key.is_file():
+        key = None  # moved or deleted: ssh falls back to the user's own configuration
+    known_hosts = vm.file(store.KNOWN_HOSTS) if config.ssh_user else None
+    return user or config.ssh_user or DEFAULT_SSH_USER, key, known_hosts
 
 
 def has_ended(vm: store.VmDir) -> bool:

@@ -41,6 +41,8 @@ NVME_BACKING = "egpu-nvme.img"  # the virtual eGPU's NVMe storage (sparse; kept 
 LAST_SCREEN = "last-screen.png"  # what the virtual display showed when QEMU ended
 POWER_ASSERTION_PID = "power-assertion.pid"  # macOS: the caffeinate holding off idle sleep
 VFIO_BIND = "vfio-bind.json"  # functions egpu moved to vfio-pci, and their previous drivers
+SEED = "seed.iso"  # cloud-init NoCloud seed (label cidata) of a full image; rewritten each run
+KNOWN_HOSTS = "known_hosts"  # the guest's ssh host key, for egpu ssh; cleared with a new disk
 
 # Files that belong to one run; removed before the next run starts.
 SERVERS_RECORD = "servers.json"  # device-server pids and exit statuses
@@ -178,6 +180,9 @@ class VmConfig:
     bind_functions: list[str] = field(default_factory=list)  # --bind: move these to vfio-pci
     host_guard: dict[str, Any] | None = None  # engine.safety.HostGuard: kept while QEMU runs
     gpu_bound_at_start: list[str] | None = None  # apple: functions claimed when it started
+    ssh_user: str | None = None  # the login user the seed created (egpu ssh's default)
+    ssh_key: str | None = None  # the private key whose public half the seed authorized
+    seed_instance_id: str | None = None  # NoCloud instance-id, kept for the VM's lifetime
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -213,6 +218,9 @@ class VmConfig:
             host_guard=_get(data, "host_guard", dict, optional=True),
             gpu_bound_at_start=(_str_list(data, "gpu_bound_at_start")
                                 if data.get("gpu_bound_at_start") is not None else None),
+            ssh_user=_get(data, "ssh_user", str, optional=True),
+            ssh_key=_get(data, "ssh_key", str, optional=True),
+            seed_instance_id=_get(data, "seed_instance_id", str, optional=True),
         )
 
 
