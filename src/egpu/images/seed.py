@@ -146,7 +146,7 @@ def egpu_user_data(spec: SeedSpec) -> dict[str, Any]:
             "name": spec.user, "gecos": "egpu login user", "shell": LOGIN_SHELL,
             "sudo": SUDO_RULE, "lock_passwd": True, "ssh_authorized_keys": keys,
         }],
-        "ssh_authorized_keys": keys,  # for the image's default user
+        "ssh_authorized_keys": list(keys),  # for the image's default user (a copy: no anchor)
         "ssh_pwauth": False,
         "runcmd": [GUEST_AGENT_CMD],
     }
@@ -221,7 +221,9 @@ def parse_user_cloud_config(data: bytes, source: str) -> dict[str, Any]:
 
 def _dump(doc: Mapping[str, Any]) -> str:
     try:
+        # ASCII out, everything else escaped: PyYAML writes some characters it reads back
+        # differently when left raw (U+0085 becomes a line break)
         return yaml.safe_dump(dict(doc), sort_keys=False, default_flow_style=False,
-                              allow_unicode=True, width=1 << 16)
+                              allow_unicode=False, width=1 << 16)
     except (yaml.YAMLError, RecursionError) as e:  # a value safe_load made but cannot write
         raise UsageError(f"--cloud-init: cannot write it back as YAML: {e}") from None
