@@ -58,8 +58,9 @@ GUEST_MODULES = (
     "button",                    # x86_64: the ACPI power button
     "ext4",                      # a root filesystem for later full-image boots
     "vfio_pci",                  # passthrough inside the guest (nested tests)
+    "isofs",                     # reading a full image's cloud-init seed (ISO 9660) in tests
 )
-AFTER_READY = frozenset({"ext4", "vfio_pci"})
+AFTER_READY = frozenset({"ext4", "vfio_pci", "isofs"})
 # Bump when the initramfs layout changes in a way the key below cannot see.
 BUILD_FORMAT = 6
 # the build key covers these sources: changing how the guest is assembled rebuilds it
