@@ -4,6 +4,7 @@ Layout (all under one root when ``EGPU_HOME`` is set)::
 
     data/vms/<name>/        one directory per VM (see egpu.vm.store)
     data/devices/           storage of device servers run on their own (egpu vfio-user serve)
+    data/ssh/               egpu's ssh key pair, when ~/.ssh has none (see egpu.vm.sshkeys)
     cache/engine/           the private QEMU engine
     cache/guest/<arch>/     built-in guest kernel + initramfs
     cache/debs/             downloaded distribution packages
@@ -38,6 +39,11 @@ class Dirs:
     @property
     def devices(self) -> Path:
         return self.data / "devices"
+
+    @property
+    def ssh(self) -> Path:
+        """egpu's own ssh key pair, made once per user when ~/.ssh has none to use."""
+        return self.data / "ssh"
 
     @property
     def engine(self) -> Path:

@@ -13,6 +13,7 @@ import sys
 from dataclasses import replace
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 import click
 from PIL import Image
@@ -42,6 +43,7 @@ from egpu.engine.shares import resolve_mounts
 from egpu.errors import EgpuError, EngineError, UsageError, VMError
 from egpu.guest import protocol as guest_protocol
 from egpu.guest.assets import GuestAssets, ensure_guest, planned_guest
+from egpu.images import seed
 from egpu.images.pull import DEFAULT_IMAGE
 from egpu.vm import agent, console, lifecycle, screen, store
 from egpu.vm.status import BROKEN, VmStatus, inspect, inspect_all
@@ -131,6 +133,13 @@ def _guest_for(arch: str, *, dry_run: bool, progress: output.BarProgress) -> Gue
               "the platform's window; none: no window, screenshots only) [default: a window "
               "for images with a desktop, else headless]")
 @click.option("--headless", is_flag=True, help="no display device at all")
+@click.option("--cloud-init", "cloud_init", default=None, metavar="FILE",
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="--image/--base: a #cloud-config file merged into egpu's first-boot seed "
+              "(your lists append to egpu's users, ssh_authorized_keys, runcmd, mounts, "
+              "packages; your other keys win, except hostname)")
+@click.option("--no-seed", is_flag=True,
+              help="--image/--base: no cloud-init seed (no hostname, login user or key set up)")
 @passthrough_options
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[-- EXTRA QEMU ARGS]")
 def run(
@@ -142,8 +151,8 @@ def run(
     bind: bool, ioreg: Path | None,
     sysfs: Path | None, systemextensions: Path | None, image: str | None, base: str | None,
     display: str | None, headless: bool,
-    extra: tuple[str, ...], force: bool = False, allow_sleep: bool = False,
-    dma_bounce_size: str | None = None,
+    extra: tuple[str, ...], cloud_init: Path | None = None, no_seed: bool = False,
+    force: bool = False, allow_sleep: bool = False, dma_bounce_size: str | None = None,
 ) -> None:
     """Boot a VM (the built-in guest unless an image is given).
 
@@ -161,6 +170,7 @@ def run(
         raise UsageError("--self-test runs the built-in guest; drop --image/--base")
     vm_name = store.check_name(name or (SELFTEST_NAME if selftest else DEFAULT_NAME))
     NVME_SIZE.parse(nvme_size, "--nvme-size")
+    user_data = _seed_input(vm_name, image or base, cloud_init, no_seed)
     # cheap checks first: bad input must fail before anything is downloaded or built
     for disk in disks:
         lifecycle.assumed_disk(disk)
@@ -190,6 +200,7 @@ def run(
         ssh_port=ssh_port, accel=accel, selftest=selftest, extra=extra, gpu=gpu,
         nvme_size=nvme_size, bind=bind, image=image, base=base, display=screen_plan,
         ports=forwards, port_forwarding=not no_port_forwarding, mounts=mounts,
+        seed=not no_seed, cloud_init=user_data,
     )
     if dry_run:
         plan = lifecycle.plan_run(request, info, guest, check_host=False)
@@ -211,6 +222,30 @@ def run(
                       f"console: egpu console {vm_name}; stop: egpu stop {vm_name}")
     else:
         _attach(vm_name)
+
+
+def _seed_input(
+    name: str, image: str | None, cloud_init: Path | None, no_seed: bool
+) -> dict[str, Any] | None:
+    """Check the seed options before anything is downloaded; the user's cloud-config, parsed."""
+    if not image:
+        if cloud_init is not None or no_seed:
+            raise UsageError("--cloud-init and --no-seed go with --image or --base "
+                             "(the built-in guest has no cloud-init)")
+        return None
+    if no_seed:
+        if cloud_init is not None:
+            raise UsageError("give --cloud-init or --no-seed, not both")
+        return None
+    seed.check_hostname(name)
+    if cloud_init is None:
+        return None
+    try:
+        with cloud_init.open("rb") as f:
+            data = f.read(seed.MAX_USER_DATA_BYTES + 1)  # one byte more tells "too large"
+    except OSError as e:
+        raise UsageError(f"--cloud-init {cloud_init}: {e.strerror or e}") from None
+    return seed.parse_user_cloud_config(data, str(cloud_init))
 
 
 def _print_notices(notices: tuple[str, ...], as_json: bool) -> None:
@@ -471,18 +506,22 @@ def screenshot(name: str, out: Path) -> None:
 
 @click.command(context_settings={"ignore_unknown_options": True})
 @click.argument("name")
-@click.option("--user", "-l", default=lifecycle.DEFAULT_SSH_USER, show_default=True,
-              envvar="EGPU_SSH_USER", help="guest user")
+@click.option("--user", "-l", default=None, envvar="EGPU_SSH_USER",
+              help="guest user [default: the user the VM's seed created, else "
+              f"{lifecycle.DEFAULT_SSH_USER}]")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED)
-def ssh(name: str, user: str, command: tuple[str, ...]) -> None:
+def ssh(name: str, user: str | None, command: tuple[str, ...]) -> None:
     """Open a shell (or run COMMAND) in a VM over its loopback ssh forward."""
-    lifecycle.check_ssh_user(user)
+    if user is not None:
+        lifecycle.check_ssh_user(user)
     status = _status_of(name)
     if status.state != "running":
         raise VMError(f"VM {name!r} is {status.state}", hint=f"start it: egpu run --name {name}")
     if status.ssh_port is None:
         raise UsageError(f"VM {name!r} forwards no ssh port (run it with --ssh-port or --image)")
-    argv = lifecycle.ssh_argv(status.ssh_port, user, command)
+    vm = store.VmDir(name)
+    login, key, known_hosts = lifecycle.ssh_login(vm, vm.read_config(), user)
+    argv = lifecycle.ssh_argv(status.ssh_port, login, command, key=key, known_hosts=known_hosts)
     if shutil.which(argv[0]) is None:
         raise UsageError("no ssh client found (apt-get install openssh-client)")
     os.execvp(argv[0], argv)

@@ -27,6 +27,7 @@ HOST_CPU_ACCELS = ("hvf", "kvm")
 RAM_BACKEND_ID = "pc.ram"
 FIRMWARE_MENU_WAIT_MS = 0  # no firmware boot-menu countdown
 CONSOLE_ID = "console"  # chardev ids
+SEED_DRIVE_ID = "seed"
 QMP_ID = "qmp"
 NETDEV_ID = "net0"  # the user-mode network, which port forwards are added to over QMP
 FORWARD_HOST_ADDRESS = "127.0.0.1"  # every host port forward binds loopback only
@@ -105,6 +106,7 @@ class VmSpec:
     devices: tuple[tuple[str, ...], ...] = field(default_factory=tuple)
     extra: tuple[str, ...] = ()
     display: DisplayPlan | None = None  # None: no display device (headless)
+    seed: Path | None = None  # cloud-init NoCloud seed (an ISO labelled cidata), read-only
 
 
 def machine_type(arch: str) -> str:
@@ -210,6 +212,12 @@ def build_argv(qemu: Sequence[str], spec: VmSpec) -> list[str]:
             device["bootindex"] = 0
         argv += ["-drive", option_string(None, drive),
                  "-device", option_string("virtio-blk-pci", device)]
+    if spec.seed is not None:
+        # NoCloud finds its seed by filesystem label on any block device, so virtio-blk serves
+        # both arches (aarch64 virt has no IDE for a cdrom); no bootindex: firmware skips it
+        argv += ["-drive", option_string(None, {"file": spec.seed, "format": "raw", "if": "none",
+                                                "id": SEED_DRIVE_ID, "readonly": True}),
+                 "-device", option_string("virtio-blk-pci", {"drive": SEED_DRIVE_ID})]
 
     argv += share_args(spec.shares)
 

@@ -68,11 +68,12 @@ GUEST_MODULES = (
     "vfio_pci",                  # passthrough inside the guest (nested tests)
     "virtio_gpu",                # a VM's own screen (run --display): DRM, with fbcon on it
     "9p", "9pnet_virtio",        # run --mount: shared folders over virtio-9p
+    "isofs",                     # reading a full image's cloud-init seed (ISO 9660) in tests
 )
 # Shared-folder modules have a list of their own: loaded before the ready marker when the host
 # asks for mounts (so a ready guest has them mounted), after it like the rest otherwise.
 SHARE_MODULES = frozenset({"9p", "9pnet_virtio"})
-AFTER_READY = frozenset({"ext4", "vfio_pci", "virtio_gpu"}) | SHARE_MODULES
+AFTER_READY = frozenset({"ext4", "vfio_pci", "virtio_gpu", "isofs"}) | SHARE_MODULES
 # Bump when the initramfs layout changes in a way the key below cannot see.
 BUILD_FORMAT = 7
 # the build key covers these sources: changing how the guest is assembled rebuilds it

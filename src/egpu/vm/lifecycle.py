@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import getpass
 import json
 import os
 import re
@@ -12,9 +13,10 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from egpu.engine import virtual
 from egpu.engine.argv import Disk, Firmware, VmSpec, build_argv, check_cpus, parse_disk_option
@@ -39,9 +41,12 @@ from egpu.guest.assets import GuestAssets
 from egpu.host import vfio_bind
 from egpu.images.disk import BootDisk, plan_boot_disk, prepare_boot_disk
 from egpu.images.firmware import ensure_vars, find_firmware
+from egpu.images.seed import SeedMount, SeedSpec, check_hostname, login_user, new_instance_id
+from egpu.images.seed import seed_files as seed_file_contents
+from egpu.images.seed_iso import write_seed_iso
 from egpu.process import ProcessRef, run_tool, signal_process, wait_gone
 from egpu.progress import Progress
-from egpu.vm import agent, ports, qmp, store
+from egpu.vm import agent, ports, qmp, sshkeys, store
 from egpu.vm.status import BROKEN, VmStatus, inspect, last_line, process_alive
 
 START_TIMEOUT_S = 30.0
@@ -84,6 +89,8 @@ class RunRequest:
     ports: tuple[tuple[int, int], ...] = ()  # --port HOST:GUEST, checked by parse_port_forwards
     port_forwarding: bool = True  # forward the guest's listening ports automatically
     mounts: tuple[str, ...] = ()  # --mount HOST_DIR[:GUEST_DIR][:ro], as typed
+    seed: bool = True  # a full image gets a cloud-init NoCloud seed (--no-seed: none)
+    cloud_init: Mapping[str, Any] | None = None  # the user's --cloud-init, parsed and checked
 
 
 @dataclass(frozen=True)
@@ -96,6 +103,7 @@ class RunPlan:
     argv: list[str] = field(default_factory=list)
     boot: BootDisk | None = None  # a full image: its overlay is made at start
     notices: tuple[str, ...] = ()
+    seed: SeedSpec | None = None  # written at start, with the login keys found then
 
     @property
     def shares(self) -> tuple[Share, ...]:
@@ -203,12 +211,22 @@ def plan_run(
                       for d in request.disks)
     else:
         disks = tuple(assumed_disk(d) for d in request.disks)
+    shares = resolve_mounts(request.mounts)
+    if shares and check_host and SHARE_DEVICE not in info.devices.get(arch, ()):
+        raise EngineError(
+            f"QEMU {info.version_text} has no {SHARE_DEVICE} device for {MOUNT_OPTION}",
+            hint="use a QEMU built with virtfs (9p); 'egpu engine --provision' installs one")
     boot = None
+    seed = None
     ssh_port = request.ssh_port
     if request.image or request.base:
         boot = plan_boot_disk(vm.file(store.OVERLAY), image=request.image, base=request.base)
         if ssh_port is None:
             ssh_port = DEFAULT_IMAGE_SSH_PORT
+        if request.seed:
+            # a full image's own init knows nothing of egpu: cloud-init mounts the shares
+            seed = plan_seed(vm, request, tuple(SeedMount(sh.tag, sh.guest, sh.readonly)
+                                                for sh in shares))
     if ssh_port is not None and check_host:
         check_port_free(ssh_port)
     if ssh_port is not None and any(host == ssh_port for host, _ in request.ports):
@@ -228,11 +246,6 @@ def plan_run(
             )
         card = virtual.virtual_egpu_plan(
             vm.servers_dir, nvme_backing=vm.file(store.NVME_BACKING), nvme_size=request.nvme_size)
-    shares = resolve_mounts(request.mounts)
-    if shares and check_host and SHARE_DEVICE not in info.devices.get(arch, ()):
-        raise EngineError(
-            f"QEMU {info.version_text} has no {SHARE_DEVICE} device for {MOUNT_OPTION}",
-            hint="use a QEMU built with virtfs (9p); 'egpu engine --provision' installs one")
     checks = guest_protocol.BASE_CHECKS + (card.checks if card else ())
     try:
         append = guest_protocol.kernel_cmdline(
@@ -254,7 +267,8 @@ def plan_run(
         # a full image boots through UEFI from its overlay; the built-in guest is not involved
         spec = replace(spec, kernel=None, initrd=None, append=None,
                        boot_disk=Disk(boot.overlay, "qcow2"),
-                       firmware=_firmware(info, vm, arch, check_host))
+                       firmware=_firmware(info, vm, arch, check_host),
+                       seed=vm.file(store.SEED) if seed is not None else None)
     if card is not None:
         spec = card.apply(spec)
     elif request.gpu is not None and request.gpu.plan is not None:
@@ -277,11 +291,47 @@ def plan_run(
         if request.gpu and request.gpu.bound_at_start is not None else None,
         display=request.display.to_json() if request.display else None,
         ports=list(request.ports), port_forwarding=request.port_forwarding,
+        ssh_user=seed.user if seed else None,
+        seed_instance_id=seed.instance_id if seed else None,
     )
     notices: tuple[str, ...] = (accel_notice,) if accel_notice and spec.accel == accel else ()
     if request.display and request.display.notice:
         notices += (request.display.notice,)
-    return RunPlan(vm=vm, spec=spec, config=config, argv=argv, boot=boot, notices=notices)
+    return RunPlan(vm=vm, spec=spec, config=config, argv=argv, boot=boot, notices=notices,
+                   seed=seed)
+
+
+def host_user() -> str | None:
+    """The name of the user running egpu, or None when the system cannot say."""
+    try:
+        return getpass.getuser()
+    except (OSError, KeyError):
+        return None
+
+
+def plan_seed(vm: store.VmDir, request: RunRequest,
+              mounts: tuple[SeedMount, ...] = ()) -> SeedSpec:
+    """What a full image's seed will say (its keys are found at start); reads, never writes.
+
+    The instance-id is kept from the VM's recorded config: cloud-init's once-per-instance
+    setup runs on the VM's first boot, not again on every run.
+    """
+    instance_id = None
+    if vm.file(store.CONFIG).exists():
+        with contextlib.suppress(VMError):
+            instance_id = vm.read_config().seed_instance_id
+    return SeedSpec(hostname=check_hostname(request.name),
+                    instance_id=instance_id or new_instance_id(),
+                    user=login_user(host_user()), public_keys=(), mounts=mounts,
+                    user_data=request.cloud_init)
+
+
+def write_seed(vm: store.VmDir, seed: SeedSpec) -> sshkeys.LoginKeys:
+    """Find (or make) the login keys and write the VM's seed ISO with them."""
+    keys = sshkeys.login_keys()
+    write_seed_iso(vm.file(store.SEED),
+                   seed_file_contents(replace(seed, public_keys=keys.public_keys)))
+    return keys
 
 
 def _server_entry(server: virtual.DeviceServer) -> store.ServerLaunch:
@@ -326,15 +376,22 @@ def start(plan: RunPlan, info: EngineInfo, progress: Progress | None = None) -> 
     before = set(os.listdir(vm.path)) if dir_existed else set()
     try:
         vm.create()
-        vm.write_config(plan.config)
+        config = plan.config
+        if plan.seed is not None:
+            keys = write_seed(vm, plan.seed)
+            config = replace(config, ssh_key=str(keys.private))
+        vm.write_config(config)
         if plan.config.servers:
             vm.servers_dir.mkdir(mode=0o700, exist_ok=True)
         if plan.spec.firmware is not None and not plan.spec.firmware.vars.exists():
             ensure_vars(find_firmware([plan.spec.firmware.code.parent], plan.spec.arch),
                         plan.spec.firmware.vars)
         if plan.boot is not None:
-            prepare_boot_disk(plan.boot, info.engine.qemu_img(), info.engine.env(),
-                              progress=progress, previous_source=previous_image)
+            _, made = prepare_boot_disk(plan.boot, info.engine.qemu_img(), info.engine.env(),
+                                        progress=progress, previous_source=previous_image)
+            if made != "kept":
+                # a new or rebased disk: the guest makes new host keys on its first boot
+                vm.file(store.KNOWN_HOSTS).unlink(missing_ok=True)
         if plan.config.bind_functions:
             vfio_bind.ensure_vfio_pci()
             record = vfio_bind.bind_to_vfio(plan.config.bind_functions)
@@ -559,18 +616,43 @@ def check_ssh_user(user: str) -> str:
     return user
 
 
-def ssh_argv(port: int, user: str, command: Sequence[str] = ()) -> list[str]:
+def ssh_argv(port: int, user: str, command: Sequence[str] = (), *, key: Path | None = None,
+             known_hosts: Path | None = None) -> list[str]:
     """The ssh command into a VM's loopback forward.
 
-    Host keys are not recorded: the forward is loopback-only and a reset VM gets new keys
-    (Lima does the same).
+    With ``known_hosts`` (a seeded VM's own file) the guest's host key is trusted on first use
+    and checked after; egpu clears that file when the VM gets a new disk. Without it, host keys
+    are not recorded (the forward is loopback-only). The user's ~/.ssh/known_hosts is never
+    touched. ``key`` is passed alone (IdentitiesOnly), so an agent's other keys are not tried.
     """
     check_ssh_user(user)
-    return [
-        "ssh", "-p", str(port),
-        "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
-        "-o", "LogLevel=ERROR", f"{user}@127.0.0.1", *command,
-    ]
+    if known_hosts is not None:
+        hosts = ["-o", "StrictHostKeyChecking=accept-new",
+                 "-o", f"UserKnownHostsFile={_ssh_config_path(known_hosts)}"]
+    else:
+        hosts = ["-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null"]
+    identity = ["-i", str(key), "-o", "IdentitiesOnly=yes"] if key is not None else []
+    return ["ssh", "-p", str(port), *identity, *hosts, "-o", "LogLevel=ERROR",
+            f"{user}@127.0.0.1", *command]
+
+
+def _ssh_config_path(path: Path) -> str:
+    """A path as an ssh -o value: ssh splits it at whitespace and expands '%' and '~'."""
+    text = str(path)
+    if any(c.isspace() or c in "%~\"'" for c in text):
+        raise UsageError(f"{text!r}: egpu cannot pass this path to ssh",
+                         hint="set EGPU_HOME to a path without spaces, '%' or quotes")
+    return text
+
+
+def ssh_login(vm: store.VmDir, config: store.VmConfig, user: str | None) -> tuple[
+        str, Path | None, Path | None]:
+    """The user, key and known_hosts file ``egpu ssh`` uses for a VM (``user``: asked for)."""
+    key = Path(config.ssh_key) if config.ssh_key else None
+    if key is not None and not key.is_file():
+        key = None  # moved or deleted: ssh falls back to the user's own configuration
+    known_hosts = vm.file(store.KNOWN_HOSTS) if config.ssh_user else None
+    return user or config.ssh_user or DEFAULT_SSH_USER, key, known_hosts
 
 
 def has_ended(vm: store.VmDir) -> bool:

@@ -46,6 +46,8 @@ LAST_SCREEN = "last-screen.png"  # what the virtual display showed when QEMU end
 SCREENDUMP = "screendump.png"  # QEMU's screendump of the VM's own display, before it is checked
 POWER_ASSERTION_PID = "power-assertion.pid"  # macOS: the caffeinate holding off idle sleep
 VFIO_BIND = "vfio-bind.json"  # functions egpu moved to vfio-pci, and their previous drivers
+SEED = "seed.iso"  # cloud-init NoCloud seed (label cidata) of a full image; rewritten each run
+KNOWN_HOSTS = "known_hosts"  # the guest's ssh host key, for egpu ssh; cleared with a new disk
 
 # Files that belong to one run; removed before the next run starts.
 SERVERS_RECORD = "servers.json"  # device-server pids and exit statuses
@@ -208,6 +210,9 @@ class VmConfig:
     ports: list[tuple[int, int]] = field(default_factory=list)  # run --port HOST:GUEST
     port_forwarding: bool = True  # forward guest listeners automatically (--no-port-forwarding)
     mounts: list[Share] = field(default_factory=list)  # --mount: shared folders (9p)
+    ssh_user: str | None = None  # the login user the seed created (egpu ssh's default)
+    ssh_key: str | None = None  # the private key whose public half the seed authorized
+    seed_instance_id: str | None = None  # NoCloud instance-id, kept for the VM's lifetime
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -249,6 +254,9 @@ class VmConfig:
             ports=_port_pairs(data, "ports"),
             port_forwarding=_get(data, "port_forwarding", bool, optional=True) is not False,
             mounts=[Share.from_json(m) for m in _get(data, "mounts", list, optional=True) or []],
+            ssh_user=_get(data, "ssh_user", str, optional=True),
+            ssh_key=_get(data, "ssh_key", str, optional=True),
+            seed_instance_id=_get(data, "seed_instance_id", str, optional=True),
         )
 
 
