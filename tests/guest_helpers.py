@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import socket
 import subprocess
 import threading
 import time
@@ -139,3 +140,32 @@ def shared_cache() -> Iterator[Path]:
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(CACHE_ENV, str(cache))
         yield cache
+
+
+def shell_command(vm: Path, command: bytes, expect: str, timeout: float = 60) -> None:
+    """Type a command into the guest's console shell and wait for ``expect`` in its output.
+
+    The shell asks the terminal for its size (ESC[6n) at its first prompt, so an empty line
+    first gets a second, settled prompt; then the command goes in small pieces, as a person
+    types, because the UART's receive FIFO is 16 bytes.
+    """
+    log = vm / "serial.log"
+    deadline = time.monotonic() + timeout
+
+    def wait_for(text: str, count: int = 1) -> None:
+        while log.read_text(errors="replace").count(text) < count:
+            assert time.monotonic() < deadline, log.read_text(errors="replace")[-1500:]
+            time.sleep(0.2)
+
+    wait_for("/ # ")
+    prompts = log.read_text(errors="replace").count("/ # ")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.connect(str(vm / "console.sock"))
+        s.sendall(b"\n")
+        wait_for("/ # ", prompts + 1)
+        for i in range(0, len(command), 8):
+            s.sendall(command[i:i + 8])
+            time.sleep(0.02)
+        # connected until the answer is there: QEMU drops what its UART FIFO has not taken
+        # when the client hangs up, and a slow guest may not have taken it all yet
+        wait_for(expect)

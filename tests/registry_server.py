@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import shutil
 import socket
 import subprocess
@@ -28,6 +29,7 @@ from typing import Any
 import httpx
 import pytest
 
+from egpu.images.qcow2 import HEADER, QCOW2_MAGIC
 from egpu.images.reference import OciReference
 from egpu.images.registry import RegistryClient
 from egpu.paths import CACHE_ENV, HOME_ENV
@@ -41,6 +43,8 @@ QCOW2 = "application/vnd.scottjg.qemu-vfio.qcow2"
 IMAGE_JSON = "application/vnd.scottjg.qemu-vfio.image.manifest.v1+json"
 ARTIFACT_TYPE = "application/vnd.scottjg.qemu-vfio.image.v1"
 TITLE = "org.opencontainers.image.title"
+# A small qcow2 header plus data: enough for the checks a pull makes, without running qemu-img.
+DISK = HEADER.pack(QCOW2_MAGIC, 3, 0, 0, 16, 1 << 20) + bytes(range(256)) * 2048  # 512 KiB
 
 CONFIG = """\
 version: 0.1
@@ -136,6 +140,15 @@ def egpu(
         input=input,
         env={**os.environ, "COLUMNS": "250"},  # rich's width when not on a terminal
     )
+
+
+def one_error_line(proc: subprocess.CompletedProcess[str], exit_code: int = 1) -> str:
+    """The single ``error: ...`` line a failed command printed (and nothing else)."""
+    assert proc.returncode == exit_code, (proc.returncode, proc.stderr)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    return lines[0]
 
 
 # Runs the CLI and, at its exit, writes the peak RSS of its own address space (VmHWM) to argv[1].
@@ -505,6 +518,18 @@ SILENT_HOLD = 60.0  # how long a silent answer keeps the connection open at most
 # Which response a TokenGate can make huge.
 HUGE_KINDS = ("token", "error", "manifest", "redirect")
 REDIRECTED_MARK = "egpu-hop=1"
+# What a push sends and what the registry answers it with (forwarded by a TokenGate).
+UPLOAD_HEADERS = ("content-type", "content-length", "content-range")
+UPLOAD_ANSWER_HEADERS = (*FORWARDED_HEADERS, "location", "range", "docker-upload-uuid")
+# Upload Locations a hostile registry may give: not a URL, and plain HTTP to a remote host.
+BAD_LOCATIONS = {"bad-location": "http://[::1", "remote-location": "http://example.com/upload"}
+# How a TokenGate can answer a push: a POST whose error body never ends, a POST accepted with a
+# body that never ends, a bad upload Location, a manifest PUT whose error body never ends, a
+# chunk acknowledged with another Range, a blob stored under another digest.
+HOSTILE_UPLOADS = (
+    "huge-error", "huge-accept", *BAD_LOCATIONS, "huge-manifest-error", "wrong-range",
+    "wrong-digest",
+)
 
 
 class TokenGate:
@@ -517,7 +542,10 @@ class TokenGate:
     ``trickle_after`` sends blob bodies at full speed up to that many bytes, then one byte per
     TRICKLE_PACE; ``silent_blobs`` sends a blob's headers and then nothing; ``drip_blobs``
     sends that many bytes of each blob response, then hangs up. ``ranges`` records the Range
-    headers of blob requests.
+    headers of blob requests. Pushes (HEAD, POST, PUT, PATCH) are forwarded too, token-gated
+    with a push scope; ``hostile_upload`` (HOSTILE_UPLOADS) makes them misbehave, ``requests``
+    records every request's method and path, ``token_scopes`` every scope asked for;
+    ``upload_origin`` moves the upload Locations the registry gives to another HOST:PORT.
     """
 
     def __init__(self, upstream: str, *, user: str | None = None, password: str | None = None):
@@ -541,6 +569,10 @@ class TokenGate:
         self.silent_blobs = False
         self.drip_blobs: int | None = None
         self.ranges: list[str] = []
+        self.requests: list[tuple[str, str]] = []  # (method, path) of every request, in order
+        self.token_scopes: list[str] = []
+        self.hostile_upload: str | None = None  # one of HOSTILE_UPLOADS
+        self.upload_origin: str | None = None  # HOST:PORT that upload Locations are moved to
 
         class Handler(BaseHTTPRequestHandler):
             def log_message(self, format: str, *args: Any) -> None:
@@ -598,12 +630,92 @@ class TokenGate:
                     self.connection.recv(1)
                 self.close_connection = True
 
+            def _demand_token(self, path: str, actions: str) -> bool:
+                """Answer 401 with a token challenge unless the request carries the token."""
+                if self.headers.get("Authorization") == f"Bearer {GATE_TOKEN}":
+                    return False
+                gate.unauthorized += 1
+                repo = re.split(r"/(?:blobs|manifests)/", path.removeprefix("/v2/"))[0]
+                realm = gate.realm or f"http://{self.headers['Host']}/token"
+                challenge = (
+                    f'Bearer realm="{realm}",service="{GATE_SERVICE}",'
+                    f'scope="repository:{repo}:{actions}"'
+                )
+                self._send(401, b"", {"WWW-Authenticate": challenge})
+                return True
+
+            def _forward_write(self, method: str) -> None:
+                """HEAD, POST, PUT, PATCH (a push): token-gated, forwarded with the client's
+                Host so the registry's upload Locations point back at the gate."""
+                from urllib.parse import urlsplit
+
+                url = urlsplit(self.path)
+                gate.requests.append((method, url.path))
+                length = int(self.headers.get("Content-Length") or 0)
+                body = self.rfile.read(length) if length else b""
+                if self._demand_token(url.path, "pull" if method == "HEAD" else "pull,push"):
+                    return
+                hostile = gate.hostile_upload
+                manifest = "/manifests/" in url.path
+                if method == "POST" and hostile == "huge-error":
+                    self._send_huge(400, {"Content-Type": "application/json"})
+                    return
+                if method == "POST" and hostile in BAD_LOCATIONS:
+                    self._send(202, b"", {"Location": BAD_LOCATIONS[hostile]})
+                    return
+                if method == "PUT" and manifest and hostile == "huge-manifest-error":
+                    self._send_huge(400, {"Content-Type": "application/json"})
+                    return
+                headers = {k: v for k, v in self.headers.items() if k.lower() in UPLOAD_HEADERS}
+                headers["Host"] = self.headers["Host"]
+                r = httpx.request(
+                    method, f"http://{gate.upstream}{self.path}", headers=headers, content=body,
+                    timeout=30,
+                )
+                out = {
+                    k: v
+                    for k, v in r.headers.items()
+                    if k.lower() in UPLOAD_ANSWER_HEADERS
+                    and (method == "HEAD" or k.lower() != "content-length")
+                }
+                if method == "POST" and gate.upload_origin is not None:
+                    # the upload continues at another origin (as a storage backend would)
+                    out = {
+                        k: v.replace(f"//{self.headers['Host']}/", f"//{gate.upload_origin}/")
+                        if k.lower() == "location" else v
+                        for k, v in out.items()
+                    }
+                if method == "PATCH" and hostile == "wrong-range":
+                    out = {k: v for k, v in out.items() if k.lower() != "range"}
+                    out["Range"] = "0-0"
+                if method == "PUT" and not manifest and hostile == "wrong-digest":
+                    out = {k: v for k, v in out.items() if k.lower() != "docker-content-digest"}
+                    out["Docker-Content-Digest"] = "sha256:" + "0" * 64
+                if method == "POST" and hostile == "huge-accept":
+                    self._send_huge(r.status_code, out)
+                    return
+                self._send(r.status_code, b"" if method == "HEAD" else r.content, out)
+
+            def do_HEAD(self) -> None:
+                self._forward_write("HEAD")
+
+            def do_POST(self) -> None:
+                self._forward_write("POST")
+
+            def do_PUT(self) -> None:
+                self._forward_write("PUT")
+
+            def do_PATCH(self) -> None:
+                self._forward_write("PATCH")
+
             def do_GET(self) -> None:
                 from urllib.parse import parse_qsl, urlsplit
 
                 url = urlsplit(self.path)
+                gate.requests.append(("GET", url.path))
                 if url.path == "/token":
                     gate.token_requests.append(dict(parse_qsl(url.query)))
+                    gate.token_scopes += [v for k, v in parse_qsl(url.query) if k == "scope"]
                     if gate.basic and self.headers.get("Authorization") != gate.basic:
                         self._send(401, b'{"errors":[{"code":"UNAUTHORIZED"}]}')
                         return
@@ -616,20 +728,7 @@ class TokenGate:
                         {"Content-Type": "application/json"},
                     )
                     return
-                if self.headers.get("Authorization") != f"Bearer {GATE_TOKEN}":
-                    gate.unauthorized += 1
-                    repo = url.path.removeprefix("/v2/").rsplit("/", 2)[0]
-                    realm = gate.realm or f"http://{self.headers['Host']}/token"
-                    self._send(
-                        401,
-                        b"",
-                        {
-                            "WWW-Authenticate": (
-                                f'Bearer realm="{realm}",service="{GATE_SERVICE}",'
-                                f'scope="repository:{repo}:pull"'
-                            )
-                        },
-                    )
+                if self._demand_token(url.path, "pull"):
                     return
                 if gate.fail_next > 0:
                     gate.fail_next -= 1

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,11 +13,11 @@ import pytest
 
 from egpu.images import pull as pull_module
 from egpu.images.pull import pull, resolve_cached
-from egpu.images.qcow2 import HEADER, QCOW2_MAGIC
 from egpu.images.reference import Digest
 from egpu.images.store import ImageStore
 from egpu.transfer import MIN_RATE_ENV, STALL_TIMEOUT_ENV
 from registry_server import (
+    DISK,
     HUGE_BODY_BYTES,
     OCI_INDEX,
     OCI_MANIFEST,
@@ -30,6 +29,7 @@ from registry_server import (
     egpu_measured,
     home,
     manifest_descriptor,
+    one_error_line,
     push_manifest,
     push_plain_image,
     registry,
@@ -37,7 +37,6 @@ from registry_server import (
 
 __all__ = ["home", "registry"]  # fixtures, imported so pytest sees them
 
-DISK = HEADER.pack(QCOW2_MAGIC, 3, 0, 0, 16, 1 << 20) + bytes(range(256)) * 2048  # 512 KiB
 # The CLI's own footprint is well under this; reading a HUGE_BODY_BYTES body whole is far over.
 RSS_BOUND = 200 * 1024 * 1024
 STALL_WINDOW = "2"  # seconds: short, so a stall is seen in a few seconds
@@ -51,15 +50,6 @@ def gate(registry: Registry) -> Iterator[TokenGate]:
     g = TokenGate(registry.host)
     yield g
     g.close()
-
-
-def one_error_line(proc: subprocess.CompletedProcess[str], exit_code: int = 1) -> str:
-    """The single ``error: ...`` line a failed command printed (and nothing else)."""
-    assert proc.returncode == exit_code, (proc.returncode, proc.stderr)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    return lines[0]
 
 
 def leftovers(store: ImageStore) -> list[Path]:

@@ -12,10 +12,10 @@ import pytest
 from egpu.errors import ImageError
 from egpu.images.manifest import MAX_MANIFEST_BYTES
 from egpu.images.pull import pull
-from egpu.images.qcow2 import HEADER, QCOW2_MAGIC
 from egpu.images.reference import Digest
 from egpu.images.store import ImageStore
 from registry_server import (
+    DISK,
     CountingProxy,
     Registry,
     TokenGate,
@@ -26,8 +26,6 @@ from registry_server import (
 )
 
 __all__ = ["home", "registry"]  # fixtures, imported so pytest sees them
-
-DISK = HEADER.pack(QCOW2_MAGIC, 3, 0, 0, 16, 1 << 20) + bytes(range(256)) * 2048  # 512 KiB
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import SHARED_CACHE, Cli, _stop_leftovers
 from egpu.paths import CACHE_ENV, HOME_ENV
-from test_virtual_egpu_run import shell_command
+from guest_helpers import shell_command
 
 pytestmark = pytest.mark.qemu
 

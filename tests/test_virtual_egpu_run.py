@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import stat
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from PIL import Image
 
 from conftest import Cli
 from egpu.devices.display import is_blank
+from guest_helpers import shell_command
 
 pytestmark = pytest.mark.qemu
 
@@ -102,35 +102,8 @@ def test_screenshot_of_vm_without_display(cli: Cli) -> None:
     assert cli("run", "--name", "plain", "--accel", "tcg", "--detach",
                "--gpu", "none").returncode == 0
     proc = cli("screenshot", "plain", "-o", "/tmp/never.png")
-    assert proc.returncode == 2 and "has no virtual display" in proc.stderr
+    assert proc.returncode == 2 and "has no display" in proc.stderr
     cli("stop", "plain", "--force", check=True)
-
-
-def shell_command(vm: Path, command: bytes, expect: str, timeout: float = 60) -> None:
-    """Type a command into the guest's console shell and wait for ``expect`` in its output.
-
-    The shell asks the terminal for its size (ESC[6n) at its first prompt, so an empty line
-    first gets a second, settled prompt; then the command goes in small pieces, as a person
-    types, because the UART's receive FIFO is 16 bytes.
-    """
-    log = vm / "serial.log"
-    deadline = time.monotonic() + timeout
-
-    def wait_for(text: str, count: int = 1) -> None:
-        while log.read_text(errors="replace").count(text) < count:
-            assert time.monotonic() < deadline, log.read_text(errors="replace")[-1500:]
-            time.sleep(0.2)
-
-    wait_for("/ # ")
-    prompts = log.read_text(errors="replace").count("/ # ")
-    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-        s.connect(str(vm / "console.sock"))
-        s.sendall(b"\n")
-        wait_for("/ # ", prompts + 1)
-        for i in range(0, len(command), 8):
-            s.sendall(command[i:i + 8])
-            time.sleep(0.02)
-    wait_for(expect)
 
 
 def running(pid: int) -> bool:

@@ -148,10 +148,11 @@ def _check_location(response: httpx.Response) -> None:
     # Runs before httpx looks at Location (it raises a transport-looking error on a bad one,
     # which would be retried as if the network had failed).
     if response.status_code in REDIRECT_STATUS and "location" in response.headers:
-        _redirect_url(response.request.url, response.headers["location"])
+        resolve_location(response.request.url, response.headers["location"])
 
 
-def _redirect_url(base: httpx.URL, location: str) -> httpx.URL:
+def resolve_location(base: httpx.URL, location: str) -> httpx.URL:
+    """A ``Location`` header as an absolute http(s) URL, relative to ``base``; else BadRedirect."""
     try:
         url = base.join(location)
     except httpx.InvalidURL:
@@ -180,7 +181,7 @@ def send(
 
 
 def _redirected(client: httpx.Client, request: httpx.Request, location: str) -> httpx.Request:
-    url = _redirect_url(request.url, location)
+    url = resolve_location(request.url, location)
     headers = httpx.Headers(request.headers)
     same_origin = (url.scheme, url.host, url.port) == (
         request.url.scheme,

@@ -1,8 +1,9 @@
-"""Image commands: ``pull``, ``images``, ``prune``, ``reset``."""
+"""Image commands: ``pull``, ``images``, ``prune``, ``reset``, and ``image push``."""
 
 from __future__ import annotations
 
 from functools import partial
+from pathlib import Path
 
 import click
 
@@ -10,6 +11,7 @@ from egpu.cli import output
 from egpu.errors import ConflictError
 from egpu.images.firmware import reset_disk_state
 from egpu.images.pull import DEFAULT_IMAGE, default_client, pull
+from egpu.images.push import load_local_image, push, push_target
 from egpu.images.store import ImageStore
 from egpu.paths import dirs
 from egpu.transfer import (
@@ -148,7 +150,64 @@ def reset_command(name: str, yes: bool) -> None:
         output.out.print(f"removed {path}")
 
 
+@click.group("image")
+def image_group() -> None:
+    """Publish disk images: push a qcow2 and its JSON manifest to a registry."""
+
+
+@image_group.command("push")
+@click.argument("file", type=click.Path(path_type=Path, dir_okay=True))
+@click.argument("ref")
+@click.option("--tag", "tags", multiple=True, metavar="TAG",
+              help="Also set this tag to the same manifest (repeatable), e.g. docker-latest.")
+@click.option("--metadata", "metadata_path", type=click.Path(path_type=Path), metavar="JSON",
+              help="The image's JSON manifest (default: FILE's .json or .manifest.json sidecar).")
+@click.option("--name", help="Make the JSON manifest with this image name (when there is none).")
+@click.option("--features", default="", metavar="A,B",
+              help="Features for a JSON manifest made with --name, comma-separated.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar and no summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def image_push_command(
+    file: Path,
+    ref: str,
+    tags: tuple[str, ...],
+    metadata_path: Path | None,
+    name: str | None,
+    features: str,
+    quiet: bool,
+    as_json: bool,
+) -> None:
+    """Publish FILE (a qcow2) and its JSON manifest at REF in the layout 'egpu pull' reads.
+
+    REF is registry/repository:tag. Blobs the registry already has are not sent again; the
+    tags are set only once every blob is up.
+    """
+    push_target(ref, tags)  # a bad reference or tag is refused before the file is even read
+    progress = output.BarProgress(quiet=quiet or as_json)
+    wanted = tuple(f.strip() for f in features.split(",") if f.strip())
+    image = load_local_image(
+        file, metadata_path=metadata_path, name=name, features=wanted, progress=progress
+    )
+    result = push(image, ref, tags=tags, progress=progress)
+    if as_json:
+        output.emit_json(
+            {
+                "ref": result.ref,
+                "digest": str(result.digest),
+                "tags": list(result.tags),
+                "disk_digest": str(result.disk_digest),
+                "size": result.size,
+                "uploaded": list(result.uploaded),
+                "reused": list(result.reused),
+            }
+        )
+    elif not quiet:
+        output.out.print(f"{result.ref}: {file.name} ({_size(result.size)})")
+        output.out.print(f"  digest {result.digest}")
+        output.out.print(f"  tags   {', '.join(result.tags)}")
+
+
 def register(group: click.Group) -> None:
     """Add this module's commands to the root group."""
-    for command in (pull_command, images_command, prune_command, reset_command):
+    for command in (pull_command, images_command, prune_command, reset_command, image_group):
         group.add_command(command)

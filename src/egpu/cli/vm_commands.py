@@ -10,6 +10,7 @@ import shlex
 import shutil
 import signal
 import sys
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from egpu.devices.display import is_blank, replaceable, request_screenshot
 from egpu.devices.nvme.function import SIZE as NVME_SIZE
 from egpu.engine import virtual
 from egpu.engine.argv import parse_memory
+from egpu.engine.display import AUTO, DISPLAY_CHOICES, choose_display
 from egpu.engine.qemu import (
     APPLE_DEVICE,
     EngineInfo,
@@ -40,7 +42,7 @@ from egpu.errors import EgpuError, EngineError, UsageError, VMError
 from egpu.guest import protocol as guest_protocol
 from egpu.guest.assets import GuestAssets, ensure_guest, planned_guest
 from egpu.images.pull import DEFAULT_IMAGE
-from egpu.vm import agent, console, lifecycle, store
+from egpu.vm import agent, console, lifecycle, screen, store
 from egpu.vm.status import BROKEN, VmStatus, inspect, inspect_all
 
 DEFAULT_NAME = "default"
@@ -116,6 +118,11 @@ def _guest_for(arch: str, *, dry_run: bool, progress: output.BarProgress) -> Gue
 @click.option("--image", default=None, is_flag=False, flag_value=DEFAULT_IMAGE,
               metavar="REF", help=f"boot a full guest image [bare --image: {DEFAULT_IMAGE}]")
 @click.option("--base", default=None, metavar="PATH", help="boot a local qcow2 (with an overlay)")
+@click.option("--display", "display", default=None, is_flag=False, flag_value=AUTO,
+              metavar="UI", help=f"give the VM a screen ({'|'.join(DISPLAY_CHOICES)}; bare: "
+              "the platform's window; none: no window, screenshots only) [default: a window "
+              "for images with a desktop, else headless]")
+@click.option("--headless", is_flag=True, help="no display device at all")
 @passthrough_options
 @click.argument("extra", nargs=-1, type=click.UNPROCESSED, metavar="[-- EXTRA QEMU ARGS]")
 def run(
@@ -125,6 +132,7 @@ def run(
     gpu_path: str | None, gpu_path_alias: str | None, passthrough: str | None, no_tso: bool,
     bind: bool, ioreg: Path | None,
     sysfs: Path | None, systemextensions: Path | None, image: str | None, base: str | None,
+    display: str | None, headless: bool,
     extra: tuple[str, ...], force: bool = False, allow_sleep: bool = False,
     dma_bounce_size: str | None = None,
 ) -> None:
@@ -152,9 +160,16 @@ def run(
     gpu = run_passthrough(gpu_path, passthrough, gpu_path_alias=gpu_path_alias, ioreg=ioreg,
                           sysfs=sysfs, systemextensions=systemextensions, no_tso=no_tso, bind=bind,
                           allow_sleep=allow_sleep, dma_bounce_size=dma_bounce_size)
-    gpu = check_guest_drivers(gpu, guest_drivers(image, base), force=force)
+    drivers = guest_drivers(image, base)
+    gpu = check_guest_drivers(gpu, drivers, force=force)
+    screen_plan = choose_display(display, headless=headless, arch=arch,
+                                 features=drivers.features or (), platform=sys.platform,
+                                 environ=os.environ)
     progress = output.BarProgress(quiet=quiet or as_json)
     info = _engine_for(qemu, gpu.path, dry_run=dry_run, progress=progress)
+    if screen_plan is not None and screen_plan.needs_ui_modules and not dry_run:
+        from egpu.engine.provision import provision_ui  # downloads: only when a window is asked
+        info = replace(info, engine=provision_ui(info.engine, progress))
     gpu = gpu.for_engine(info)
     # a full image brings its own kernel; the built-in guest's paths are then unused
     full_image = bool(image or base)
@@ -162,7 +177,7 @@ def run(
     request = lifecycle.RunRequest(
         name=vm_name, arch=arch, cpus=cpus, memory_mib=memory_mib, disks=disks,
         ssh_port=ssh_port, accel=accel, selftest=selftest, extra=extra, gpu=gpu,
-        nvme_size=nvme_size, bind=bind, image=image, base=base,
+        nvme_size=nvme_size, bind=bind, image=image, base=base, display=screen_plan,
     )
     if dry_run:
         plan = lifecycle.plan_run(request, info, guest, check_host=False)
@@ -419,18 +434,24 @@ def stop(name: str, timeout: float, force: bool) -> None:
 @click.option("--output", "-o", "out", required=True, type=click.Path(dir_okay=False,
               path_type=Path), help="PNG file to write")
 def screenshot(name: str, out: Path) -> None:
-    """Write what a VM's virtual display shows to a PNG file."""
-    # the display server checks again where it writes; refusing here needs no VM at all
+    """Write what a VM's display (its own or the virtual eGPU's) shows to a PNG."""
+    # checked again where the file is written; refusing here needs no VM at all
     if not replaceable(out.resolve()):
         raise UsageError(f"-o {out} is not a regular file; screenshots replace only those")
     vm = store.VmDir(name).require()
     status = inspect(vm)
     display = next((s for s in status.servers if s.name == "display"), None)
     request = display.spec.screenshot_request if display else None
-    if display is None or request is None:
-        raise UsageError(f"VM {name!r} has no virtual display (run it with --passthrough virtual)")
+    if status.display is None and (display is None or request is None):
+        raise UsageError(f"VM {name!r} has no display",
+                         hint="run it with --display (or --display none for no window)")
     if status.state != "running":
         raise VMError(f"VM {name!r} is {status.state}; screenshots need it running")
+    if status.display is not None:
+        width, height = screen.screendump(vm, out)
+        output.notice(f"wrote {out} ({width}x{height})")
+        return
+    assert display is not None and request is not None
     # only the display server this VM's supervisor started, verified, is ever signalled
     request_screenshot(display.process, request, out)
     output.notice(f"wrote {out}")

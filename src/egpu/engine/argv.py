@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from egpu.engine.display import DisplayPlan
 from egpu.engine.qemu_options import OptionValue, option_string
 from egpu.errors import UsageError
 from egpu.units import MIB, parse_size
@@ -97,6 +98,7 @@ class VmSpec:
     machine_options: tuple[str, ...] = ()
     devices: tuple[tuple[str, ...], ...] = field(default_factory=tuple)
     extra: tuple[str, ...] = ()
+    display: DisplayPlan | None = None  # None: no display device (headless)
 
 
 def machine_type(arch: str) -> str:
@@ -214,7 +216,7 @@ def build_argv(qemu: Sequence[str], spec: VmSpec) -> list[str]:
         "-chardev", option_string("socket", {
             "id": QMP_ID, "path": spec.qmp_socket, "server": True, "wait": False}),
         "-qmp", f"chardev:{QMP_ID}",
-        "-display", "none",
+        *(spec.display.qemu_args() if spec.display else ["-display", "none"]),
         "-nodefaults",
         "-no-user-config",
     ]

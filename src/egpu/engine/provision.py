@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from filelock import FileLock
@@ -31,6 +32,12 @@ PACKAGES = (
     "ovmf",
 )
 _DEB_ARCH = {"x86_64": "amd64", "aarch64": "arm64"}
+# Window UIs (GTK, SDL) are loadable QEMU modules in their own package, with about 115 MB of
+# libraries: fetched only when a VM asks for a window, into a root of their own.
+UI_PACKAGES = ("qemu-system-gui",)
+# the package whose version the UI modules must match: QEMU refuses modules of another build
+COMMON_PACKAGE = "qemu-system-common"
+DEB_NAME_PARTS = 3  # NAME_VERSION_ARCH.deb
 
 
 def relink_absolute(root: Path) -> None:
@@ -81,3 +88,72 @@ def provision(progress: Progress | None = None) -> Engine:
         engine = private_engine()
         assert engine is not None
         return engine
+
+
+def ui_root() -> Path:
+    """Where the private engine's window UIs are unpacked."""
+    return dirs().engine / "ui-root"
+
+
+def _recorded_packages(marker: Path) -> list[str]:
+    """The package files a complete private root records; [] when it records none."""
+    try:
+        packages = json.loads(marker.read_text())["packages"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+    return [p for p in packages if isinstance(p, str)] if isinstance(packages, list) else []
+
+
+def _built_version(filenames: list[str], package: str) -> str | None:
+    """The version in ``package``'s NAME_VERSION_ARCH.deb among ``filenames``."""
+    for name in filenames:
+        parts = name.split("_")
+        if len(parts) == DEB_NAME_PARTS and parts[0] == package:
+            return parts[1]
+    return None
+
+
+def provision_ui(engine: Engine, progress: Progress | None = None) -> Engine:
+    """The private engine with its window UIs, unpacked once beside it (idempotent).
+
+    The UI root holds the same QEMU build's modules as the engine, from the same index; if
+    Debian moved on since the engine was provisioned the two would not match, and that is said.
+    """
+    if engine.root is None:
+        return engine  # a QEMU on PATH or an app bundle brings its own UIs (or has none)
+    progress = progress or SilentProgress()
+    root = ui_root()
+    base = dirs().engine
+    with FileLock(str(base / ".lock")):
+        wanted = _built_version(_recorded_packages(engine.root / MARKER), COMMON_PACKAGE)
+        if (root / MARKER).exists() and _built_version(
+                _recorded_packages(root / MARKER), COMMON_PACKAGE) == wanted:
+            return replace(engine, ui_root=root)
+        progress.note("provisioning QEMU's window UIs from Debian trixie-backports (once)")
+        machine = host_machine()
+        archive = debpkg.DebianArchive(base / "apt", SUITES, (_DEB_ARCH[machine],))
+        # the lists the engine was resolved from, unless they are gone
+        if not (base / "apt/var/lib/apt/lists").is_dir():
+            archive.update(debpkg.find_mirror())
+        # one package's record first: a mismatch is told before the whole closure is resolved
+        gui = archive.resolve_only([f"{p}/{TARGET_RELEASE}" for p in UI_PACKAGES])
+        found = _built_version([f.filename for f in gui], UI_PACKAGES[0])
+        if wanted is None or found != wanted:
+            raise EngineError(
+                f"Debian's QEMU UI modules ({found}) do not match the private engine ({wanted})",
+                hint=f"remove {engine.root} so that egpu provisions the engine anew")
+        files = archive.resolve(UI_PACKAGES, target=TARGET_RELEASE)
+        debs = debpkg.download(files, dirs().debs, progress)
+        staging = base / "ui-root.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        progress.start("unpacking window UIs", len(debs))
+        for deb in debs:
+            debpkg.extract(deb, staging)
+            progress.advance(1)
+        progress.finish()
+        relink_absolute(staging)
+        (staging / MARKER).write_text(json.dumps(
+            {"packages": [f.filename for f in files], "suites": list(SUITES)}, indent=1))
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(staging, root)
+    return replace(engine, ui_root=root)

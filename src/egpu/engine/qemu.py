@@ -56,6 +56,11 @@ _LOADERS = {
     "x86_64": ("usr/lib64/ld-linux-x86-64.so.2", "x86_64-linux-gnu"),
     "aarch64": ("usr/lib/ld-linux-aarch64.so.1", "aarch64-linux-gnu"),
 }
+# Library dirs of a private root, in search order; the UI root's after the engine's own.
+# PulseAudio's private libraries sit in a subdirectory that libpulse finds through its RUNPATH,
+# which names the host's /usr, so that one is named here.
+_LIB_DIRS = ("usr/lib/{triplet}", "lib/{triplet}")
+_UI_LIB_DIRS = (*_LIB_DIRS, "usr/lib/{triplet}/pulseaudio")
 # QEMU 11.1's cpu-max for virt and q35 (QMP query-machines): for an engine that cannot say
 FALLBACK_MAX_CPUS = {"aarch64": 512, "x86_64": 4096}
 # QMP over stdin: the machine types and their cpu-max, then quit
@@ -106,6 +111,9 @@ class Engine:
     root: Path | None = None  # private Debian root, run through its own loader
     datadirs: tuple[Path, ...] = ()  # firmware and ROM search path (-L, in order)
     bundle: Path | None = None  # the host app (``X.app``) this QEMU came in
+    # a private root's window UIs (Debian's qemu-system-gui with its closure): an add-on root
+    # unpacked beside the engine only when a VM asks for a window (egpu.engine.provision)
+    ui_root: Path | None = None
 
     @property
     def location(self) -> Path:
@@ -118,7 +126,10 @@ class Engine:
         if self.root is None:
             return [str(exe)]
         loader, triplet = _LOADERS[host_machine()]
-        libs = f"{self.root}/usr/lib/{triplet}:{self.root}/lib/{triplet}"
+        lib_dirs = [f"{self.root}/{d.format(triplet=triplet)}" for d in _LIB_DIRS]
+        if self.ui_root is not None:
+            lib_dirs += [f"{self.ui_root}/{d.format(triplet=triplet)}" for d in _UI_LIB_DIRS]
+        libs = ":".join(lib_dirs)
         return [str(self.root / loader), "--library-path", libs, str(exe)]
 
     def qemu(self, arch: str) -> list[str]:
@@ -137,7 +148,10 @@ class Engine:
         if self.root is None:
             return {}
         _, triplet = _LOADERS[host_machine()]
-        return {"QEMU_MODULE_DIR": str(self.root / "usr/lib" / triplet / "qemu")}
+        # the UI root carries every module of its QEMU build (qemu-system-common comes along),
+        # so one module dir serves: QEMU reads a single QEMU_MODULE_DIR
+        modules = self.ui_root or self.root
+        return {"QEMU_MODULE_DIR": str(modules / "usr/lib" / triplet / "qemu")}
 
     def has(self, arch: str) -> bool:
         return (self.bindir / f"qemu-system-{arch}").exists()

@@ -66,8 +66,9 @@ GUEST_MODULES = (
     "button",                    # x86_64: the ACPI power button
     "ext4",                      # a root filesystem for later full-image boots
     "vfio_pci",                  # passthrough inside the guest (nested tests)
+    "virtio_gpu",                # a VM's own screen (run --display): DRM, with fbcon on it
 )
-AFTER_READY = frozenset({"ext4", "vfio_pci"})
+AFTER_READY = frozenset({"ext4", "vfio_pci", "virtio_gpu"})
 # Bump when the initramfs layout changes in a way the key below cannot see.
 BUILD_FORMAT = 7
 # the build key covers these sources: changing how the guest is assembled rebuilds it

@@ -40,6 +40,10 @@ MEDIA_QCOW2 = "application/vnd.scottjg.qemu-vfio.qcow2"
 MEDIA_IMAGE_JSON = "application/vnd.scottjg.qemu-vfio.image.manifest.v1+json"
 MEDIA_OCI_EMPTY = "application/vnd.oci.empty.v1+json"
 ANNOTATION_TITLE = "org.opencontainers.image.title"
+# The JSON layer's title in that layout (the publish script stages it under this name).
+METADATA_TITLE = "manifest.json"
+# The OCI empty descriptor's content (image-spec manifest.md, "Guidance for an Empty Descriptor").
+EMPTY_CONFIG = b"{}"
 QCOW2_SUFFIX = ".qcow2"
 
 # Caps on untrusted registry data. distribution itself refuses manifests above 4 MiB.
@@ -272,6 +276,29 @@ def select_layout(manifest: ImageManifest) -> ImageLayout:
     raise ImageError(
         f"unknown layout: expected one qcow2 layer (and optionally its JSON manifest), got {kinds}"
     )
+
+
+def descriptor_json(d: Descriptor) -> dict[str, Any]:
+    """A descriptor as the manifest JSON carries it."""
+    out: dict[str, Any] = {"mediaType": d.media_type, "digest": str(d.digest), "size": d.size}
+    if d.annotations:
+        out["annotations"] = dict(d.annotations)
+    return out
+
+
+def build_image_manifest(config: Descriptor, disk: Descriptor, metadata: Descriptor) -> bytes:
+    """The OCI image manifest of qemu-vfio-apple's layout, as exact bytes (what is pushed).
+
+    No timestamp goes in, so the same image always makes the same bytes and the same digest.
+    """
+    doc = {
+        "schemaVersion": SCHEMA_VERSION,
+        "mediaType": MEDIA_OCI_MANIFEST,
+        "artifactType": ARTIFACT_TYPE_IMAGE,
+        "config": descriptor_json(config),
+        "layers": [descriptor_json(disk), descriptor_json(metadata)],
+    }
+    return json.dumps(doc, indent=2, sort_keys=True).encode() + b"\n"
 
 
 def parse_metadata(body: bytes) -> ImageMetadata:

@@ -161,6 +161,13 @@ def parse_reference(text: str) -> OciReference:
     return OciReference(registry, repository, tag, digest)
 
 
+def parse_tag(text: str) -> str:
+    """A tag on its own (as ``image push --tag`` takes it); UsageError when malformed."""
+    if not _TAG_RE.fullmatch(text):
+        raise UsageError(f"bad tag {text[:80]!r}: letters, digits, '_', '.' and '-', at most 128")
+    return text
+
+
 def _valid_port(registry: str) -> bool:
     """Port in range, and a bracketed host is a real IPv6 address."""
     if registry.startswith("["):

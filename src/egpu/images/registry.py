@@ -54,6 +54,9 @@ CONNECT_TIMEOUT = 15.0
 READ_TIMEOUT = 60.0
 HTTP_OK, HTTP_PARTIAL, HTTP_UNAUTHORIZED, HTTP_FORBIDDEN, HTTP_NOT_FOUND = 200, 206, 401, 403, 404
 HTTP_RANGE_NOT_SATISFIABLE = 416
+# Token scope actions (distribution's token spec): pulls ask for "pull", pushes for both.
+PULL = "pull"
+PULL_PUSH = "pull,push"
 
 
 def _check_scheme(request: httpx.Request) -> None:
@@ -74,10 +77,13 @@ class RegistryClient:
         sleep: Callable[[float], None] = time.sleep,
         timeout: httpx.Timeout | None = None,
         stall: StallPolicy | None = None,
+        actions: str = PULL,
     ) -> None:
         self.ref = ref
+        self.actions = actions
         scheme = "http" if ref.is_loopback else "https"
         self.base = f"{scheme}://{ref.api_host}/v2/{ref.repository}"
+        self._origin = httpx.URL(self.base)
         self.credentials = credentials
         self.retry_delays = tuple(retry_delays)
         self._sleep = sleep
@@ -101,7 +107,8 @@ class RegistryClient:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def _unreachable(self, error: Exception) -> ImageError:
+    def unreachable(self, error: Exception) -> ImageError:
+        """The error for a registry that could not be reached."""
         return ImageError(f"cannot reach registry {self.ref.api_host}: {_reason(error)}")
 
     def _bad_transfer(self, error: TransferError) -> ImageError:
@@ -117,18 +124,45 @@ class RegistryClient:
     @contextlib.contextmanager
     def _open(self, url: str, headers: Mapping[str, str]) -> Iterator[httpx.Response]:
         """GET with auth and retries of transient failures; yields a streaming response."""
+        with self.request("GET", url, headers) as response:
+            yield response
+
+    @contextlib.contextmanager
+    def request(
+        self,
+        method: str,
+        url: str | httpx.URL,
+        headers: Mapping[str, str],
+        *,
+        content: bytes | None = None,
+        retry: bool = True,
+    ) -> Iterator[httpx.Response]:
+        """One API request with auth and (when ``retry``) retries of transient failures.
+
+        Yields the streaming response. A GET follows redirects one hop at a time; other methods
+        follow none (an upload answered with a redirect is an error the caller reports). The
+        Authorization header goes only to this registry's own origin (an upload Location may
+        point elsewhere).
+        """
         authenticated = False
         attempt = 0
+        retries = len(self.retry_delays) if retry else 0
+        target = httpx.URL(url)
         while True:
             request_headers = dict(headers)
-            if self._auth:
+            if self._auth and _same_origin(target, self._origin):
                 request_headers["Authorization"] = self._auth
             try:
-                request = self._client.build_request("GET", url, headers=request_headers)
-                response = self._send(request)
+                request = self._client.build_request(
+                    method, target, headers=request_headers, content=content
+                )
+                if method == "GET":
+                    response = self._send(request)
+                else:
+                    response = self._client.send(request, stream=True)
             except httpx.TransportError as e:
-                if attempt >= len(self.retry_delays):
-                    raise self._unreachable(e) from None
+                if attempt >= retries:
+                    raise self.unreachable(e) from None
                 self._sleep(self.retry_delays[attempt])
                 attempt += 1
                 continue
@@ -138,7 +172,7 @@ class RegistryClient:
                 self._authenticate(challenge)
                 authenticated = True
                 continue
-            if response.status_code in TRANSIENT_STATUS and attempt < len(self.retry_delays):
+            if response.status_code in TRANSIENT_STATUS and attempt < retries:
                 response.close()
                 self._sleep(self.retry_delays[attempt])
                 attempt += 1
@@ -156,32 +190,37 @@ class RegistryClient:
             if any(c.scheme == "basic" for c in parse_challenges(header)) and self.credentials:
                 self._auth = self._basic()
                 return
-            raise self._denied()
+            raise self.denied()
         try:
             realm: httpx.URL | None = httpx.URL(challenge.params["realm"])
         except httpx.InvalidURL:
             realm = None
         if realm is None or realm.scheme not in ("http", "https") or not realm.host:
             raise ImageError(f"registry {self.ref.api_host} sent a bad token realm URL")
-        params = {"scope": f"repository:{self.ref.repository}:pull"}
+        wanted = f"repository:{self.ref.repository}:{self.actions}"
+        # The challenge's scope is what this request needs; a push also asks for its own,
+        # since a challenge to a read (HEAD, GET) names only pull.
+        scopes = [challenge.params.get("scope", wanted)]
+        if self.actions != PULL and wanted not in scopes:
+            scopes.append(wanted)
+        pairs = [("scope", scope) for scope in scopes]
         if "service" in challenge.params:
-            params["service"] = challenge.params["service"]
-        if "scope" in challenge.params:
-            params["scope"] = challenge.params["scope"]
+            pairs.insert(0, ("service", challenge.params["service"]))
+        params = tuple(pairs)  # a tuple: repeated scope keys, and covariant for httpx's type
         headers = {"Authorization": self._basic()} if self.credentials else {}
         request = self._client.build_request("GET", realm, params=params, headers=headers)
         try:
             with contextlib.closing(self._send(request)) as response:
                 status = response.status_code
                 if status in (HTTP_UNAUTHORIZED, HTTP_FORBIDDEN):
-                    raise self._denied()
+                    raise self.denied()
                 if status != HTTP_OK:
                     raise ImageError(
                         f"registry {self.ref.api_host}: token request failed (HTTP {status})"
                     )
                 body = read_capped(response, MAX_TOKEN_RESPONSE, StallWatch(self.stall))
         except httpx.HTTPError as e:
-            raise self._unreachable(e) from None
+            raise self.unreachable(e) from None
         except TooLarge as e:
             raise ImageError(f"registry {self.ref.api_host}: token response {e.message}") from None
         except TransferError as e:
@@ -201,13 +240,14 @@ class RegistryClient:
         pair = httpx.BasicAuth(self.credentials.username, self.credentials.password)
         return next(pair.auth_flow(httpx.Request("GET", self.base))).headers["Authorization"]
 
-    def _denied(self) -> ImageError:
+    def denied(self) -> ImageError:
+        """The error for a 401/403 answer (with a login hint when egpu had no credentials)."""
         hint = "log in with 'podman login' or 'docker login'" if not self.credentials else None
         return ImageError(
             f"access to {self.ref.name} denied (it may not exist or may be private)", hint=hint
         )
 
-    def _registry_error(self, response: httpx.Response) -> tuple[str, str]:
+    def registry_error(self, response: httpx.Response) -> tuple[str, str]:
         """The first error code and message of a registry error body, if it has one."""
         try:
             body = read_capped(response, MAX_ERROR_BODY, StallWatch(self.stall))
@@ -227,14 +267,14 @@ class RegistryClient:
         with self._open(url, {"Accept": MANIFEST_ACCEPT}) as response:
             status = response.status_code
             if status == HTTP_NOT_FOUND:
-                code, _ = self._registry_error(response)
+                code, _ = self.registry_error(response)
                 if code == "NAME_UNKNOWN":
                     raise ImageError(f"no repository {self.ref.name} in the registry")
                 if reference.startswith("sha256:"):
                     raise ImageError(f"no manifest {reference} in {self.ref.name}")
                 raise ImageError(f"unknown tag {reference!r} in {self.ref.name}")
             if status in (HTTP_UNAUTHORIZED, HTTP_FORBIDDEN):
-                raise self._denied()
+                raise self.denied()
             if status != HTTP_OK:
                 raise ImageError(
                     f"registry {self.ref.api_host} answered HTTP {status} for {reference}"
@@ -242,7 +282,7 @@ class RegistryClient:
             try:
                 body = read_capped(response, MAX_MANIFEST_BYTES, StallWatch(self.stall))
             except httpx.HTTPError as e:
-                raise self._unreachable(e) from None
+                raise self.unreachable(e) from None
             except TooLarge as e:
                 raise ImageError(f"manifest of {self.ref.name} is too large: {e.message}") from None
             except TransferError as e:
@@ -361,7 +401,7 @@ class RegistryClient:
             elif status == HTTP_NOT_FOUND:
                 raise ImageError(f"registry has no blob {digest} for {self.ref.name}")
             elif status in (HTTP_UNAUTHORIZED, HTTP_FORBIDDEN):
-                raise self._denied()
+                raise self.denied()
             else:
                 raise ImageError(f"registry {self.ref.api_host} answered HTTP {status} for a blob")
             # Unbuffered: every byte that arrived is kept, even when the connection then breaks.
@@ -434,6 +474,10 @@ def _content_range_start(header: str) -> int | None:
     unit, _, spec = header.strip().partition(" ")
     start, _, _ = spec.partition("-")
     return parse_decimal(start) if unit == "bytes" else None
+
+
+def _same_origin(a: httpx.URL, b: httpx.URL) -> bool:
+    return (a.scheme, a.host, a.port) == (b.scheme, b.host, b.port)
 
 
 def _reason(error: Exception) -> str:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from egpu.engine import virtual
 from egpu.engine.argv import Disk, Firmware, VmSpec, build_argv, check_cpus, parse_disk_option
+from egpu.engine.display import DisplayPlan
 from egpu.engine.passthrough import RunPassthrough
 from egpu.engine.qemu import EngineInfo, check_arch, host_is_virtual
 from egpu.errors import (
@@ -76,6 +77,7 @@ class RunRequest:
     nvme_size: str = virtual.DEFAULT_NVME_SIZE
     image: str | None = None  # OCI reference of a full guest image (UEFI boot)
     base: str | None = None  # a local qcow2 to boot instead of an image
+    display: DisplayPlan | None = None  # the VM's own screen; None: headless
 
 
 @dataclass(frozen=True)
@@ -208,7 +210,7 @@ def plan_run(
         accel=accel,  # type: ignore[arg-type]
         qmp_socket=vm.qmp_socket, console_socket=vm.console_socket, serial_log=vm.serial_log,
         agent_socket=vm.agent_socket, kernel=guest.kernel, initrd=guest.initramfs, append=append,
-        disks=disks, ssh_port=ssh_port, extra=request.extra,
+        disks=disks, ssh_port=ssh_port, extra=request.extra, display=request.display,
     )
     if boot is not None:
         # a full image boots through UEFI from its overlay; the built-in guest is not involved
@@ -235,8 +237,11 @@ def plan_run(
         host_guard=request.gpu.guard.to_json() if request.gpu and request.gpu.guard else None,
         gpu_bound_at_start=list(request.gpu.bound_at_start)
         if request.gpu and request.gpu.bound_at_start is not None else None,
+        display=request.display.to_json() if request.display else None,
     )
-    notices = (accel_notice,) if accel_notice and spec.accel == accel else ()
+    notices: tuple[str, ...] = (accel_notice,) if accel_notice and spec.accel == accel else ()
+    if request.display and request.display.notice:
+        notices += (request.display.notice,)
     return RunPlan(vm=vm, spec=spec, config=config, argv=argv, boot=boot, notices=notices)
 
 

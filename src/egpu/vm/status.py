@@ -54,6 +54,7 @@ class VmStatus:
     servers: list[store.ServerRecord] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     run_state: str | None = None  # QMP query-status: running, paused, shutdown, ...
+    display: dict[str, str] | None = None  # its own screen (device, UI); None: headless
 
     @property
     def active(self) -> bool:
@@ -84,6 +85,7 @@ class VmStatus:
                         for s in self.servers],
             "problems": self.problems,
             "run_state": self.run_state,
+            "display": self.display,
         }
 
 
@@ -149,6 +151,7 @@ def inspect(vm: store.VmDir) -> VmStatus:
         qmp_socket=str(vm.qmp_socket),
         serial_log=str(vm.serial_log), cpus=config.cpus, memory_mib=config.memory_mib,
         ssh_port=config.ssh_port, exit=exit_record, servers=vm.read_servers(),
+        display=config.display,
         problems=problems, run_state=run_state,
     )
 

@@ -40,6 +40,7 @@ OVERLAY = "overlay.qcow2"
 EFI_VARS = "efivars.fd"
 NVME_BACKING = "egpu-nvme.img"  # the virtual eGPU's NVMe storage (sparse; kept across runs)
 LAST_SCREEN = "last-screen.png"  # what the virtual display showed when QEMU ended
+SCREENDUMP = "screendump.png"  # QEMU's screendump of the VM's own display, before it is checked
 POWER_ASSERTION_PID = "power-assertion.pid"  # macOS: the caffeinate holding off idle sleep
 VFIO_BIND = "vfio-bind.json"  # functions egpu moved to vfio-pci, and their previous drivers
 
@@ -47,7 +48,7 @@ VFIO_BIND = "vfio-bind.json"  # functions egpu moved to vfio-pci, and their prev
 SERVERS_RECORD = "servers.json"  # device-server pids and exit statuses
 RUNTIME_FILES = (
     SUPERVISOR_PID, QEMU_PID, QMP_SOCKET, CONSOLE_SOCKET, AGENT_SOCKET, EXIT_RECORD, STOP_REQUEST,
-    SERVERS_RECORD, LAST_SCREEN,
+    SERVERS_RECORD, LAST_SCREEN, SCREENDUMP,
 )
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # whole string: fullmatch
@@ -86,6 +87,14 @@ def _str_list(data: dict[str, Any], key: str) -> list[str]:
     if not all(isinstance(v, str) for v in value):
         raise ValueError(f"{key}: expected a list of strings")
     return list(value)
+
+
+def _str_map(data: dict[str, Any], key: str) -> dict[str, str] | None:
+    value = _get(data, key, dict, optional=True)
+    if value is not None and not all(isinstance(k, str) and isinstance(v, str)
+                                     for k, v in value.items()):
+        raise ValueError(f"{key}: expected an object of strings")
+    return None if value is None else dict(value)
 
 
 def _spec(data: dict[str, Any]) -> ServeSpec:
@@ -179,6 +188,7 @@ class VmConfig:
     bind_functions: list[str] = field(default_factory=list)  # --bind: move these to vfio-pci
     host_guard: dict[str, Any] | None = None  # engine.safety.HostGuard: kept while QEMU runs
     gpu_bound_at_start: list[str] | None = None  # apple: functions claimed when it started
+    display: dict[str, str] | None = None  # engine.display.DisplayPlan: device and UI
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -214,6 +224,7 @@ class VmConfig:
             host_guard=_get(data, "host_guard", dict, optional=True),
             gpu_bound_at_start=(_str_list(data, "gpu_bound_at_start")
                                 if data.get("gpu_bound_at_start") is not None else None),
+            display=_str_map(data, "display"),
         )
 
 
