@@ -397,3 +397,18 @@ def test_a_long_command_leaves_the_channel_to_other_clients(tmp_path: Path) -> N
         release.set()
         runner.join(30)
     assert results and results[0].exit_code == 0
+
+
+def test_facts_stay_within_their_timeout_when_the_agent_stalls(tmp_path: Path) -> None:
+    path = tmp_path / "agent.sock"
+    seen: list[str] = []
+
+    def respond(cmd: dict[str, Any]) -> bytes | None:
+        seen.append(cmd["execute"])
+        return b""  # answers the sync, then nothing
+    with one_client_at_a_time(path, synced(respond)):
+        facts = agent.facts(path, timeout=0.5)
+    assert facts == {"answering": True, "ip": [], "os": None, "kernel": None}
+    # the first stalled question used up the budget: the second was never asked
+    assert seen == ["guest-get-osinfo"]
+    assert agent.facts(tmp_path / "absent.sock") == agent.NOT_ANSWERING

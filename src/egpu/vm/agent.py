@@ -510,17 +510,26 @@ NOT_ANSWERING: Mapping[str, Any] = {"answering": False, "ip": [], "os": None, "k
 
 def facts(path: Path, timeout: float = FACTS_TIMEOUT_S) -> dict[str, Any]:
     """What ``status --json`` shows of the agent: answering or not, the guest's addresses
-    (loopback left out), OS and kernel; never raises."""
+    (loopback left out), OS and kernel; within ``timeout`` in all, never raises."""
     out: dict[str, Any] = dict(NOT_ANSWERING)
+    deadline = time.monotonic() + timeout
+
+    def left() -> float:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise AgentError("guest agent did not answer in time")
+        return remaining
     try:
         with connect(path, timeout) as client:
             out["answering"] = True
             with contextlib.suppress(AgentError):
-                info = client.osinfo()
+                info = parse_osinfo(client.call("guest-get-osinfo", timeout=left()))
                 out["os"] = info.pretty_name or info.name
                 out["kernel"] = info.kernel_release
             with contextlib.suppress(AgentError):
-                out["ip"] = [a.address for i in client.interfaces() if i.name != "lo"
+                interfaces = parse_interfaces(client.call("guest-network-get-interfaces",
+                                                          timeout=left()))
+                out["ip"] = [a.address for i in interfaces if i.name != "lo"
                              for a in i.addresses]
     except AgentError:
         pass
