@@ -103,12 +103,6 @@ def test_stop_timeout_is_finite_and_positive(cli: Cli, value: str) -> None:
                          "must be a finite, positive number of seconds")
 
 
-def test_headless_is_gone(cli: Cli) -> None:
-    # there never was a display window: the flag promised a choice that did not exist
-    proc = cli("run", "--dry-run", "--headless")
-    assert proc.returncode == 2 and "No such option '--headless'" in proc.stderr
-
-
 def special_files(tmp_path: Path) -> Iterator[Path]:
     """A FIFO, a listening UNIX socket's node, a /dev/null twin (root only), a link to one."""
     fifo = tmp_path / "fifo"
