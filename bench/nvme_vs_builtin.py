@@ -227,7 +227,7 @@ def run_both(arch: str, rd: Path, backing_b: Path, backing_v: Path, size_mib: in
     """Boot once with both controllers; returns the figures and the server's CPU seconds."""
     sock = work / "nvme.sock"
     log = open(work / "nvme.log", "wb")  # noqa: SIM115 - lives as long as the server
-    server = subprocess.Popen([sys.executable, "-m", "egpu", "vfio-user", "serve", "--socket",
+    server = subprocess.Popen([sys.executable, "-m", "egpu", "vfio-user", "serve", "-v", "--socket",
                                str(sock), "--function", "nvme", "-o", f"backing={backing_v}",
                                "-o", f"size={size_mib}M", "-o",
                                f"shadow_doorbells={'on' if shadow else 'off'}"],
@@ -259,6 +259,10 @@ def run_both(arch: str, rd: Path, backing_b: Path, backing_v: Path, size_mib: in
             server.kill()
             server.wait()
         log.close()
+    # The server logs the guest's Doorbell Buffer Config: proof the guest driver used it.
+    configured = "shadow doorbells at" in (work / "nvme.log").read_text(errors="replace")
+    print(f"guest configured the server's shadow doorbells: {'yes' if configured else 'no'}",
+          file=sys.stderr)
     return parse(console, rounds), cpu
 
 

@@ -649,6 +649,7 @@ class NvmeController:
             self._hostile(f"doorbell buffers at {dbs:#x}/{eis:#x} unusable: {e}")
             return spec.INVALID_FIELD, 0
         self.shadow_pages = (dbs, eis)
+        log.info("nvme: shadow doorbells at %#x, EventIdx at %#x", dbs, eis)
         for cq in self.cqs.values():
             self._attach_shadow(cq, True)
         for sq in self.sqs.values():
