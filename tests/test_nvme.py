@@ -555,6 +555,125 @@ def test_no_dma_without_bus_master(guest: Guest) -> None:
     assert len(guest.reap(1)) == 1
 
 
+# -- shadow doorbells (Doorbell Buffer Config) ---------------------------------------------------
+
+DBS, EIS = RAM_BASE + 8 * PAGE, RAM_BASE + 9 * PAGE  # the host's shadow page, the EventIdx page
+
+
+class ShadowHost:
+    """Linux's dbbuf use (drivers/nvme/host/pci.c): write the shadow, ring MMIO on need_event."""
+
+    def __init__(self, guest: Guest) -> None:
+        self.guest = guest
+        self.rings: dict[str, int] = {"sq": 0, "cq": 0}
+
+    def configure(self) -> int:
+        self.guest.poke(DBS, bytes(2 * PAGE))
+        return self.guest.admin(make_command(AdminOpcode.DOORBELL_BUFFER_CONFIG, 9, prp1=DBS,
+                                             prp2=EIS))[0]
+
+    def _update(self, offset: int, value: int, kind: str, doorbell: int) -> None:
+        old = int.from_bytes(self.guest.peek(DBS + offset, 4), "little")
+        self.guest.poke(DBS + offset, value.to_bytes(4, "little"))
+        event_idx = int.from_bytes(self.guest.peek(EIS + offset, 4), "little")
+        if spec.need_event(event_idx, value, old):
+            self.rings[kind] += 1
+            self.guest.write32(doorbell, value)
+
+    def submit(self, qid: int, *cmds: spec.Command) -> None:
+        self.guest.submit(qid, *cmds, ring=False)
+        self._update(qid * 8, self.guest.tails[qid], "sq", spec.DOORBELL_BASE + 8 * qid)
+
+    def reap(self, qid: int) -> list[tuple[int, int, int]]:
+        done = self.guest.reap(qid, ring=False)
+        if done:
+            self._update(qid * 8 + 4, self.guest.heads[qid], "cq",
+                         spec.DOORBELL_BASE + 8 * qid + 4)
+        return done
+
+    def io(self, cmd: spec.Command) -> int:
+        self.submit(1, cmd)
+        done = self.reap(1)
+        assert len(done) == 1 and done[0][0] == cmd.cid
+        return done[0][1]
+
+
+def test_shadow_doorbells_spare_the_completion_doorbell(guest: Guest) -> None:
+    guest.setup_io()
+    assert guest.admin(make_command(AdminOpcode.IDENTIFY, 1, prp1=DATA, cdw10=1))[0] == 0
+    oacs = struct.unpack_from("<H", guest.peek(DATA, 258), 256)[0]
+    assert oacs & spec.OACS_DOORBELL_BUFFER_CONFIG
+    host = ShadowHost(guest)
+    assert host.configure() == spec.SUCCESS
+    for i in range(40):  # QD1 past a wrap of the 32-entry queues, data checked every time
+        data = bytes([i + 1]) * 4096
+        guest.poke(DATA, data)
+        assert host.io(rw(IoOpcode.WRITE, 2 * i, 8 * i, 8, DATA)) == 0
+        guest.poke(DATA, bytes(4096))
+        assert host.io(rw(IoOpcode.READ, 2 * i + 1, 8 * i, 8, DATA)) == 0
+        assert guest.peek(DATA, 4096) == data
+    # At QD1 the controller has caught up when the host submits, so every tail rings; the
+    # completion head rings only when the host's head wraps past zero (2 wraps in 80 I/Os).
+    assert host.rings == {"sq": 80, "cq": 2}
+    guest.write32(spec.REG_CC, 0)
+    assert guest.ctrl.shadow_pages is None  # a controller reset forgets the buffers
+
+
+def test_entries_that_did_not_ring_are_found_in_the_shadow(guest: Guest) -> None:
+    guest.setup_io()
+    host = ShadowHost(guest)
+    assert host.configure() == spec.SUCCESS
+    # Three entries, the shadow tail at 3, but MMIO told only of the first (as when the host
+    # wrote the rest while the controller was still working and saw no need to ring).
+    guest.submit(1, *(make_command(IoOpcode.FLUSH, 70 + i, nsid=1) for i in range(3)),
+                 ring=False)
+    guest.poke(DBS + 8, (3).to_bytes(4, "little"))
+    guest.write32(spec.DOORBELL_BASE + 8, 1)
+    assert [c[0] for c in guest.reap(1, ring=False)] == [70, 71, 72]
+    assert int.from_bytes(guest.peek(EIS + 8, 4), "little") == 3  # the tail it has seen
+
+
+def test_full_completion_queue_asks_for_the_head_doorbell(guest: Guest) -> None:
+    guest.setup_io(depth=4)
+    host = ShadowHost(guest)
+    assert host.configure() == spec.SUCCESS
+    host.submit(1, *(make_command(IoOpcode.FLUSH, 50 + i, nsid=1) for i in range(3)))
+    host.submit(1, make_command(IoOpcode.FLUSH, 53, nsid=1))  # the completion queue is full
+    assert guest.ctrl.sqs[1].head == 3  # the fourth waits for a free completion slot
+    assert [c[0] for c in host.reap(1)] == [50, 51, 52]
+    assert host.rings["cq"] == 1  # the EventIdx asked for the head: the host rang
+    assert [c[0] for c in host.reap(1)] == [53]
+
+
+def test_doorbell_buffer_config_refusals(guest: Guest) -> None:
+    guest.setup_io()
+    bad = [(0, EIS), (DBS, 0), (DBS + 8, EIS), (DBS, EIS + 0x800),
+           (0x10_0000_0000, EIS), (DBS, RAM_BASE + RAM_SIZE),  # not in mapped memory
+           (RAM_BASE + RAM_SIZE - 8, EIS),  # a page that runs past the mapping
+           (DBS, ROM_BASE)]  # our EventIdx page must be writable
+    for dbs, eis in bad:
+        st_, _ = guest.admin(make_command(AdminOpcode.DOORBELL_BUFFER_CONFIG, 1, prp1=dbs,
+                                          prp2=eis))
+        assert st_ == spec.INVALID_FIELD, (hex(dbs), hex(eis))
+        assert guest.ctrl.shadow_pages is None
+    irqs: list[int] = []
+    off = NvmeController(guest.memory, irqs.append, guest.backing, shadow_doorbells=False)
+    try:
+        assert off.identity.oacs == 0
+        assert off._admin(make_command(AdminOpcode.DOORBELL_BUFFER_CONFIG, 1, prp1=DBS,
+                                       prp2=EIS)) == (spec.INVALID_OPCODE, 0)
+    finally:
+        off.pinned.unpin_all()  # its pins would keep the guest's RAM from unmapping
+
+
+def test_shadow_page_that_goes_away_falls_back_to_mmio(guest: Guest) -> None:
+    guest.setup_io()
+    assert ShadowHost(guest).configure() == spec.SUCCESS
+    sq = guest.ctrl.sqs[1]
+    sq.shadow = sq.event_idx = 0x10  # as if the guest's RAM vanished under the pages
+    assert guest.io(make_command(IoOpcode.FLUSH, 1, nsid=1)) == 0  # the MMIO value serves
+
+
 # -- property tests ------------------------------------------------------------------------------
 
 ADDRESSES = st.one_of(
@@ -644,6 +763,37 @@ def _run_hostile(guest: Guest, ops: list[tuple[str, int, object]]) -> None:
             assert 0 <= c.head < c.size and 0 <= c.tail < c.size and c.vector < ctrl.irq_vectors
         assert all(v < ctrl.irq_vectors for v in guest.irqs)
     assert guest.memory.read(ROM_BASE, ROM_SIZE) == rom_before
+
+
+@reuses_fixture
+@given(ops=st.lists(st.tuples(st.sampled_from(["sq", "cq", "bell", "cmd", "reap"]),
+                              st.integers(0, 4), U32), max_size=30))
+def test_garbage_shadow_doorbells_never_crash_the_controller(
+        tmp_path: Path, ops: list[tuple[str, int, int]]) -> None:
+    guest = Guest(tmp_path)
+    try:
+        guest.setup_io(depth=8)
+        host = ShadowHost(guest)
+        assert host.configure() == spec.SUCCESS
+        ctrl = guest.ctrl
+        for kind, qid, value in ops:
+            if kind in ("sq", "cq"):  # anything at all in the host's shadow slots
+                guest.poke(DBS + 8 * qid + (4 if kind == "cq" else 0), value.to_bytes(4, "little"))
+            elif kind == "bell":
+                ctrl.bar0_write(spec.DOORBELL_BASE + 8 * qid,
+                                (value & 0xFFFF).to_bytes(4, "little"))
+            elif kind == "cmd" and qid in guest.tails:
+                host.submit(qid, make_command(IoOpcode.FLUSH, value & 0xFFFF, nsid=1))
+            elif kind == "reap" and qid in guest.tails:
+                host.reap(qid)
+            for q in ctrl.sqs.values():
+                assert 0 <= q.head < q.size and 0 <= q.tail < q.size
+            for c in ctrl.cqs.values():
+                assert 0 <= c.head < c.size and 0 <= c.tail < c.size
+            assert all(v < ctrl.irq_vectors for v in guest.irqs)
+        assert guest.reg32(spec.REG_CSTS) & spec.CSTS_CFS == 0  # garbage is ignored, not fatal
+    finally:
+        guest.close()
 
 
 # -- the PCI function -----------------------------------------------------------------------------

@@ -17,6 +17,7 @@ from egpu.devices.nvme.falloc import punch_hole
 from egpu.devices.nvme.spec import AdminOpcode, Command, Feature, Identify, IoOpcode, LogPage
 from egpu.devices.pinned import PinnedGuestMemory
 from egpu.dma import DmaError, GuestMemory
+from egpu.dma.fence import full_fence
 from egpu.errors import UsageError
 
 log = logging.getLogger("egpu.devices.nvme")
@@ -51,6 +52,8 @@ class SubmissionQueue:
     cqid: int
     head: int = 0
     tail: int = 0
+    shadow: int = 0  # guest address of its shadow tail doorbell (0: none configured)
+    event_idx: int = 0  # guest address of its EventIdx slot
 
 
 @dataclass(slots=True)
@@ -66,6 +69,8 @@ class CompletionQueue:
     tail: int = 0
     phase: int = 1
     sqs: list[int] = field(default_factory=list)
+    shadow: int = 0  # guest address of its shadow head doorbell (0: none configured)
+    event_idx: int = 0
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,7 @@ class NvmeController:
         mdts: int = DEFAULT_MDTS,
         serial: str = "EGPU0001",
         model: str = "egpu virtual eGPU DMA engine",
+        shadow_doorbells: bool = True,
     ) -> None:
         if not 1 <= max_io_queues <= MAX_IO_QUEUES:
             raise UsageError(f"NVMe queue count {max_io_queues} outside 1..{MAX_IO_QUEUES}")
@@ -106,11 +112,13 @@ class NvmeController:
         self.irq_vectors = max_io_queues + 1
         self.mqes = mqes
         self.max_transfer = spec.PAGE_SIZE << mdts
+        self.shadow_doorbells = shadow_doorbells
         self.identity = spec.ControllerIdentity(
             vendor_id=VENDOR_ID, serial=serial, model=model, firmware="1.0", mdts=mdts,
             max_io_queues=max_io_queues, aerl=AER_LIMIT - 1,
             oncs=spec.ONCS_DSM | spec.ONCS_WRITE_ZEROES, volatile_write_cache=True,
             subnqn=f"nqn.2026-11.io.egpu:nvme:{serial}",
+            oacs=spec.OACS_DOORBELL_BUFFER_CONFIG if shadow_doorbells else 0,
         )
         self.nguid = uuid.uuid5(uuid.NAMESPACE_URL, f"egpu:nvme:{serial}").bytes
         self.cap = (
@@ -152,6 +160,7 @@ class NvmeController:
         self.cqs: dict[int, CompletionQueue] = {}
         self.pending_aers: list[int] = []
         self.io_queues_granted = self.max_io_queues
+        self.shadow_pages: tuple[int, int] | None = None  # Doorbell Buffer Config: dbs, eis
 
     @staticmethod
     def _queue_count_value(n: int) -> int:
@@ -284,13 +293,40 @@ class NvmeController:
         self.process(sq)
 
     def process(self, sq: SubmissionQueue) -> None:
-        """Run every entry between head and tail (the doorbell's whole batch)."""
+        """Run every entry between head and tail (the doorbell's whole batch).
+
+        With shadow doorbells the tail comes from guest memory too, and after each batch the
+        EventIdx tells the host which tail was seen; entries the host wrote before it could see
+        that EventIdx did not ring, so the shadow tail is read again after a full barrier.
+        """
         cq = self.cqs[sq.cqid]
+        if sq.shadow and self.bus_master:
+            self._shadow_tail(sq)
+        while True:
+            posted = self._run(sq, cq)
+            live = self.cqs.get(cq.qid) is cq
+            if posted and cq.irq_enabled and live:
+                self.raise_irq(cq.vector)
+            if not (sq.shadow and live and self.sqs.get(sq.qid) is sq and self.ready
+                    and self.bus_master):
+                return
+            self._shadow_store(sq.event_idx, sq.tail)
+            if cq.shadow and (cq.tail + 1) % cq.size != cq.head:
+                # Never ask for a head doorbell while there is room: the host cannot move its
+                # head past the tail, so an EventIdx at the tail never fires (need_event).
+                self._shadow_store(cq.event_idx, cq.tail)
+            full_fence()
+            seen = sq.tail
+            if not self._shadow_tail(sq) or sq.tail == seen:
+                return
+
+    def _run(self, sq: SubmissionQueue, cq: CompletionQueue) -> bool:
+        """Run entries from head to tail until done or stalled; True when one was posted."""
         posted = False
         entry = self._sqe
         admin = sq.qid == 0
         while sq.head != sq.tail and self.ready and self.bus_master:
-            if (cq.tail + 1) % cq.size == cq.head:
+            if (cq.tail + 1) % cq.size == cq.head and not self._cq_room(cq):
                 break  # completion queue full: resumes when the host frees a slot
             address = sq.base + sq.head * spec.SQE_SIZE
             window: memoryview | bytearray | None = self.pinned.window(address, spec.SQE_SIZE,
@@ -315,8 +351,70 @@ class NvmeController:
             posted = True
             if sq.qid not in self.sqs:
                 break  # the command deleted its own queue (hostile, but possible)
-        if posted and cq.irq_enabled and self.cqs.get(cq.qid) is cq:
-            self.raise_irq(cq.vector)
+        return posted
+
+    # -- shadow doorbells -------------------------------------------------------------------
+
+    def _shadow_load(self, address: int) -> int | None:
+        """A shadow doorbell value from guest memory (None when unreachable)."""
+        window = self.pinned.window(address, spec.SHADOW_SLOT.size, False)
+        try:
+            raw = (window if window is not None
+                   else self.memory.read(address, spec.SHADOW_SLOT.size))
+        except DmaError as e:
+            self._hostile(f"shadow doorbell at {address:#x} unreachable: {e}")
+            return None
+        value: int = spec.SHADOW_SLOT.unpack_from(raw)[0]
+        return value
+
+    def _shadow_store(self, address: int, value: int) -> None:
+        window = self.pinned.window(address, spec.SHADOW_SLOT.size, True)
+        if window is not None:
+            spec.SHADOW_SLOT.pack_into(window, 0, value)
+            return
+        try:
+            self.memory.write(address, spec.SHADOW_SLOT.pack(value))
+        except DmaError as e:
+            self._hostile(f"EventIdx at {address:#x} unreachable: {e}")
+
+    def _shadow_tail(self, sq: SubmissionQueue) -> bool:
+        """Take the SQ tail from its shadow doorbell; an out-of-range value is ignored."""
+        value = self._shadow_load(sq.shadow)
+        if value is None:
+            return False
+        if value >= sq.size:
+            self._hostile(f"ignored SQ {sq.qid} shadow tail {value}: no such slot")
+            return False
+        sq.tail = value
+        return True
+
+    def _cq_room(self, cq: CompletionQueue) -> bool:
+        """Whether a full-looking CQ has room after reading the host's shadow head.
+
+        The EventIdx is set to the head first, so a host that frees a slot after our read
+        rings the MMIO doorbell, which resumes the queue.
+        """
+        if not cq.shadow:
+            return False
+        self._shadow_store(cq.event_idx, cq.head)
+        full_fence()
+        value = self._shadow_load(cq.shadow)
+        if value is None:
+            return False
+        if value >= cq.size:
+            self._hostile(f"ignored CQ {cq.qid} shadow head {value}: no such slot")
+            return False
+        cq.head = value
+        return (cq.tail + 1) % cq.size != cq.head
+
+    def _attach_shadow(self, queue: SubmissionQueue | CompletionQueue, is_cq: bool) -> None:
+        """Point an I/O queue at its slots of the configured shadow and EventIdx pages."""
+        if self.shadow_pages is None or queue.qid == 0:
+            return  # the admin queues keep MMIO doorbells (as Linux and QEMU's nvme do)
+        dbs, eis = self.shadow_pages
+        offset = queue.qid * spec.SHADOW_QUEUE_STRIDE + (spec.SHADOW_CQ_OFFSET if is_cq else 0)
+        queue.shadow, queue.event_idx = dbs + offset, eis + offset
+        self._shadow_store(queue.event_idx, queue.tail)
 
     def _post(self, cq: CompletionQueue, sq: SubmissionQueue, cid: int, st: int, dw0: int
               ) -> bool:
@@ -473,6 +571,7 @@ class NvmeController:
         if not self._reachable(cmd.prp1, size * spec.CQE_SIZE):
             return spec.INVALID_FIELD, 0
         self.cqs[qid] = CompletionQueue(qid, cmd.prp1, size, vector, ien)
+        self._attach_shadow(self.cqs[qid], True)
         return spec.SUCCESS, 0
 
     def _admin_create_sq(self, cmd: Command) -> tuple[int, int]:
@@ -491,6 +590,7 @@ class NvmeController:
             return spec.INVALID_FIELD, 0
         self.sqs[qid] = SubmissionQueue(qid, cmd.prp1, size, cqid)
         cq.sqs.append(qid)
+        self._attach_shadow(self.sqs[qid], False)
         return spec.SUCCESS, 0
 
     def _reachable(self, address: int, size: int) -> bool:
@@ -533,6 +633,29 @@ class NvmeController:
     def _admin_keep_alive(self, cmd: Command) -> tuple[int, int]:
         return spec.SUCCESS, 0
 
+    def _admin_doorbell_buffer_config(self, cmd: Command) -> tuple[int, int]:
+        """Shadow doorbell page (PRP1, host-written) and EventIdx page (PRP2, ours) (spec 5.8)."""
+        if not self.shadow_doorbells:
+            return spec.INVALID_OPCODE, 0
+        dbs, eis = cmd.prp1, cmd.prp2
+        if not dbs or not eis or (dbs | eis) & spec.PAGE_MASK:
+            return spec.INVALID_FIELD, 0
+        try:
+            # Both whole pages must be guest memory we may use now: the host's page readable,
+            # ours writable (written back unchanged); later unmaps are caught per access.
+            self.memory.read(dbs, spec.PAGE_SIZE)
+            self.memory.write(eis, self.memory.read(eis, spec.PAGE_SIZE))
+        except DmaError as e:
+            self._hostile(f"doorbell buffers at {dbs:#x}/{eis:#x} unusable: {e}")
+            return spec.INVALID_FIELD, 0
+        self.shadow_pages = (dbs, eis)
+        log.info("nvme: shadow doorbells at %#x, EventIdx at %#x", dbs, eis)
+        for cq in self.cqs.values():
+            self._attach_shadow(cq, True)
+        for sq in self.sqs.values():
+            self._attach_shadow(sq, False)
+        return spec.SUCCESS, 0
+
     _admin_handlers: ClassVar[dict[int, Callable[[NvmeController, Command], tuple[int, int]]]] = {
         AdminOpcode.IDENTIFY: _admin_identify,
         AdminOpcode.GET_LOG_PAGE: _admin_get_log_page,
@@ -544,6 +667,7 @@ class NvmeController:
         AdminOpcode.DELETE_IO_CQ: _admin_delete_cq,
         AdminOpcode.ABORT: _admin_abort,
         AdminOpcode.KEEP_ALIVE: _admin_keep_alive,
+        AdminOpcode.DOORBELL_BUFFER_CONFIG: _admin_doorbell_buffer_config,
     }
 
     # -- data pointers ------------------------------------------------------------------------

@@ -33,7 +33,7 @@ class NvmeFunction(PciFunction):
     """The NVMe controller as a vfio-user PCI function (BAR0 trapped, MSI-X per queue)."""
 
     def __init__(self, backing: NvmeBacking, *, max_io_queues: int = DEFAULT_IO_QUEUES,
-                 multifunction: bool = False) -> None:
+                 multifunction: bool = False, shadow_doorbells: bool = True) -> None:
         vectors = max_io_queues + 1
         config = ConfigSpace(vendor_id=VENDOR_ID, device_id=DEVICE_ID, class_code=CLASS_NVME,
                              revision=2, subsystem_vendor_id=VENDOR_ID, subsystem_id=DEVICE_ID,
@@ -45,6 +45,7 @@ class NvmeFunction(PciFunction):
         super().__init__(config)
         self.backing = backing
         self.max_io_queues = max_io_queues
+        self.shadow_doorbells = shadow_doorbells
         self._controller: NvmeController | None = None
 
     def describe(self) -> DeviceDescription:
@@ -61,7 +62,8 @@ class NvmeFunction(PciFunction):
         """Build the controller on the server's guest memory and interrupt table."""
         super().attach(memory, interrupts)
         self._controller = NvmeController(memory, self._raise, self.backing,
-                                          max_io_queues=self.max_io_queues)
+                                          max_io_queues=self.max_io_queues,
+                                          shadow_doorbells=self.shadow_doorbells)
         self.config_written(0, 0)
 
     @property
@@ -122,7 +124,10 @@ QUEUES = DeviceOption("queues", OptionType.INT, DEFAULT_IO_QUEUES, "I/O queue pa
                       minimum=1, maximum=MAX_IO_QUEUES)
 MULTIFUNCTION = DeviceOption("multifunction", OptionType.BOOL, False,
                              "set the multifunction bit of the PCI header")
-OPTIONS = (BACKING, SIZE, QUEUES, MULTIFUNCTION)
+SHADOW_DOORBELLS = DeviceOption("shadow_doorbells", OptionType.BOOL, True,
+                                "offer Doorbell Buffer Config: the guest writes doorbells to "
+                                "memory and rings MMIO only when the controller asks")
+OPTIONS = (BACKING, SIZE, QUEUES, MULTIFUNCTION, SHADOW_DOORBELLS)
 
 
 def default_backing() -> Path:
@@ -131,10 +136,11 @@ def default_backing() -> Path:
 
 
 def create(backing: Path | None = None, size: int = DEFAULT_SIZE,
-           queues: int = DEFAULT_IO_QUEUES, multifunction: bool = False) -> NvmeFunction:
+           queues: int = DEFAULT_IO_QUEUES, multifunction: bool = False,
+           shadow_doorbells: bool = True) -> NvmeFunction:
     """Build the NVMe function from parsed :data:`OPTIONS` (no backing: :func:`default_backing`)."""
     if backing is None:
         backing = default_backing()
         backing.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     return NvmeFunction(NvmeBacking(backing, size), max_io_queues=queues,
-                        multifunction=multifunction)
+                        multifunction=multifunction, shadow_doorbells=shadow_doorbells)

@@ -68,6 +68,22 @@ CQE = struct.Struct("<IIHHHH")
 SQE_FUSE_PSDT_MASK = 0xFF  # fused operations and SGL data transfer: neither is offered
 
 
+# -- shadow doorbells (Doorbell Buffer Config, spec 5.8) ------------------------------------------
+
+# The host's shadow doorbell page and the controller's EventIdx page share the doorbell layout:
+# a 32-bit slot per doorbell, SQ y tail at 8*y and CQ y head at 8*y + 4 (CAP.DSTRD 0). The host
+# rings MMIO only when its new value passes the EventIdx the controller left (need_event below).
+SHADOW_SLOT = struct.Struct("<I")
+SHADOW_QUEUE_STRIDE = 8
+SHADOW_CQ_OFFSET = 4
+EVENT_INDEX_MASK = 0xFFFF  # the host compares 16-bit values
+
+
+def need_event(event_idx: int, new: int, old: int) -> bool:
+    """Whether a host moving a doorbell from ``old`` to ``new`` rings MMIO (crosses EventIdx)."""
+    return (new - event_idx - 1) & EVENT_INDEX_MASK < (new - old) & EVENT_INDEX_MASK
+
+
 class Command(NamedTuple):
     """A decoded submission queue entry (every field still untrusted).
 
@@ -122,6 +138,7 @@ class AdminOpcode(enum.IntEnum):
     GET_FEATURES = 0x0A
     ASYNC_EVENT_REQUEST = 0x0C
     KEEP_ALIVE = 0x18
+    DOORBELL_BUFFER_CONFIG = 0x7C
 
 
 class IoOpcode(enum.IntEnum):
@@ -241,8 +258,10 @@ class ControllerIdentity:
     subnqn: str
     namespaces: int = 1
     error_log_entries: int = 1  # ELPE + 1
+    oacs: int = 0  # optional admin commands supported
 
 
+OACS_DOORBELL_BUFFER_CONFIG = 1 << 8
 ONCS_DSM = 1 << 2
 ONCS_WRITE_ZEROES = 1 << 3
 CNTRLTYPE_IO = 1
@@ -265,6 +284,7 @@ def identify_controller(ident: ControllerIdentity) -> bytes:
     page[77] = ident.mdts
     struct.pack_into("<HI", page, 78, 1, NVME_VERSION_1_4)  # CNTLID, VER
     page[111] = CNTRLTYPE_IO
+    struct.pack_into("<H", page, 256, ident.oacs)
     page[259] = ident.aerl
     page[260] = FRMW_SLOT1_READONLY
     page[262] = ident.error_log_entries - 1  # ELPE
