@@ -11,15 +11,18 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import click
 import platformdirs
 import pytest
+from click.testing import CliRunner
 from hypothesis import HealthCheck, settings
 
+from egpu.cli import main as egpu_main
 from egpu.paths import CACHE_ENV, HOME_ENV
 from egpu.process import ProcessRef, signal_process
 from egpu.vm import store
@@ -40,6 +43,18 @@ settings.register_profile(
 settings.load_profile("ci" if os.environ.get(CI_ENV) else "dev")
 
 QEMU_MARK = "qemu"
+
+# Where the suite's child processes (python -m egpu, device servers, drivers) cache bytecode
+# when PYTHONDONTWRITEBYTECODE keeps it out of the tree: without a cache each of them compiles
+# egpu from source again, a quarter of the CPU of a short CLI call.
+PYCACHE_DIR = SHARED_CACHE / "tests" / "pycache"
+NO_BYTECODE_ENV = "PYTHONDONTWRITEBYTECODE"
+PYCACHE_PREFIX_ENV = "PYTHONPYCACHEPREFIX"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if os.environ.pop(NO_BYTECODE_ENV, None):
+        os.environ.setdefault(PYCACHE_PREFIX_ENV, str(PYCACHE_DIR))
 
 # Fixtures that run a server on loopback: a test using one is a network test, marked here so
 # that no such test can miss the marker.
@@ -96,6 +111,42 @@ class Cli:
         raise AssertionError(f"timed out waiting on VM {name}: last status {last}")
 
 
+class _Main(click.Command):
+    """egpu's own ``main`` (its error lines and exit codes) as a command CliRunner can invoke."""
+
+    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
+             complete_var: str | None = None, standalone_mode: bool = True,
+             windows_expand_args: bool = True, **extra: Any) -> Any:
+        egpu_main(list(args or ()))
+
+
+@dataclass
+class InProcessCli(Cli):
+    """Runs egpu's ``main`` in this process, with the same environment and results as Cli.
+
+    For tests about what a command decides and prints (a dry run's argv, a listing); tests about
+    the process itself (signals, terminals, a real interpreter's exit) keep Cli.
+    """
+
+    def __call__(self, *args: str, timeout: float = 120, check: bool = False,
+                 input: str | None = None) -> subprocess.CompletedProcess[str]:
+        saved = dict(os.environ)
+        os.environ.clear()
+        os.environ.update(self.env)
+        try:
+            # not caught: an unexpected exception fails the test with its traceback
+            result = CliRunner().invoke(_Main("egpu"), list(args), input=input,
+                                        catch_exceptions=False)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        proc = subprocess.CompletedProcess(["egpu", *args], result.exit_code, result.stdout,
+                                           result.stderr)
+        if check and proc.returncode != 0:
+            raise AssertionError(f"egpu {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
+        return proc
+
+
 @pytest.fixture
 def egpu_home(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Iterator[Path]:
     """A private, short EGPU_HOME (UNIX socket paths must stay short) with the shared cache.
@@ -146,3 +197,9 @@ def _stop_leftovers(home: Path) -> None:
 def cli(egpu_home: Path) -> Cli:
     env = {**os.environ, HOME_ENV: str(egpu_home), CACHE_ENV: str(SHARED_CACHE)}
     return Cli(env=env, home=egpu_home)
+
+
+@pytest.fixture
+def inproc(egpu_home: Path) -> InProcessCli:
+    env = {**os.environ, HOME_ENV: str(egpu_home), CACHE_ENV: str(SHARED_CACHE)}
+    return InProcessCli(env=env, home=egpu_home)

@@ -1,4 +1,8 @@
-"""run --dry-run prints the exact command and starts or creates nothing."""
+"""run --dry-run prints the exact command and starts or creates nothing.
+
+Tests of the argv alone run egpu in-process (InProcessCli); those of exit codes and error
+lines run it as a process (Cli).
+"""
 
 from __future__ import annotations
 
@@ -8,20 +12,20 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Cli
+from conftest import Cli, InProcessCli
 from egpu.images.store import ImageStore, RefRecord
 from mac_app import Build, make_app
 
 
 @pytest.mark.parametrize("arch", ["aarch64", "x86_64"])
-def test_dry_run_json_and_text_agree(cli: Cli, arch: str, tmp_path: Path) -> None:
+def test_dry_run_json_and_text_agree(inproc: InProcessCli, arch: str, tmp_path: Path) -> None:
     disk = tmp_path / "data.raw"
     disk.write_bytes(bytes(1 << 20))
     args = ("run", "--dry-run", "--arch", arch, "--accel", "tcg", "--cpus", "3",
             "--memory", "1G", "--name", "dr", "--disk", f"{disk}:ro", "--ssh-port", "2299",
             "--", "-device", "virtio-balloon-pci")
-    argv = cli.json(*args)["argv"]
-    text = cli(*args, check=True).stdout.strip()
+    argv = inproc.json(*args)["argv"]
+    text = inproc(*args, check=True).stdout.strip()
     assert shlex.split(text) == argv
     joined = " ".join(argv)
     assert argv[argv.index("-m") + 1] == "1024M"
@@ -32,12 +36,12 @@ def test_dry_run_json_and_text_agree(cli: Cli, arch: str, tmp_path: Path) -> Non
     assert f"file={disk},format=raw,if=none,id=disk0,readonly=on" in argv
     assert argv[-2:] == ["-device", "virtio-balloon-pci"]
     assert "egpu.cpus=3 egpu.mem_mib=1024" in argv[argv.index("-append") + 1]
-    assert not (cli.home / "data" / "vms" / "dr").exists()
+    assert not (inproc.home / "data" / "vms" / "dr").exists()
 
 
-def test_dry_run_needs_no_engine(cli: Cli, tmp_path: Path) -> None:
-    env = {**cli.env, "EGPU_CACHE": str(tmp_path / "empty"), "PATH": "/usr/bin:/bin"}
-    argv = Cli(env=env, home=cli.home).json("run", "--dry-run")["argv"]
+def test_dry_run_needs_no_engine(inproc: InProcessCli, tmp_path: Path) -> None:
+    env = {**inproc.env, "EGPU_CACHE": str(tmp_path / "empty"), "PATH": "/usr/bin:/bin"}
+    argv = InProcessCli(env=env, home=inproc.home).json("run", "--dry-run")["argv"]
     assert argv[0] == "/usr/bin/qemu-system-aarch64"
     assert not (tmp_path / "empty").exists()  # nothing was downloaded or built
 
@@ -45,8 +49,8 @@ def test_dry_run_needs_no_engine(cli: Cli, tmp_path: Path) -> None:
 FIXTURES = Path(__file__).parent / "fixtures" / "host"
 
 
-def test_dry_run_apple_from_a_registry_dump(cli: Cli) -> None:
-    out = cli.json("run", "--dry-run", "--gpu", "apple", "--memory", "14G", "--cpus", "8",
+def test_dry_run_apple_from_a_registry_dump(inproc: InProcessCli) -> None:
+    out = inproc.json("run", "--dry-run", "--gpu", "apple", "--memory", "14G", "--cpus", "8",
                    "--ioreg", str(FIXTURES / "ioreg-rtx-bound.plist"), "--passthrough", "auto",
                    "--force")
     argv = out["argv"]
@@ -64,8 +68,8 @@ def test_dry_run_apple_from_a_registry_dump(cli: Cli) -> None:
     assert pflash[1].endswith("/data/vms/default/efivars.fd")
 
 
-def test_dry_run_apple_no_tso(cli: Cli) -> None:
-    argv = cli.json("run", "--dry-run", "--gpu", "apple", "--no-tso",
+def test_dry_run_apple_no_tso(inproc: InProcessCli) -> None:
+    argv = inproc.json("run", "--dry-run", "--gpu", "apple", "--no-tso",
                     "--passthrough", "03:00.0", "--force")["argv"]
     assert argv[argv.index("-accel") + 1] == "hvf"
     assert "vfio-apple-pci,host=03:00.0,addr=0x1e.0,dma-companion=on,rombar=0" in " ".join(argv)

@@ -13,7 +13,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import Cli
+from conftest import Cli, InProcessCli
 from egpu.process import ProcessRef, wait_gone
 from egpu.vm import qmp, store
 from egpu.vm.status import derive_state
@@ -100,7 +100,9 @@ def test_run_refused_while_another_command_holds_the_name(cli: Cli) -> None:
     assert [p.name for p in vms(cli).iterdir()] == []  # the lock file went with its holder
 
 
-def test_broken_vm_dirs_never_break_list_status_or_other_vms(cli: Cli) -> None:
+def test_broken_vm_dirs_never_break_list_status_or_other_vms(cli: Cli, inproc: InProcessCli
+                                                             ) -> None:
+    # listings and removals in-process (same home); the refused run as a real process
     fake_vm(cli, "good")
     contents = {"list": "[]", "garbage": "\x00\xffnot json", "truncated": '{"name": "trun',
                 "wrongtype": json.dumps({"name": "w", "cpus": "two"})}
@@ -108,22 +110,22 @@ def test_broken_vm_dirs_never_break_list_status_or_other_vms(cli: Cli) -> None:
         (vms(cli) / name).mkdir(mode=0o700)
         (vms(cli) / name / store.CONFIG).write_text(text, errors="surrogateescape")
     (vms(cli) / "empty").mkdir(mode=0o700)  # missing files
-    listed = {v["name"]: v for v in cli.json("list")}
+    listed = {v["name"]: v for v in inproc.json("list")}
     assert listed["good"]["state"] == "stopped"
     broken = {*contents, "empty"}
     assert {n for n, v in listed.items() if v["state"] == "broken"} == broken
     assert all(listed[n]["problems"] for n in broken)
     assert "missing config.json" in listed["empty"]["problems"][0]
-    table = cli("list", check=True)
+    table = inproc("list", check=True)
     assert "broken" in table.stdout and "egpu rm garbage" in table.stderr
-    assert cli("status", check=True).stdout.count("broken") == len(broken)
-    assert cli.status("garbage")["state"] == "broken"
-    assert cli.status("good")["state"] == "stopped"
+    assert inproc("status", check=True).stdout.count("broken") == len(broken)
+    assert inproc.status("garbage")["state"] == "broken"
+    assert inproc.status("good")["state"] == "stopped"
     one_line_error(cli("run", "--name", "garbage", "--detach", *NO_GPU), "broken", "egpu rm")
     assert (vms(cli) / "garbage" / store.CONFIG).exists()
     for name in broken:
-        cli("rm", name, check=True)
-    assert [v["name"] for v in cli.json("list")] == ["good"]
+        inproc("rm", name, check=True)
+    assert [v["name"] for v in inproc.json("list")] == ["good"]
 
 
 def test_rm_refuses_a_live_vm_unless_forced(cli: Cli, tmp_path: Path) -> None:

@@ -13,10 +13,14 @@ import re
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-
-import httpx
+from typing import TYPE_CHECKING
 
 from egpu.errors import UsageError
+
+if TYPE_CHECKING:
+    # httpx is imported where a transfer starts: the policy and constants here are also read
+    # by commands that never download (their options, their help)
+    import httpx
 
 STALL_TIMEOUT_ENV = "EGPU_STALL_TIMEOUT"
 MIN_RATE_ENV = "EGPU_MIN_RATE"
@@ -136,6 +140,8 @@ def make_client(
 ) -> httpx.Client:
     """An httpx client for ``send``: it never follows redirects itself (it would read each
     redirect's body whole) and refuses a bad ``Location`` before httpx parses it."""
+    import httpx
+
     return httpx.Client(
         timeout=timeout,
         follow_redirects=False,
@@ -153,6 +159,8 @@ def _check_location(response: httpx.Response) -> None:
 
 def resolve_location(base: httpx.URL, location: str) -> httpx.URL:
     """A ``Location`` header as an absolute http(s) URL, relative to ``base``; else BadRedirect."""
+    import httpx
+
     try:
         url = base.join(location)
     except httpx.InvalidURL:
@@ -181,6 +189,8 @@ def send(
 
 
 def _redirected(client: httpx.Client, request: httpx.Request, location: str) -> httpx.Request:
+    import httpx
+
     url = resolve_location(request.url, location)
     headers = httpx.Headers(request.headers)
     same_origin = (url.scheme, url.host, url.port) == (

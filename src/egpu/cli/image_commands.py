@@ -11,7 +11,6 @@ from egpu.cli import output
 from egpu.errors import ConflictError
 from egpu.images.firmware import reset_disk_state
 from egpu.images.pull import DEFAULT_IMAGE, default_client, pull
-from egpu.images.push import load_local_image, push, push_target
 from egpu.images.store import ImageStore
 from egpu.paths import dirs
 from egpu.transfer import (
@@ -182,6 +181,8 @@ def image_push_command(
     REF is registry/repository:tag. Blobs the registry already has are not sent again; the
     tags are set only once every blob is up.
     """
+    from egpu.images.push import load_local_image, push, push_target  # httpx: only to push
+
     push_target(ref, tags)  # a bad reference or tag is refused before the file is even read
     progress = output.BarProgress(quiet=quiet or as_json)
     wanted = tuple(f.strip() for f in features.split(",") if f.strip())

@@ -5,19 +5,13 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    DownloadColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
-)
-from rich.table import Table
+
+if TYPE_CHECKING:
+    # rich's tables and progress bars are imported where drawn: most commands draw neither
+    from rich.progress import Progress, TaskID
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -31,6 +25,8 @@ def emit_json(value: Any) -> None:
 
 def table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """Print a plain table (no box, so it stays readable when piped)."""
+    from rich.table import Table
+
     t = Table(box=None, show_edge=False, pad_edge=False, header_style="bold")
     for c in columns:
         t.add_column(c)
@@ -63,6 +59,15 @@ class BarProgress:
     def start(self, label: str, total: int | None) -> None:
         if not self.enabled:
             return
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
         self._bar = Progress(
             TextColumn("{task.description}"),
             BarColumn(),

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from PIL import Image
 
 from egpu.cli import output
 from egpu.cli.host_commands import (
@@ -285,6 +284,8 @@ def _with_screen_check(
     result: guest_protocol.SelfTestResult, screen: Path
 ) -> guest_protocol.SelfTestResult:
     """Add the host's own display check: what the virtual display showed last is not blank."""
+    from PIL import Image  # only a self-test with a display needs Pillow
+
     try:
         with Image.open(screen) as image:
             blank = is_blank(image)

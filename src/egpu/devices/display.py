@@ -35,8 +35,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-
-from PIL import Image
+from typing import TYPE_CHECKING
 
 from egpu.devices.base import (
     DeviceDescription,
@@ -52,6 +51,9 @@ from egpu.dma import GuestMemory
 from egpu.errors import DeviceServerError, UsageError
 from egpu.pci import BarKind, ConfigSpace
 from egpu.process import ProcessRef, signal_process
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -158,6 +160,9 @@ _RAW_MODES = {32: ("BGRX", "XRGB"), 24: ("BGR", "RGB"), 16: ("BGR;16", "BGR;16")
 def render(vram: bytes | bytearray | memoryview | mmap.mmap, mode: ScanoutMode | None
            ) -> Image.Image:
     """The RGB picture of ``mode`` in ``vram`` (black when off or blanked; clipped to VRAM)."""
+    # Pillow only where pictures are made: CLI commands that import this module rarely do
+    from PIL import Image
+
     if mode is None:
         return Image.new("RGB", BLANK_SIZE)
     if not mode.visible:

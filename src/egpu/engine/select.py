@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from egpu.engine.provision import provision
 from egpu.engine.qemu import APPLE_DEVICE, EngineInfo, find_engine_info, probe
 from egpu.errors import EngineError
 from egpu.progress import Progress
@@ -21,4 +20,7 @@ def ensure_engine_info(
     except EngineError:
         if qemu or not allow_provision or need == APPLE_DEVICE:
             raise
+    # provisioning brings the Debian client (httpx): imported only when it has to run
+    from egpu.engine.provision import provision
+
     return probe(provision(progress))

@@ -32,15 +32,16 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from filelock import FileLock
-
-from egpu import debpkg
 from egpu.errors import EgpuError, GuestError
 from egpu.guest import bzimage, cpio, elf, kmod
 from egpu.guest.protocol import ARCHES, console_for
 from egpu.paths import dirs
 from egpu.progress import Progress, SilentProgress
+
+if TYPE_CHECKING:
+    from egpu import debpkg
 
 DEBIAN_ARCH = {"aarch64": "arm64", "x86_64": "amd64"}
 SUITES = ("trixie",)
@@ -181,6 +182,8 @@ def ensure_guest(arch: str, progress: Progress | None = None) -> GuestAssets:
     if (cached := _load_cached(arch, key)) is not None:
         return cached
     base = dirs().guest
+    from filelock import FileLock  # brings asyncio: only for a build, never for a cached guest
+
     try:
         base.mkdir(parents=True, exist_ok=True)
         with FileLock(str(base / ".lock")):
@@ -201,12 +204,14 @@ def ensure_guest(arch: str, progress: Progress | None = None) -> GuestAssets:
 
 def _kernel_image_package(archive: debpkg.DebianArchive, debarch: str) -> str:
     """See through ``linux-image-<arch>`` to the versioned image package it depends on."""
+    from egpu.debpkg import MIRROR_ENV
+
     try:
         deps = archive.depends(f"linux-image-{debarch}:{debarch}")
     except EgpuError as e:
         # apt-get update reports an unreachable mirror only as a warning; this is where it shows
         raise GuestError(f"linux-image-{debarch} is not in the Debian {'/'.join(SUITES)} index",
-                         hint=f"check access to the Debian mirror (or set {debpkg.MIRROR_ENV})",
+                         hint=f"check access to the Debian mirror (or set {MIRROR_ENV})",
                          ) from e
     for dep in deps:
         name = dep.split(":", 1)[0].strip("<> ")
@@ -216,6 +221,9 @@ def _kernel_image_package(archive: debpkg.DebianArchive, debarch: str) -> str:
 
 
 def _build(arch: str, key: str, progress: Progress) -> None:
+    # the Debian client (httpx) only for a build: a cached guest loads without it
+    from egpu import debpkg
+
     base = dirs().guest
     debarch = DEBIAN_ARCH[arch]
     others = [a for a in DEBIAN_ARCH.values() if a != debarch]

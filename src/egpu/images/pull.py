@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from egpu.errors import ImageError
 from egpu.images.auth import load_credentials
@@ -31,10 +32,12 @@ from egpu.images.manifest import (
 )
 from egpu.images.qcow2 import is_qcow2
 from egpu.images.reference import Digest, OciReference, parse_reference
-from egpu.images.registry import RegistryClient
 from egpu.images.store import ImageStore, RefRecord
 from egpu.progress import Progress, SilentProgress
-from egpu.transfer import StallPolicy
+
+if TYPE_CHECKING:
+    from egpu.images.registry import RegistryClient
+    from egpu.transfer import StallPolicy
 
 # scottjg/qemu-vfio-apple's docker-profile image: its publish script tags that profile
 # docker-latest (contrib/apple-vfio/image-builder/scripts/publish-to-ghcr.sh).
@@ -58,7 +61,7 @@ class PulledImage:
     metadata: ImageMetadata | None
 
 
-ClientFactory = Callable[[OciReference], RegistryClient]
+ClientFactory = Callable[[OciReference], "RegistryClient"]
 
 
 def default_client(ref: OciReference, stall: StallPolicy | None = None) -> RegistryClient:
@@ -66,6 +69,10 @@ def default_client(ref: OciReference, stall: StallPolicy | None = None) -> Regis
 
     Without ``stall``, the stall limits come from ``EGPU_STALL_TIMEOUT`` / ``EGPU_MIN_RATE``.
     """
+    # httpx comes with the client: commands that only read the cache never import it
+    from egpu.images.registry import RegistryClient
+    from egpu.transfer import StallPolicy
+
     return RegistryClient(
         ref,
         credentials=load_credentials(ref.registry, ref.repository),

@@ -23,8 +23,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock, Timeout
-
 from egpu.errors import ImageError
 from egpu.images.qcow2 import read_backing_file
 from egpu.images.reference import Digest
@@ -138,6 +136,9 @@ class ImageStore:
         """Hold the blob's lock; ``on_wait()`` is called once if another process has it."""
         lock_dir = self.root / "locks"
         lock_dir.mkdir(parents=True, exist_ok=True)
+        # filelock brings asyncio: imported only where a blob is locked
+        from filelock import FileLock, Timeout
+
         lock = FileLock(str(lock_dir / f"{digest.hex}.lock"))
         try:
             lock.acquire(timeout=0)
@@ -271,6 +272,8 @@ class ImageStore:
             if digest is None or str(digest) in keep:
                 continue
             # Skip a blob that a running pull holds; it is not ours to delete now.
+            from filelock import FileLock, Timeout
+
             lock = FileLock(str(self.root / "locks" / f"{digest.hex}.lock"))
             try:
                 lock.acquire(timeout=0)

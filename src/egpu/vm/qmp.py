@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import logging
 import re
 import threading
 from pathlib import Path
 from typing import Any
-
-from qemu.qmp import QMPClient, QMPError
 
 from egpu.errors import VMError
 
@@ -21,6 +18,10 @@ logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 async def _execute(socket: Path, command: str, args: dict[str, Any] | None, timeout: float) -> Any:
+    import asyncio
+
+    from qemu.qmp import QMPClient
+
     client = QMPClient("egpu")
     try:
         await asyncio.wait_for(client.connect(str(socket)), timeout)
@@ -34,6 +35,11 @@ def execute(
     timeout: float = DEFAULT_TIMEOUT_S,
 ) -> Any:
     """Run one QMP command and return its result; VMError when QEMU cannot be reached."""
+    # asyncio and qemu.qmp only for a command that talks to a live VM
+    import asyncio
+
+    from qemu.qmp import QMPError
+
     # On the main thread asyncio.run turns Ctrl-C into a cancellation of the exchange, and a
     # cancellation absorbed on its way out (asyncio.wait_for can, when the reply lands at the
     # same moment) loses the interrupt. On a worker thread the loop leaves signals alone and

@@ -13,8 +13,6 @@ import shutil
 import tempfile
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
-
 from egpu.devices.display import replaceable
 from egpu.errors import VMError
 from egpu.vm import qmp, store
@@ -28,6 +26,8 @@ SCREENSHOT_MODE = 0o644
 
 def check_png(path: Path) -> tuple[int, int]:
     """The size of the PNG at ``path``; VMError if it is not one within the limits."""
+    from PIL import Image, UnidentifiedImageError  # only when a screenshot is taken
+
     try:
         if path.stat().st_size > MAX_SCREEN_BYTES:
             raise VMError(f"the screendump {path} is larger than {MAX_SCREEN_BYTES} bytes")
