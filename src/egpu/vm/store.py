@@ -45,9 +45,10 @@ VFIO_BIND = "vfio-bind.json"  # functions egpu moved to vfio-pci, and their prev
 
 # Files that belong to one run; removed before the next run starts.
 SERVERS_RECORD = "servers.json"  # device-server pids and exit statuses
+SERVE_RECORD = "serve.json"  # the model `egpu serve` runs and its forwarded port (vm/serving.py)
 RUNTIME_FILES = (
     SUPERVISOR_PID, QEMU_PID, QMP_SOCKET, CONSOLE_SOCKET, AGENT_SOCKET, EXIT_RECORD, STOP_REQUEST,
-    SERVERS_RECORD, LAST_SCREEN,
+    SERVERS_RECORD, LAST_SCREEN, SERVE_RECORD,
 )
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # whole string: fullmatch
