@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import socket
+from collections.abc import Callable, Sequence
+from typing import IO
 
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from egpu.vm import gpustats
+from egpu.errors import AgentError
+from egpu.vm import gpustats, stats
+from egpu.vm.agent import AgentClient, ExecResult
 from egpu.vm.gpustats import GpuSample
 from gpu_fixtures import (
     AMD_CARD,
@@ -109,3 +114,66 @@ def test_parsers_never_raise_other_errors(text: str) -> None:
     for parse in (gpustats.parse_proc_stat, gpustats.parse_meminfo):
         with contextlib.suppress(gpustats.StatsFormatError):
             parse(text)
+
+
+class _FakeGuest(AgentClient):
+    """A guest agent answering from recorded outputs (no NVIDIA or AMD card exists here)."""
+
+    def __init__(self, nvidia: str | None, files: dict[str, bytes]) -> None:
+        super().__init__(socket.socketpair()[0])
+        self.nvidia = nvidia
+        self.files = files
+
+    def run(self, argv: Sequence[str], *, timeout: float,
+            stdin: bytes | None = None) -> ExecResult:
+        if argv[0] == "nvidia-smi":
+            if self.nvidia is None:
+                raise AgentError("guest agent refused: Failed to execute child process")
+            return ExecResult(0, None, self.nvidia.encode(), b"")
+        if argv[0] == "ls":
+            return ExecResult(0, None, b"hwmon3\n", b"")
+        raise AgentError("unexpected command")
+
+    def read_file(self, path: str, sink: IO[bytes],
+                  advance: Callable[[int], None] | None = None) -> int:
+        if path not in self.files:
+            raise AgentError("guest agent refused: No such file or directory")
+        sink.write(self.files[path])
+        return len(self.files[path])
+
+
+PROC = {"/proc/stat": PROC_STAT_1.encode(), "/proc/meminfo": MEMINFO.encode()}
+
+
+def test_sampler_with_recorded_nvidia_smi() -> None:
+    guest = _FakeGuest(NVIDIA_TWO, dict(PROC))
+    sampler = stats.Sampler(guest)
+    first = sampler.sample()
+    assert first.cpu_percent is None and [g.index for g in first.gpus] == [0, 1]
+    guest.files["/proc/stat"] = PROC_STAT_2.encode()
+    second = sampler.sample()
+    assert second.cpu_percent == pytest.approx(75.0) and second.notes == ()
+    assert second.memory is not None and second.memory.total_kib == 4028804
+
+
+def test_sampler_with_recorded_amdgpu_sysfs() -> None:
+    device = "/sys/class/drm/card1/device"
+    files = dict(PROC)
+    for name in gpustats.AMD_FILES:
+        files[f"{device}/{name}"] = AMD_CARD[name]
+    for name in gpustats.AMD_HWMON_FILES:
+        files[f"{device}/hwmon/hwmon3/{name}"] = AMD_CARD[name]
+    (gpu,) = stats.Sampler(_FakeGuest(None, files)).sample().gpus
+    assert (gpu.index, gpu.vendor, gpu.power_w, gpu.temperature_c) == (1, "amd", 187.0, 54.0)
+
+
+def test_sampler_without_a_gpu_driver_notes_it() -> None:
+    sample = stats.Sampler(_FakeGuest(None, dict(PROC))).sample()
+    assert sample.gpus == () and sample.notes == (stats.NO_GPU_NOTE,)
+    assert sample.memory is not None
+
+
+def test_sampler_refuses_a_huge_stats_file() -> None:
+    files = {**PROC, "/proc/meminfo": b"x" * (gpustats.MAX_TEXT + 1)}
+    sample = stats.Sampler(_FakeGuest(None, files)).sample()
+    assert sample.memory is None and any("more than" in n for n in sample.notes)
