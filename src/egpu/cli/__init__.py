@@ -21,7 +21,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "console": ("egpu.cli.vm_commands",
                 "Attach to a running VM's serial console; Ctrl-] detaches, the VM keeps running."),
     "cp": ("egpu.cli.agent_commands",
-           "Copy a file into or out of a VM through its guest agent (SRC NAME:DST, NAME:SRC DST)."),
+           "Copy a file into a VM (cp SRC NAME:DST) or out of it (cp NAME:SRC DST) through its "
+           "guest agent."),
     "devices": ("egpu.cli.host_commands",
                 "List the host's PCI functions and whether each can be passed through."),
     "doctor": ("egpu.cli.host_commands",
@@ -29,7 +30,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "engine": ("egpu.cli.engine_commands",
                "Show which QEMU egpu runs, what it can do here, and every candidate it looked at."),
     "exec": ("egpu.cli.agent_commands",
-             "Run a command in a VM through its guest agent; exit with its exit code."),
+             "Run COMMAND in a VM through its guest agent (no network or ssh needed); print its "
+             "output and exit with its exit code."),
     "images": ("egpu.cli.image_commands",
                "List cached images and the VMs whose overlays use them."),
     "list": ("egpu.cli.vm_commands", "List VMs."),
