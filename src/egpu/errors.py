@@ -11,6 +11,7 @@
      │   └─ AgentError              the guest agent did not answer, or answered nonsense
      ├─ HostError                   device discovery failed (malformed dump, unreadable sysfs)
      ├─ ImageError                  OCI pull / cache failure (bad reference, digest mismatch, ...)
+ ├─ LlmError                    a model endpoint failed, stalled or streamed nonsense (bench llm)
      └─ DeviceServerError           vfio-user server or device model failure
 
 Low-level errors (OSError, subprocess failures, protocol errors) are re-raised as one of these
@@ -75,6 +76,10 @@ class HostError(EgpuError):
 
 class ImageError(EgpuError):
     """OCI image pull or cache failure."""
+
+
+class LlmError(EgpuError):
+    """A model endpoint failed, stalled, or answered something that is not a completion."""
 
 
 class DeviceServerError(EgpuError):

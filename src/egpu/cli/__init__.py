@@ -16,6 +16,8 @@ from egpu.errors import EgpuError
 # and a command's module (with its rich, httpx, QEMU deps) is imported only when that command runs.
 # tests/test_cli_lazy.py checks the table against the real commands.
 COMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("egpu.cli.bench_commands",
+              "Measure what a VM serves."),
     "console": ("egpu.cli.vm_commands",
                 "Attach to a running VM's serial console; Ctrl-] detaches, the VM keeps running."),
     "cp": ("egpu.cli.agent_commands",
@@ -54,6 +56,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "status": ("egpu.cli.vm_commands", "Show the state of one VM, or of all."),
     "stop": ("egpu.cli.vm_commands",
              "Stop a VM: powerdown over QMP, then the guest agent, then SIGTERM, then SIGKILL."),
+    "top": ("egpu.cli.top_commands",
+            "Show a VM's GPU use, VRAM, temperature and power, and its CPU load and memory, "
+            "live."),
     "vfio-user": ("egpu.cli.vfio_user_commands",
                   "Serve virtual PCI functions over the vfio-user protocol."),
 }

@@ -52,9 +52,10 @@ KNOWN_HOSTS = "known_hosts"  # the guest's ssh host key, for egpu ssh; cleared w
 # Files that belong to one run; removed before the next run starts.
 SERVERS_RECORD = "servers.json"  # device-server pids and exit statuses
 PORTS_RECORD = "ports.json"  # vm.ports.PortTable: the supervisor's port forwards and states
+SERVE_RECORD = "serve.json"  # the model `egpu serve` runs and its forwarded port (vm/serving.py)
 RUNTIME_FILES = (
     SUPERVISOR_PID, QEMU_PID, QMP_SOCKET, CONSOLE_SOCKET, AGENT_SOCKET, EXIT_RECORD, STOP_REQUEST,
-    SERVERS_RECORD, LAST_SCREEN, SCREENDUMP, PORTS_RECORD,
+    SERVERS_RECORD, LAST_SCREEN, SCREENDUMP, PORTS_RECORD, SERVE_RECORD,
 )
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # whole string: fullmatch
