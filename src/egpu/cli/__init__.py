@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
                "Check what real passthrough needs on this host; exit 1 when something blocks it."),
     "engine": ("egpu.cli.engine_commands",
                "Show which QEMU egpu runs, what it can do here, and every candidate it looked at."),
+    "image": ("egpu.cli.image_commands",
+              "Build images (UEFI-bootable Debian qcow2s with the scottjg JSON manifest)."),
     "images": ("egpu.cli.image_commands",
                "List cached images and the VMs whose overlays use them."),
     "list": ("egpu.cli.vm_commands", "List VMs."),
