@@ -195,9 +195,9 @@ def test_malformed_debs_are_refused(blob: bytes) -> None:
 def test_console_protocol() -> None:
     state = image_build.ConsoleState()
     started = image_build.read_console(state, [
-        "EGPU-BUILD-STEP dpkg-core", "status: libc6:amd64: unpacked",
-        "status: libc6:amd64: installed", "status: dash: installed",
-        "status: libc6:amd64: installed", "EGPU-BUILD-PACKAGE login 1:4.16.0-2",
+        "EGPU-BUILD-STEP dpkg-core", "Unpacking libc6:amd64 (2.41-12) ...",
+        "Setting up libc6:amd64 (2.41-12) ...", "Setting up dash (0.5.12-12) ...",
+        "Setting up libc6:amd64 (2.41-12) ...", "EGPU-BUILD-PACKAGE login 1:4.16.0-2",
         "EGPU-BUILD-STEP esp", "EGPU-BUILD-OK"])
     assert started == ["dpkg-core", "esp"]
     assert state.installed == {"libc6", "dash"}

@@ -55,6 +55,7 @@ from egpu.progress import Progress, SilentProgress
 from egpu.vm.lifecycle import choose_accel
 
 KEY_CHARS = 16
+FAILED_LOG = "last-failed-build.log"
 BUILDER_PACKAGE = "egpu.images.builder"
 BUILDER_SCRIPTS = ("init.sh", "stage2.sh")
 BUILDER_MODULES = ("egpu.images.profiles", "egpu.images.rootfs", "egpu.vm.image_build")
@@ -78,7 +79,9 @@ STEP_MARK = "EGPU-BUILD-STEP "
 OK_MARK = "EGPU-BUILD-OK"
 FAIL_MARK = "EGPU-BUILD-FAIL"
 PACKAGE_MARK = "EGPU-BUILD-PACKAGE "
-_DPKG_INSTALLED = re.compile(r"status: ([a-z0-9][a-z0-9+.-]*)(?::[a-z0-9-]+)?: installed")
+# dpkg's "Setting up NAME[:ARCH] (VERSION) ..." (its --status-fd made maintainer scripts'
+# writes to the console fail with EIO)
+_DPKG_INSTALLED = re.compile(r"Setting up ([a-z0-9][a-z0-9+.-]*)(?::[a-z0-9-]+)? \(.*")
 _PACKAGE_LINE = re.compile(r"EGPU-BUILD-PACKAGE ([a-z0-9][a-z0-9+.-]{0,99}) "
                            r"([A-Za-z0-9.+~:-]{1,128})")
 _KERNEL_FILE = re.compile(r"linux-image-(\d[A-Za-z0-9.+~-]*)_[^_]+_[a-z0-9]+\.deb")
@@ -313,18 +316,20 @@ def build_image(request: profiles.BuildRequest, info: EngineInfo, guest: GuestAs
     return BuildResult(result.image, result.manifest, result.metadata, result.key, False)
 
 
-def _build(request: profiles.BuildRequest, info: EngineInfo, guest: GuestAssets,
-           resolved: ResolvedSet, work: Path, key: str, compress: bool, progress: Progress,
-           accel: str | None) -> Path:
-    debs = {p.name: p for p in debpkg.download([*resolved.files, *resolved.tools], dirs().debs,
-                                               progress)}
+def image_name(request: profiles.BuildRequest) -> str:
+    return f"egpu-{request.profile.name}-{request.arch}"
+
+
+def write_stages(request: profiles.BuildRequest, resolved: ResolvedSet, debs: Mapping[str, Path],
+                 work: Path, key: str) -> tuple[Path, Path, bytes]:
+    """Write the first stage and the tools tar into ``work``; return them and the settings."""
     kernel_version = resolved.kernel_version()
     versions = resolved.versions()
     # identifiers from the key: the same inputs give the same filesystems' UUIDs
     root_uuid = str(uuid.UUID(key[:32], version=4))
     esp_serial = key[32:40].upper()
     loader_source, loader_path = LOADER[request.arch]
-    name = f"egpu-{request.profile.name}-{request.arch}"
+    name = image_name(request)
     settings = {
         "ROOT_UUID": root_uuid, "ESP_SERIAL": esp_serial,
         "ESP_FS_UUID": f"{esp_serial[:4]}-{esp_serial[4:]}", "ESP_MIB": str(profiles.ESP_MIB),
@@ -332,7 +337,6 @@ def _build(request: profiles.BuildRequest, info: EngineInfo, guest: GuestAssets,
         "HOSTNAME": HOSTNAME, "LOADER_SOURCE": loader_source, "LOADER_PATH": loader_path,
     }
     env_file = build_env(settings)
-    progress.note("writing the first stage")
     required = list(resolved.required)
     base = [f.filename for f in resolved.files if f.filename not in set(required)]
     stage_files = {f"egpu/debs/{f.filename}": (debs[f.filename], 0o644) for f in resolved.files}
@@ -359,6 +363,19 @@ def _build(request: profiles.BuildRequest, info: EngineInfo, guest: GuestAssets,
     with tools.open("wb") as fh:
         rootfs.write_tar(fh, rootfs.merge_packages(debs[f.filename].read_bytes()
                                                    for f in resolved.tools))
+    return stage1, tools, env_file
+
+
+def _build(request: profiles.BuildRequest, info: EngineInfo, guest: GuestAssets,
+           resolved: ResolvedSet, work: Path, key: str, compress: bool, progress: Progress,
+           accel: str | None) -> Path:
+    debs = {p.name: p for p in debpkg.download([*resolved.files, *resolved.tools], dirs().debs,
+                                               progress)}
+    progress.note("writing the first stage")
+    stage1, tools, env_file = write_stages(request, resolved, debs, work, key)
+    name = image_name(request)
+    versions = resolved.versions()
+    builder = resources.files(BUILDER_PACKAGE)
     initrd = work / "builder-initrd"
     extra = cpio.gzip_archive([
         cpio.regular("init", builder.joinpath("init.sh").read_bytes(), perm=0o755),
@@ -464,9 +481,12 @@ def _run_builder(request: profiles.BuildRequest, info: EngineInfo, guest: GuestA
         qemu_log.close()
         shutil.rmtree(sockets, ignore_errors=True)
     if state.failed is not None or not state.ok:
+        with contextlib.suppress(OSError):
+            shutil.copyfile(log, _cache_root().parent / FAILED_LOG)
         what = f"at step {state.failed}" if state.failed else (
             f"QEMU exited {proc.returncode} at step {state.step or 'boot'}")
-        raise ImageError(f"the image build failed {what}: {_last_words(state, work)}")
+        raise ImageError(f"the image build failed {what}: {_last_words(state, work)}",
+                         hint=f"the whole console is in {_cache_root().parent / FAILED_LOG}")
     return state
 
 

@@ -11,7 +11,9 @@ D=/egpu/debs
 step() { printf '\nEGPU-BUILD-STEP %s\n' "$1"; }
 deb() { for p in "$@"; do ls "$D/${p}"_*.deb; done; }
 files() { sed "s|^|$D/|" "$1"; }
-core() { dpkg --status-fd 1 --force-depends --install $(deb "$@") </dev/null; }
+# unsafe-io: no fsync per file (a failed build is thrown away whole anyway)
+dpkg() { command dpkg --force-unsafe-io "$@" </dev/null; }
+core() { dpkg --force-depends --install $(deb "$@"); }
 
 step dpkg-core
 mkdir -p /var/lib/dpkg/info /var/lib/dpkg/updates /var/lib/dpkg/triggers /var/lib/dpkg/alternatives
@@ -39,13 +41,19 @@ printf '#!/bin/sh\necho "start-stop-daemon: not in the image builder" >&2\nexit 
 chmod 755 /usr/sbin/start-stop-daemon
 
 step dpkg-required
-dpkg --status-fd 1 --force-depends --unpack $(files /egpu/required.list) </dev/null
-dpkg --status-fd 1 --configure --pending --force-configure-any --force-depends </dev/null
+dpkg --force-depends --unpack $(files /egpu/required.list)
+dpkg --configure --pending --force-configure-any --force-depends
 
 step dpkg-base
-dpkg --status-fd 1 --force-overwrite --force-confold --skip-same-version \
-    --unpack $(files /egpu/base.list) </dev/null
-dpkg --status-fd 1 --force-confold --skip-same-version --configure -a </dev/null
+# Pre-dependencies inside this set are only unpacked, not configured, when the next package
+# arrives: forced, as for the required set, then everything is configured in dependency order.
+dpkg --force-overwrite --force-confold --skip-same-version --force-depends \
+    --unpack $(files /egpu/base.list)
+dpkg --force-confold --skip-same-version --configure -a
+if [ -n "$(dpkg --audit)" ]; then
+    dpkg --audit
+    exit 1
+fi
 
 step kernel
 [ -e "/boot/initrd.img-$KERNEL_VERSION" ] || update-initramfs -c -k "$KERNEL_VERSION"
