@@ -145,10 +145,12 @@ def parse_sha256s(records: str) -> dict[str, str]:
 class DebianArchive:
     """A private apt root over some Debian suites, for resolving and downloading packages."""
 
-    def __init__(self, root: Path, suites: Sequence[str], arches: Sequence[str]) -> None:
+    def __init__(self, root: Path, suites: Sequence[str], arches: Sequence[str],
+                 extra_sources: Sequence[str] = ()) -> None:
         self.root = root
         self.suites = tuple(suites)
         self.arches = tuple(arches)
+        self.extra_sources = tuple(extra_sources)  # whole "deb [...] URI SUITE" lines
 
     def _apt_options(self) -> list[str]:
         opts = [
@@ -190,6 +192,7 @@ class DebianArchive:
             (self.root / d).mkdir(parents=True, exist_ok=True)
         (self.root / "var/lib/dpkg/status").touch()
         lines = [f"deb [signed-by={KEYRING}] {mirror} {suite} main" for suite in self.suites]
+        lines += self.extra_sources
         (self.root / "etc/apt/sources.list").write_text("\n".join(lines) + "\n")
         # apt-get update exits 0 on an unreachable mirror unless asked not to
         self._apt("apt-get", "update", "-qq", "--error-on=any")
@@ -220,6 +223,22 @@ class DebianArchive:
                 raise EngineError(f"no SHA256 for {name} in the signed index")
             out.append(DebFile(uri, name, size, digest))
         return out
+
+    def has_lists(self) -> bool:
+        """Whether an earlier ``update`` left indexes (resolving then needs no network)."""
+        lists = self.root / "var/lib/apt/lists"
+        return lists.is_dir() and any(p.name.endswith("_Packages") for p in lists.iterdir())
+
+    def priority_packages(self, priority: str) -> list[str]:
+        """Names of the available packages of a Priority (debootstrap's "required" set)."""
+        names: set[str] = set()
+        for record in self._apt("apt-cache", "dumpavail").split("\n\n"):
+            fields = dict((k, v.strip()) for k, sep, v in
+                          (ln.partition(":") for ln in record.splitlines() if ln[:1] != " ")
+                          if sep)
+            if fields.get("Priority") == priority and "Package" in fields:
+                names.add(fields["Package"])
+        return sorted(names)
 
     def depends(self, package: str) -> list[str]:
         """Direct ``Depends`` of a package (used to see through metapackages)."""

@@ -31,7 +31,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "exec": ("egpu.cli.agent_commands",
              "Run a command in a VM through its guest agent; exit with its exit code."),
     "image": ("egpu.cli.image_commands",
-              "Publish disk images: push a qcow2 and its JSON manifest to a registry."),
+              "Build and publish disk images (UEFI-bootable Debian qcow2s, scottjg JSON)."),
     "images": ("egpu.cli.image_commands",
                "List cached images and the VMs whose overlays use them."),
     "list": ("egpu.cli.vm_commands", "List VMs."),

@@ -1,14 +1,19 @@
-"""Image commands: ``pull``, ``images``, ``prune``, ``reset``, and ``image push``."""
+"""Image commands: ``pull``, ``images``, ``prune``, ``reset``, ``image build``, ``image push``."""
 
 from __future__ import annotations
 
+import os
 from functools import partial
 from pathlib import Path
 
 import click
 
 from egpu.cli import output
+from egpu.engine.qemu import host_machine
+from egpu.engine.select import ensure_engine_info
 from egpu.errors import ConflictError
+from egpu.guest.assets import ensure_guest
+from egpu.images import profiles
 from egpu.images.firmware import reset_disk_state
 from egpu.images.pull import DEFAULT_IMAGE, default_client, pull
 from egpu.images.store import ImageStore
@@ -20,6 +25,7 @@ from egpu.transfer import (
     STALL_TIMEOUT_ENV,
     StallPolicy,
 )
+from egpu.units import parse_size
 from egpu.vm import store as vm_store
 from egpu.vm.status import inspect
 
@@ -151,7 +157,63 @@ def reset_command(name: str, yes: bool) -> None:
 
 @click.group("image")
 def image_group() -> None:
-    """Publish disk images: push a qcow2 and its JSON manifest to a registry."""
+    """Build and publish disk images (UEFI-bootable Debian qcow2s, scottjg JSON)."""
+
+
+@image_group.command("build")
+@click.argument("profile", type=click.Choice(sorted(profiles.PROFILES)))
+@click.option("--arch", type=click.Choice(sorted(profiles.DEBIAN_ARCH)), default=None,
+              help="Image architecture (default: this host's).")
+@click.option("--size", default="16G", show_default=True,
+              help="Virtual disk size (K, M, G, T; the qcow2 grows only as written).")
+@click.option("--packages", default="", metavar="P,...",
+              help="Extra Debian trixie packages, comma-separated.")
+@click.option("--with", "extras", multiple=True, type=click.Choice(profiles.EXTRAS),
+              help=f"Add NVIDIA's driver, open modules and CUDA ({profiles.NVIDIA_REPO_ENV} "
+                   "moves its repository).")
+@click.option("--output", "-o", "output_path", default=None,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Also copy the image to FILE.qcow2 (and its manifest to FILE.json).")
+@click.option("--refresh", is_flag=True,
+              help="Fetch the package index anew (else the one fetched before: same versions).")
+@click.option("--compress", is_flag=True, help="Write a compressed qcow2.")
+@click.option("--accel", type=click.Choice(["hvf", "kvm", "tcg"]), default=None,
+              help="Accelerator of the builder VM (default: the best one here).")
+@click.option("--quiet", "-q", is_flag=True, help="No progress and no summary.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def build_command(profile: str, arch: str | None, size: str, packages: str,
+                  extras: tuple[str, ...], output_path: Path | None, refresh: bool,
+                  compress: bool, accel: str | None, quiet: bool, as_json: bool) -> None:
+    """Build PROFILE (base, docker, ai) into a UEFI-bootable qcow2, cached by its inputs.
+
+    The build runs in a VM egpu boots (fast with hvf or kvm, slow under TCG); boot the result
+    with 'egpu run --base FILE.qcow2'.
+    """
+    from egpu.vm import image_build  # the Debian client (httpx): only to build
+
+    names = [p.strip() for p in packages.split(",") if p.strip()]
+    request = profiles.parse_request(
+        profile, arch or host_machine(), parse_size(size, what="--size"), names, extras,
+        os.environ)
+    progress = output.BarProgress(quiet=quiet or as_json)
+    info = ensure_engine_info(progress=progress)
+    guest = ensure_guest(request.arch, progress)
+    result = image_build.build_image(request, info, guest, refresh=refresh, compress=compress,
+                                     progress=progress, accel=accel)
+    image, manifest = result.image, result.manifest
+    if output_path is not None:
+        image, manifest = image_build.copy_out(result, output_path.absolute())
+    if as_json:
+        output.emit_json({**image_build.manifest_json(result), "image": str(image),
+                          "manifest": str(manifest)})
+    elif not quiet:
+        how = "cached" if result.cached else "built"
+        output.out.print(f"{result.metadata.name}: {how}, "
+                         f"{len(result.metadata.packages)} packages")
+        output.out.print(f"  image    {image}")
+        output.out.print(f"  manifest {manifest}")
+        output.out.print(f"  boot it: egpu run --base {image} --arch {request.arch}")
+
 
 
 @image_group.command("push")

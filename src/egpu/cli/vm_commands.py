@@ -28,7 +28,7 @@ from egpu.cli.host_commands import (
 from egpu.devices.display import is_blank, replaceable, request_screenshot
 from egpu.devices.nvme.function import SIZE as NVME_SIZE
 from egpu.engine import virtual
-from egpu.engine.argv import parse_memory
+from egpu.engine.argv import check_cpu_floor, parse_memory
 from egpu.engine.display import AUTO, DISPLAY_CHOICES, choose_display
 from egpu.engine.qemu import (
     APPLE_DEVICE,
@@ -159,6 +159,7 @@ def run(
     """
     check_arch(arch)
     memory_mib = parse_memory(memory)
+    check_cpu_floor(cpus)
     if as_json and not (dry_run or selftest):
         raise UsageError("--json goes with --dry-run or --self-test")
     if detach and selftest:

@@ -113,14 +113,19 @@ def machine_type(arch: str) -> str:
     return "virt" if arch == "aarch64" else "q35"
 
 
+def check_cpu_floor(cpus: int) -> None:
+    """Refuse a vCPU count no machine runs (checked before anything is downloaded)."""
+    if cpus < MIN_CPUS:
+        raise UsageError(f"--cpus must be at least {MIN_CPUS}")
+
+
 def check_cpus(cpus: int, arch: str, accel: str, *, machine_max: int,
                host_cpus: int | None) -> int:
     """Refuse a vCPU count the machine type (at most ``machine_max``) or the host cannot run.
 
     ``host_cpus`` bounds hvf and kvm guests; None when the host is not the one that will run.
     """
-    if cpus < MIN_CPUS:
-        raise UsageError(f"--cpus must be at least {MIN_CPUS}")
+    check_cpu_floor(cpus)
     if cpus > machine_max:
         raise UsageError(f"--cpus {cpus} is more than QEMU's {machine_type(arch)} machine "
                          f"takes ({machine_max})")

@@ -16,6 +16,9 @@ Modules, pure cores first:
 * ``overlay`` — qemu-img argv builders and ``ensure_overlay`` (create / keep / safe rebase).
 * ``disk`` — ``plan_boot_disk`` / ``prepare_boot_disk``: what ``run --image/--base`` calls.
 * ``firmware`` — ``find_firmware`` (edk2 code + vars template), ``ensure_vars`` (per-VM copy).
+* ``profiles`` — ``image build``'s profiles, ``--with nvidia`` steps, requests and cache key (pure).
+* ``rootfs`` — .deb files merged into one root-owned tar stream without dpkg or root.
+* ``builder`` — the builder VM's ``init.sh`` and the chroot's ``stage2.sh`` (package data).
 
 Nothing here prints: progress goes to an ``egpu.progress.Progress``, failures are ImageError.
 """

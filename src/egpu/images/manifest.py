@@ -53,6 +53,8 @@ MAX_LAYERS = 256
 MAX_INDEX_ENTRIES = 1024
 MAX_ANNOTATIONS = 256
 MAX_STRING = 4096
+MAX_PACKAGES = 20000
+MAX_PACKAGE_FIELD = 256
 # A disk image larger than this is not something a registry should be handing us.
 MAX_BLOB_BYTES = 1 << 40
 SCHEMA_VERSION = 2
@@ -129,6 +131,25 @@ class ImageMetadata:
     artifact: str | None
     sha256: str | None  # 64 lowercase hex digits of the qcow2, when given
     features: tuple[str, ...] = ()
+    # written by ``egpu image build`` (optional: other builders' files lack them)
+    arch: str | None = None
+    profile: str | None = None
+    packages: Mapping[str, str] = field(default_factory=dict, hash=False)  # name -> version
+
+    def to_json(self) -> dict[str, object]:
+        """The JSON layer's fields (the optional ones only when set)."""
+        doc: dict[str, object] = {"name": self.name, "artifact": self.artifact,
+                                  "sha256": self.sha256, "features": list(self.features)}
+        for key, value in (("arch", self.arch), ("profile", self.profile)):
+            if value is not None:
+                doc[key] = value
+        if self.packages:
+            doc["packages"] = dict(sorted(self.packages.items()))
+        return doc
+
+    def dump(self) -> bytes:
+        """The file's bytes as egpu writes them (published verbatim by ``image push``)."""
+        return (json.dumps(self.to_json(), indent=2) + "\n").encode()
 
 
 def _fail(message: str) -> ImageError:
@@ -325,12 +346,20 @@ def parse_metadata(body: bytes) -> ImageMetadata:
         features = [k for k, v in features.items() if v]
     if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
         raise ImageError("image metadata features must be a list of strings")
+    packages = doc.get("packages", {})
+    if not isinstance(packages, dict) or len(packages) > MAX_PACKAGES or not all(
+            isinstance(k, str) and isinstance(v, str) and len(k) <= MAX_PACKAGE_FIELD
+            and len(v) <= MAX_PACKAGE_FIELD for k, v in packages.items()):
+        raise ImageError("image metadata packages must be an object of name -> version strings")
     try:
         return ImageMetadata(
             name=_str(doc.get("name"), "name", optional=True),
             artifact=_str(artifact, "artifact", optional=True),
             sha256=sha,
             features=tuple(features),
+            arch=_str(doc.get("arch"), "arch", optional=True),
+            profile=_str(doc.get("profile"), "profile", optional=True),
+            packages=dict(packages),
         )
     except ImageError as e:
         raise ImageError(f"image metadata: {e.message}") from None
