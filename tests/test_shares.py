@@ -163,9 +163,10 @@ def test_argv_golden() -> None:
 @given(st.text(_name_chars, min_size=1))
 def test_fsdev_path_is_one_value_whatever_it_holds(name: str) -> None:
     """QemuOpts reads the path back exactly: a comma or '=' never becomes another option."""
-    (fsdev, _device) = share_args([Share("egpu0", Path("/h") / name, "/g", True)])[1::2]
+    host = Path("/h") / name  # pathlib folds a name of "." away: compare with what it holds
+    (fsdev, _device) = share_args([Share("egpu0", host, "/g", True)])[1::2]
     pairs = parse_qemu_opts(fsdev)
-    assert pairs == [("local", ""), ("id", "share0"), ("path", f"/h/{name}"),
+    assert pairs == [("local", ""), ("id", "share0"), ("path", str(host)),
                      ("security_model", "none"), ("readonly", "on")]
 
 
