@@ -21,10 +21,11 @@ from conftest import SHARED_CACHE, Cli, _stop_leftovers
 from egpu.paths import CACHE_ENV, HOME_ENV
 from test_ports_vm import FORWARD_WAIT_S, free_port, http_get, wait_until
 
-pytestmark = [pytest.mark.qemu, pytest.mark.download]
 ARCH = "x86_64"  # the host's: the faster of the two under TCG here
 BUILD_TIMEOUT_S = 3 * 3600  # cold: the whole package set and dpkg in the builder VM under TCG
 AGENT_TIMEOUT_S = 900.0  # firmware, systemd, cloud-init's first boot, then qemu-ga, under TCG
+pytestmark = [pytest.mark.qemu, pytest.mark.download,
+              pytest.mark.timeout(BUILD_TIMEOUT_S + AGENT_TIMEOUT_S + 600)]
 NAME = "distro"
 GUEST_SHARE = "/srv/shared"
 GREETING = "egpu-distro-greeting"
