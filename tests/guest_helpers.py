@@ -7,6 +7,7 @@ not depend on the VM layer above them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import os
 import socket
@@ -151,20 +152,31 @@ def shell_command(vm: Path, command: bytes, expect: str, timeout: float = 60) ->
     """
     log = vm / "serial.log"
     deadline = time.monotonic() + timeout
+    conn: socket.socket | None = None
 
     def wait_for(text: str, count: int = 1) -> None:
         while log.read_text(errors="replace").count(text) < count:
             assert time.monotonic() < deadline, log.read_text(errors="replace")[-1500:]
+            # QEMU writes the guest's output to us as well as to the log: unread, it fills the
+            # socket (many tiny writes) and the guest's UART stalls mid-line
+            with contextlib.suppress(BlockingIOError):
+                while conn is not None and conn.recv(65536):
+                    pass
             time.sleep(0.2)
 
     wait_for("/ # ")
     prompts = log.read_text(errors="replace").count("/ # ")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.connect(str(vm / "console.sock"))
+        conn = s
         s.sendall(b"\n")
+        s.setblocking(False)
         wait_for("/ # ", prompts + 1)
         for i in range(0, len(command), 8):
-            s.sendall(command[i:i + 8])
+            piece = command[i:i + 8]
+            while piece:
+                with contextlib.suppress(BlockingIOError):
+                    piece = piece[s.send(piece):]
             time.sleep(0.02)
         # connected until the answer is there: QEMU drops what its UART FIFO has not taken
         # when the client hangs up, and a slow guest may not have taken it all yet

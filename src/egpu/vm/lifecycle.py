@@ -581,7 +581,8 @@ def wait_exit(name: str, timeout: float | None = None) -> VmStatus:
     deadline = None if timeout is None else time.monotonic() + timeout
     while True:
         status = inspect(vm)
-        if status.ended:
+        # a crashed guest's QEMU may still be up: the supervisor ends it, then records how
+        if status.ended and (status.exit is not None or status.pid is None):
             return status
         if deadline is not None and time.monotonic() > deadline:
             raise VMError(f"VM {name!r} still running after {timeout:.0f}s")
