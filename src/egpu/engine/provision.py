@@ -53,6 +53,23 @@ def relink_absolute(root: Path) -> None:
                 p.symlink_to(os.path.relpath(root / target.lstrip("/"), p.parent))
 
 
+def _unpack_root(files: list[debpkg.DebFile], root: Path, what: str, progress: Progress) -> None:
+    """Download ``files`` and unpack them into ``root``: built beside it, renamed in whole."""
+    debs = debpkg.download(files, dirs().debs, progress)
+    staging = root.with_name(f"{root.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    progress.start(f"unpacking {what}", len(debs))
+    for deb in debs:
+        debpkg.extract(deb, staging)
+        progress.advance(1)
+    progress.finish()
+    relink_absolute(staging)
+    (staging / MARKER).write_text(json.dumps(
+        {"packages": [f.filename for f in files], "suites": list(SUITES)}, indent=1))
+    shutil.rmtree(root, ignore_errors=True)
+    os.replace(staging, root)
+
+
 def provision(progress: Progress | None = None) -> Engine:
     """Download and unpack the private engine (idempotent; safe to interrupt and rerun)."""
     progress = progress or SilentProgress()
@@ -71,20 +88,7 @@ def provision(progress: Progress | None = None) -> Engine:
         files = archive.resolve(PACKAGES, target=TARGET_RELEASE)
         if not files:
             raise EngineError("apt resolved no packages for the engine")
-        debs = debpkg.download(files, dirs().debs, progress)
-        staging = base / "root.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        progress.start("unpacking engine", len(debs))
-        for deb in debs:
-            debpkg.extract(deb, staging)
-            progress.advance(1)
-        progress.finish()
-        relink_absolute(staging)
-        (staging / MARKER).write_text(json.dumps(
-            {"packages": [f.filename for f in files], "suites": list(SUITES)}, indent=1))
-        root = engine_root()
-        shutil.rmtree(root, ignore_errors=True)
-        os.replace(staging, root)
+        _unpack_root(files, engine_root(), "engine", progress)
         engine = private_engine()
         assert engine is not None
         return engine
@@ -143,17 +147,5 @@ def provision_ui(engine: Engine, progress: Progress | None = None) -> Engine:
                 f"Debian's QEMU UI modules ({found}) do not match the private engine ({wanted})",
                 hint=f"remove {engine.root} so that egpu provisions the engine anew")
         files = archive.resolve(UI_PACKAGES, target=TARGET_RELEASE)
-        debs = debpkg.download(files, dirs().debs, progress)
-        staging = base / "ui-root.partial"
-        shutil.rmtree(staging, ignore_errors=True)
-        progress.start("unpacking window UIs", len(debs))
-        for deb in debs:
-            debpkg.extract(deb, staging)
-            progress.advance(1)
-        progress.finish()
-        relink_absolute(staging)
-        (staging / MARKER).write_text(json.dumps(
-            {"packages": [f.filename for f in files], "suites": list(SUITES)}, indent=1))
-        shutil.rmtree(root, ignore_errors=True)
-        os.replace(staging, root)
+        _unpack_root(files, root, "window UIs", progress)
     return replace(engine, ui_root=root)
