@@ -33,9 +33,11 @@ BUILD_FORMAT = 1
 # The packages every profile starts from: init, remote access, first-boot configuration, the
 # guest agent, Python, and the kernel with its headers (out-of-tree modules such as NVIDIA's
 # are built against them). The kernel's metapackage name carries the Debian architecture.
+# iproute2: cloud-init renders its network config for systemd-networkd only when `ip` exists
+# (without it the first boot ends "degraded": no network renderer found).
 BASE_PACKAGES = (
     "systemd", "systemd-sysv", "udev", "dbus", "openssh-server", "cloud-init",
-    "qemu-guest-agent", "python3", "initramfs-tools", "e2fsprogs", "ca-certificates",
+    "qemu-guest-agent", "python3", "initramfs-tools", "e2fsprogs", "ca-certificates", "iproute2",
     "linux-image-{debarch}", "linux-headers-{debarch}",
 )
 # Package names as Debian spells them (policy 5.6.1), with an optional :arch.
