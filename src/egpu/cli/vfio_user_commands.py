@@ -94,13 +94,15 @@ def _serve(spec: ServeSpec) -> None:
     # A display given a screenshot request file answers `egpu screenshot` by signal from here
     # on: the server attaches it in this, the main, thread (devices/display.py).
     server = VfioUserServer(device, spec.socket)
-    server.listen()
 
     def _stop(signum: int, _frame: FrameType | None) -> None:
         server.stop()
 
+    # before the socket appears: whoever sees it may stop the server at once, and a SIGTERM
+    # then must end it cleanly, not by the default action (found as a flake under load)
     signal.signal(signal.SIGTERM, _stop)
     signal.signal(signal.SIGINT, _stop)
+    server.listen()
     output.notice(f"serving {spec.function} on {spec.socket}")
     server.serve_forever()
     output.notice("server stopped")
