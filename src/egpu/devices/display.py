@@ -29,7 +29,6 @@ import mmap
 import os
 import signal
 import stat
-import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -37,6 +36,7 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from egpu import atomic
 from egpu.devices.base import (
     DeviceDescription,
     Interrupts,
@@ -449,26 +449,13 @@ class DisplayFunction(PciFunction):
         """
         if not replaceable(path):
             raise DeviceServerError(f"screenshot path {path} is not a regular file")
-        tmp: Path | None = None
         try:
-            # a fresh name in the target's directory (O_EXCL), so the rename stays on one
-            # filesystem and never lands on something else's file
-            fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.",
-                                        suffix=".tmp")
-            tmp = Path(name)
-            with os.fdopen(fd, "wb") as f:
-                os.fchmod(f.fileno(), SCREENSHOT_MODE)
+            with atomic.replacing(path, mode=SCREENSHOT_MODE) as f:
                 self.screenshot(last_visible).save(f, format="PNG")
-            if not replaceable(path):  # it appeared meanwhile
-                raise DeviceServerError(f"screenshot path {path} is not a regular file")
-            os.replace(tmp, path)
-            tmp = None
+                if not replaceable(path):  # it appeared meanwhile
+                    raise DeviceServerError(f"screenshot path {path} is not a regular file")
         except OSError as e:
             raise DeviceServerError(f"cannot write screenshot {path}: {e.strerror}") from e
-        finally:
-            if tmp is not None:
-                with contextlib.suppress(OSError):
-                    tmp.unlink()
 
 
 def replaceable(path: Path) -> bool:

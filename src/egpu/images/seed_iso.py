@@ -6,15 +6,13 @@ Linux's isofs reads the Rock Ridge name (``user-data``), which is what cloud-ini
 
 from __future__ import annotations
 
-import contextlib
 import io
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import pycdlib
 
+from egpu import atomic
 from egpu.images.seed import LABEL
 
 ROCK_RIDGE_VERSION = "1.09"
@@ -51,13 +49,4 @@ def seed_iso_bytes(files: Mapping[str, bytes]) -> bytes:
 
 def write_seed_iso(path: Path, files: Mapping[str, bytes]) -> None:
     """Write the seed ISO to ``path`` atomically (0600: it holds the VM's login setup)."""
-    data = seed_iso_bytes(files)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic.write_bytes(path, seed_iso_bytes(files))  # mkstemp's 0600

@@ -8,12 +8,11 @@ leaves a half-written or foreign file where the user asked for one.
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from egpu.devices.display import replaceable
+from egpu import atomic
+from egpu.devices.display import SCREENSHOT_MODE, replaceable
 from egpu.errors import VMError
 from egpu.vm import qmp, store
 
@@ -21,7 +20,6 @@ from egpu.vm import qmp, store
 MAX_SCREEN_PIXELS = 16384 * 16384
 MAX_SCREEN_BYTES = 256 << 20
 SCREENDUMP_TIMEOUT_S = 20.0
-SCREENSHOT_MODE = 0o644
 
 
 def check_png(path: Path) -> tuple[int, int]:
@@ -43,20 +41,10 @@ def check_png(path: Path) -> tuple[int, int]:
 
 def replace_file(source: Path, dest: Path) -> None:
     """Copy ``source`` over ``dest`` through a fresh name beside it, renamed in when complete."""
-    fd, name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    tmp: Path | None = Path(name)
-    try:
-        with os.fdopen(fd, "wb") as out, source.open("rb") as src:
-            os.fchmod(out.fileno(), SCREENSHOT_MODE)
-            shutil.copyfileobj(src, out)
+    with atomic.replacing(dest, mode=SCREENSHOT_MODE) as out, source.open("rb") as src:
+        shutil.copyfileobj(src, out)
         if not replaceable(dest):  # something else appeared there meanwhile
             raise VMError(f"{dest} is not a regular file; screenshots replace only those")
-        os.replace(name, dest)
-        tmp = None
-    finally:
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
 
 
 def screendump(vm: store.VmDir, out: Path) -> tuple[int, int]:

@@ -12,12 +12,12 @@ import json
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from egpu import atomic
 from egpu.devices.serve_spec import ServeSpec, serve_argv
 from egpu.engine.argv import MAX_PORT
 from egpu.engine.shares import Share
@@ -443,15 +443,7 @@ def write_text(path: Path, text: str) -> None:
 
     Readers never see half a file, and two writers of one file never share a temp file.
     """
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    atomic.write_bytes(path, text.encode())
 
 
 def write_json(path: Path, data: Any) -> None:
