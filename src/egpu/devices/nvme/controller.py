@@ -379,14 +379,25 @@ class NvmeController:
 
     def _shadow_tail(self, sq: SubmissionQueue) -> bool:
         """Take the SQ tail from its shadow doorbell; an out-of-range value is ignored."""
-        value = self._shadow_load(sq.shadow)
+        value = self._shadow_index(sq, "SQ", "tail")
         if value is None:
-            return False
-        if value >= sq.size:
-            self._hostile(f"ignored SQ {sq.qid} shadow tail {value}: no such slot")
             return False
         sq.tail = value
         return True
+
+    def _shadow_index(self, queue: SubmissionQueue | CompletionQueue, kind: str,
+                      pointer: str) -> int | None:
+        """A queue's shadow doorbell as a slot index; None when unreadable or out of range.
+
+        Called per doorbell: the message is formatted only for a bad value.
+        """
+        value = self._shadow_load(queue.shadow)
+        if value is None:
+            return None
+        if value >= queue.size:
+            self._hostile(f"ignored {kind} {queue.qid} shadow {pointer} {value}: no such slot")
+            return None
+        return value
 
     def _cq_room(self, cq: CompletionQueue) -> bool:
         """Whether a full-looking CQ has room after reading the host's shadow head.
@@ -398,11 +409,8 @@ class NvmeController:
             return False
         self._shadow_store(cq.event_idx, cq.head)
         full_fence()
-        value = self._shadow_load(cq.shadow)
+        value = self._shadow_index(cq, "CQ", "head")
         if value is None:
-            return False
-        if value >= cq.size:
-            self._hostile(f"ignored CQ {cq.qid} shadow head {value}: no such slot")
             return False
         cq.head = value
         return (cq.tail + 1) % cq.size != cq.head
