@@ -344,8 +344,9 @@ def _session(
 
 
 def _ended(vm: store.VmDir) -> VmStatus:
-    """The status of a VM whose QEMU ended; VMError when it crashed."""
-    status = inspect(vm)
+    """The status of a VM whose QEMU ended, once its supervisor recorded how; VMError if crashed."""
+    # between QEMU's end and the supervisor's exit record, a crash would read as a clean stop
+    status = lifecycle.wait_exit(vm.name, timeout=lifecycle.DEFAULT_STOP_TIMEOUT_S)
     if status.state == "crashed":
         raise VMError(f"VM {vm.name!r} crashed: "
                       f"{'; '.join(status.problems) or 'unknown reason'}")
