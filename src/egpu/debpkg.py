@@ -142,6 +142,36 @@ def parse_sha256s(records: str) -> dict[str, str]:
     return out
 
 
+def parse_madison(text: str) -> dict[tuple[str, str], set[str]]:
+    """Map (package, version) to the suites that carry it, from ``apt-cache madison`` lines."""
+    out: dict[tuple[str, str], set[str]] = {}
+    for line in text.splitlines():
+        parts = [p.strip() for p in line.split("|")]
+        if len(parts) != 3 or not parts[0] or not parts[1]:
+            continue
+        where = parts[2].split()  # MIRROR SUITE/COMPONENT ARCH Packages
+        if len(where) >= 2:
+            out.setdefault((parts[0], parts[1]), set()).add(where[1].split("/", 1)[0])
+    return out
+
+
+def parse_origins(records: str) -> dict[str, tuple[str, str, str]]:
+    """Map each package file name to (package, version, source package) from ``apt-cache show``."""
+    out: dict[str, tuple[str, str, str]] = {}
+    for record in records.split("\n\n"):
+        fields = dict(
+            (k.strip(), v.strip())
+            for k, sep, v in (ln.partition(":") for ln in record.splitlines() if ln[:1] != " ")
+            if sep
+        )
+        if {"Filename", "Package", "Version"} <= fields.keys():
+            # "Source: NAME (VERSION)" when the binary's version differs; absent when equal
+            source = fields.get("Source", fields["Package"]).split(" ", 1)[0]
+            out[fields["Filename"].rsplit("/", 1)[-1]] = (
+                fields["Package"], fields["Version"], source)
+    return out
+
+
 class DebianArchive:
     """A private apt root over some Debian suites, for resolving and downloading packages."""
 
@@ -223,6 +253,20 @@ class DebianArchive:
                 raise EngineError(f"no SHA256 for {name} in the signed index")
             out.append(DebFile(uri, name, size, digest))
         return out
+
+    def sources_only_in(self, files: Sequence[DebFile], suite: str) -> list[str]:
+        """Source packages of those ``files`` whose version no suite but ``suite`` carries."""
+        names = sorted({f.filename.split("_", 1)[0] for f in files})
+        if not names:
+            return []
+        origins = parse_origins(self._apt("apt-cache", "show", *names))
+        suites = parse_madison(self._apt("apt-cache", "madison", *names))
+        out: set[str] = set()
+        for f in files:
+            origin = origins.get(f.filename)
+            if origin is not None and suites.get(origin[:2]) == {suite}:
+                out.add(origin[2])
+        return sorted(out)
 
     def has_lists(self) -> bool:
         """Whether an earlier ``update`` left indexes (resolving then needs no network)."""

@@ -66,6 +66,7 @@ LOADER = {  # arch -> (file in systemd-boot-efi, removable-media path on the ESP
     "x86_64": ("usr/lib/systemd/boot/efi/systemd-bootx64.efi", "EFI/BOOT/BOOTX64.EFI"),
 }
 TESTING_PIN = 100  # forky below trixie's 500: only what is asked for (and needs) comes from it
+TESTING_SOURCE_PIN = 990  # a source package forky supplies comes wholly from forky
 BUILDER_CPUS = 2
 BUILDER_MEMORY_MIB = 2048
 # Under TCG a base build takes tens of minutes (aarch64 on x86_64 longer); this bounds a hang.
@@ -234,9 +235,7 @@ def resolve(request: profiles.BuildRequest, *, refresh: bool = False,
         progress.note(f"fetching the Debian {'/'.join(request.suites())} package index")
         archive.update(debpkg.find_mirror())
     if profiles.TESTING_SUITE in request.suites():
-        (archive.root / "etc/apt/preferences.d/egpu-testing").write_text(
-            f"Package: *\nPin: release n={profiles.TESTING_SUITE}\n"
-            f"Pin-Priority: {TESTING_PIN}\n")
+        _pin_testing(archive, request)
     arch = request.debarch
     required = [f"{p}:{arch}" for p in archive.priority_packages("required")]
     wanted = [f"{p}:{arch}" for p in request.packages()] + request.testing_packages()
@@ -252,6 +251,27 @@ def resolve(request: profiles.BuildRequest, *, refresh: bool = False,
         _check_nvidia(request.nvidia, files)
     return ResolvedSet(tuple(files), tuple(f.filename for f in files if f.filename in first),
                        tuple(tools))
+
+
+def _pin_testing(archive: debpkg.DebianArchive, request: profiles.BuildRequest) -> None:
+    """Take from forky only what the forky packages need, and each such source package whole.
+
+    A forky library (say glibc's libc6) needs its siblings at the same version (libc-bin,
+    locales), which trixie's higher priority would otherwise pick: apt then finds no solution.
+    """
+    prefs = archive.root / "etc/apt/preferences.d/egpu-testing"
+    general = (f"Package: *\nPin: release n={profiles.TESTING_SUITE}\n"
+               f"Pin-Priority: {TESTING_PIN}\n")
+    prefs.write_text(general)
+    try:
+        needed = archive.sources_only_in(archive.resolve(request.testing_packages()),
+                                         profiles.TESTING_SUITE)
+    except EgpuError as e:
+        raise ImageError(f"cannot resolve {', '.join(request.testing_packages())}: {e.message}",
+                         hint="fetch the index anew with --refresh") from e
+    prefs.write_text(general + "".join(
+        f"\nPackage: src:{source}\nPin: release n={profiles.TESTING_SUITE}\n"
+        f"Pin-Priority: {TESTING_SOURCE_PIN}\n" for source in needed))
 
 
 def _check_nvidia(plan: profiles.NvidiaPlan, files: Sequence[debpkg.DebFile]) -> None:
