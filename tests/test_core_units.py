@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from egpu.debpkg import host_mirror, parse_print_uris, parse_sha256s
+from egpu.debpkg import host_mirror, parse_madison, parse_origins, parse_print_uris, parse_sha256s
 from egpu.engine.argv import Disk, VmSpec, build_argv, parse_disk_option, parse_memory
 from egpu.engine.qemu import Engine, EngineInfo, host_is_virtual, parse_help_names, parse_version
 from egpu.errors import EngineError, UsageError
@@ -153,6 +153,34 @@ def test_print_uris_and_index_hashes() -> None:
     for name in ("..%2F..%2Fetc%2Fx.deb", "x.deb%0A", "x%2Fy.deb", "x.tar"):
         with pytest.raises(EngineError, match="unexpected package file name"):
             parse_print_uris(f"'http://m/debian/pool/{name}' x.deb 10\n")
+
+
+def test_origins_and_suites_of_package_versions() -> None:
+    """What tells a build which source packages only forky carries (glibc for llama.cpp)."""
+    madison = (
+        "     libc6 |     2.43-7 | http://deb.debian.org/debian forky/main amd64 Packages\n"
+        "     libc6 | 2.41-12+deb13u1 | http://deb.debian.org/debian trixie/main amd64 Packages\n"
+        "  libgmp10 | 2:6.3.0+dfsg-3 | http://deb.debian.org/debian trixie/main amd64 Packages\n"
+        "  libgmp10 | 2:6.3.0+dfsg-3 | http://deb.debian.org/debian forky/main amd64 Packages\n"
+        "not a madison line\n | 1 | x y\n"
+    )
+    assert parse_madison(madison) == {
+        ("libc6", "2.43-7"): {"forky"}, ("libc6", "2.41-12+deb13u1"): {"trixie"},
+        ("libgmp10", "2:6.3.0+dfsg-3"): {"trixie", "forky"},
+    }
+    records = (
+        "Package: libc6\nSource: glibc\nVersion: 2.43-7\n"
+        "Filename: pool/main/g/glibc/libc6_2.43-7_amd64.deb\n\n"
+        "Package: libgmp10\nSource: gmp (2:6.3.0+dfsg-3)\nVersion: 2:6.3.0+dfsg-3\n"
+        "Filename: pool/main/g/gmp/libgmp10_6.3.0+dfsg-3_amd64.deb\n\n"
+        "Package: wget\nVersion: 1.25.0-2\nFilename: pool/main/w/wget/wget_1.25.0-2_amd64.deb\n"
+        "\nPackage: nofile\nVersion: 1\n"
+    )
+    assert parse_origins(records) == {
+        "libc6_2.43-7_amd64.deb": ("libc6", "2.43-7", "glibc"),
+        "libgmp10_6.3.0+dfsg-3_amd64.deb": ("libgmp10", "2:6.3.0+dfsg-3", "gmp"),
+        "wget_1.25.0-2_amd64.deb": ("wget", "1.25.0-2", "wget"),  # no Source: its own name
+    }
 
 
 def test_qemu_probe_parsers() -> None:
