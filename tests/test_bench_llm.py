@@ -16,7 +16,7 @@ import pytest
 
 import llama_server
 import tiny_gguf
-from conftest import Cli
+from conftest import Cli, InProcessCli
 from egpu.errors import LlmError, NotFoundError, UsageError, VMError
 from egpu.vm import llmbench, serving, store
 
@@ -33,6 +33,12 @@ def test_sse_lines_split_and_bounded() -> None:
         list(llmbench.sse_lines([b"x" * 100], max_line=10))
     with pytest.raises(LlmError, match="longer than"):
         list(llmbench.sse_lines([b"x" * 8, b"x" * 8 + b"\n"], max_line=10))
+
+@pytest.fixture
+def cli(inproc: InProcessCli) -> Cli:
+    """What these commands decide and print is tested in-process (quick; see InProcessCli)."""
+    return inproc
+
 
 
 def test_parse_event_fields() -> None:

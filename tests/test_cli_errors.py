@@ -9,7 +9,14 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Cli
+from conftest import Cli, InProcessCli
+
+
+@pytest.fixture
+def cli(inproc: InProcessCli) -> Cli:
+    """What these commands decide and print is tested in-process (quick; see InProcessCli)."""
+    return inproc
+
 
 
 def assert_clean_failure(

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from conftest import Cli
+from conftest import Cli, InProcessCli
 from egpu.devices.display import SCREENSHOT_SIGNAL, create, request_screenshot, serve_screenshots
 from egpu.engine.argv import check_cpus
 from egpu.engine.qemu import find_engine_info, parse_max_cpus
@@ -30,6 +30,12 @@ QMP_REPLIES = "\n".join([
     ' {"name": "pc-q35-11.1", "alias": "q35", "cpu-max": 4096}]}',
     '{"return": {}}',
 ])
+
+@pytest.fixture
+def cli(inproc: InProcessCli) -> Cli:
+    """What these commands decide and print is tested in-process (quick; see InProcessCli)."""
+    return inproc
+
 
 
 def test_cpu_count_floor_and_ceilings() -> None:

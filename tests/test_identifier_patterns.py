@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Cli
+from conftest import Cli, InProcessCli
 from egpu.errors import HostError, ImageError, UsageError
 from egpu.host.address import full_address, parse_address, parse_address_pattern
 from egpu.host.sysfs import read_sysfs
@@ -26,6 +26,12 @@ HEX = "ab" * 32
 MEDIA_TYPE = "application/vnd.oci.image.manifest.v1+json"
 GOOD_DESCRIPTOR: dict[str, object] = {"mediaType": MEDIA_TYPE, "digest": f"sha256:{HEX}",
                                       "size": 1}
+
+@pytest.fixture
+def cli(inproc: InProcessCli) -> Cli:
+    """What these commands decide and print is tested in-process (quick; see InProcessCli)."""
+    return inproc
+
 
 
 def test_vm_name() -> None:

@@ -12,13 +12,19 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Cli
+from conftest import Cli, InProcessCli
 from egpu.errors import ImageError, UsageError
 from egpu.images import profiles, rootfs
 from egpu.images.manifest import ImageMetadata, parse_metadata
 from egpu.vm import image_build
 
 NO_ENV: dict[str, str] = {}
+
+@pytest.fixture
+def cli(inproc: InProcessCli) -> Cli:
+    """What these commands decide and print is tested in-process (quick; see InProcessCli)."""
+    return inproc
+
 
 
 def request(profile: str = "base", arch: str = "x86_64", **kw: object) -> profiles.BuildRequest:

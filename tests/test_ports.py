@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import Cli
+from conftest import Cli, InProcessCli
 from egpu.engine.argv import hostfwd_host, hostfwd_rule
 from egpu.errors import AgentError, UsageError
 from egpu.vm import ports
@@ -25,6 +25,12 @@ TCP6_HEADER = ("  sl  local_address                         remote_address      
                "st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode")
 TAIL = (" 00000000:00000000 00:00000000 00000000     0        0 12345 1 0000000000000000"
         " 100 0 0 10 0")
+
+@pytest.fixture
+def cli(inproc: InProcessCli) -> Cli:
+    """What these commands decide and print is tested in-process (quick; see InProcessCli)."""
+    return inproc
+
 
 
 def tcp_line(slot: int, address: str, port: int, state: str) -> str:

@@ -19,7 +19,7 @@ import yaml
 from hypothesis import given
 from hypothesis import strategies as st
 
-from conftest import Cli
+from conftest import Cli, InProcessCli
 from egpu.errors import UsageError
 from egpu.images import seed
 from egpu.images.seed import SeedMount, SeedSpec
@@ -57,6 +57,12 @@ mounts:
   - '0'
   - '0'
 """
+
+@pytest.fixture
+def cli(inproc: InProcessCli) -> Cli:
+    """What these commands decide and print is tested in-process (quick; see InProcessCli)."""
+    return inproc
+
 
 
 def user_doc(text: str) -> dict[str, Any]:
