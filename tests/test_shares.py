@@ -12,7 +12,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from conftest import Cli
+from conftest import InProcessCli
 from egpu.engine.argv import build_argv
 from egpu.engine.qemu import PASSTHROUGH_DEVICES, placeholder_info
 from egpu.engine.shares import (
@@ -225,18 +225,20 @@ def test_config_records_mounts_and_reads_them_back() -> None:
         VmConfig.from_json(doc)
 
 
-def test_cli_refuses_bad_mounts_before_anything_starts(cli: Cli, tmp_path: Path) -> None:
-    proc = cli("run", "--gpu", "none", "--mount", f"{tmp_path}/nope:/g")
+def test_cli_refuses_bad_mounts_before_anything_starts(
+    inproc: InProcessCli, tmp_path: Path
+) -> None:
+    proc = inproc("run", "--gpu", "none", "--mount", f"{tmp_path}/nope:/g")
     assert proc.returncode == 2 and proc.stderr.count("\n") <= 2
     assert "does not exist" in proc.stderr
-    proc = cli("run", "--gpu", "none", "--mount", f"{tmp_path}:/sys/x")
+    proc = inproc("run", "--gpu", "none", "--mount", f"{tmp_path}:/sys/x")
     assert proc.returncode == 2 and "system directory" in proc.stderr
 
 
-def test_dry_run_shows_the_shares(cli: Cli, tmp_path: Path) -> None:
+def test_dry_run_shows_the_shares(inproc: InProcessCli, tmp_path: Path) -> None:
     host = tmp_path / "my models, v2"
     host.mkdir()
-    doc = cli.json("run", "--dry-run", "--gpu", "none", "--mount", f"{host}:ro")
+    doc = inproc.json("run", "--dry-run", "--gpu", "none", "--mount", f"{host}:ro")
     argv = doc["argv"]
     assert argv[argv.index("-fsdev") + 1] == (
         f"local,id=share0,path={str(host).replace(',', ',,')},security_model=none,readonly=on")

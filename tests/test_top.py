@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import Cli
+from conftest import Cli, InProcessCli
 from egpu.vm import stats
 
 BOOT_TIMEOUT_S = 180.0
@@ -24,14 +24,14 @@ GUEST_MEMORY_MIB = 384
 
 
 @pytest.mark.parametrize("interval", ["0", "-1", "nan", "inf", "1e9"])
-def test_bad_interval_exits_2(cli: Cli, interval: str) -> None:
-    proc = cli("top", "nosuch", "--interval", interval)
+def test_bad_interval_exits_2(inproc: InProcessCli, interval: str) -> None:
+    proc = inproc("top", "nosuch", "--interval", interval)
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and "--interval" in proc.stderr
 
 
-def test_unknown_vm_is_one_line(cli: Cli) -> None:
-    proc = cli("top", "nosuch", "--json")
+def test_unknown_vm_is_one_line(inproc: InProcessCli) -> None:
+    proc = inproc("top", "nosuch", "--json")
     assert proc.returncode == 1
     assert proc.stderr.strip().splitlines() == [
         "error: no VM named 'nosuch' (see 'egpu list')"]

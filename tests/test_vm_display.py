@@ -18,7 +18,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from PIL import Image
 
-from conftest import Cli
+from conftest import Cli, InProcessCli
 from egpu.devices.display import is_blank
 from egpu.engine.display import DISPLAY_CHOICES, DisplayPlan, choose_display
 from egpu.engine.provision import provision_ui, ui_root
@@ -128,11 +128,11 @@ def test_an_explicit_window_without_display_server_fails_before_anything_starts(
     assert not (cli.home / "data" / "vms" / "win").exists()
 
 
-def test_dry_run_shows_the_screen_device(cli: Cli) -> None:
-    argv = cli.json("run", "--dry-run", "--arch", "x86_64", "--display", "none")["argv"]
+def test_dry_run_shows_the_screen_device(inproc: InProcessCli) -> None:
+    argv = inproc.json("run", "--dry-run", "--arch", "x86_64", "--display", "none")["argv"]
     at = argv.index("virtio-vga")
     assert argv[at - 1] == "-device" and argv[argv.index("-display") + 1] == "none"
-    plain = cli.json("run", "--dry-run", "--arch", "aarch64", "--headless")["argv"]
+    plain = inproc.json("run", "--dry-run", "--arch", "aarch64", "--headless")["argv"]
     assert not any("virtio-gpu" in a or "virtio-vga" in a for a in plain)
     assert plain[plain.index("-display") + 1] == "none"
 
