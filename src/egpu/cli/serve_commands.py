@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import click
@@ -49,13 +50,15 @@ def serve(name: str, model: str | None, extra: tuple[str, ...], backend: str, po
           as_json: bool) -> None:
     """Serve a model from a VM as an OpenAI-compatible API on 127.0.0.1.
 
-    MODEL is, first rule that matches: vm:/PATH, a file inside the VM; a GGUF file on this
-    host, which must lie in a folder the VM shares (run --mount DIR:GUEST; never copied); a
-    Hugging Face id org/repo[:QUANT or :FILE.gguf], downloaded inside the VM into a shared
-    folder's huggingface/ when the VM has a writable one. Arguments after -- go to the server
-    (llama-server, or vllm's), one argument each. --stop stops the model, --logs [-f] shows its
-    log; serving waits until /v1/models answers through the forward, then prints the endpoint
-    and a ready-to-paste request."""
+    MODEL, by the first rule that matches: vm:/PATH is a file inside the VM; a file on this
+    host (any path, absolute or not) must lie in a folder the VM shares (run --mount
+    DIR:GUEST), where the guest reads it: it is never copied; org/repo[:QUANT|:FILE.gguf] is a
+    Hugging Face id, downloaded inside the VM into the first writable share's huggingface/
+    (else the guest's /var/cache/egpu). A path that names no host file is an error, never
+    taken for a guest path. Arguments after -- go to the server (llama-server, or vllm's),
+    one argv element each. Serving waits until /v1/models answers through the forward, then
+    prints the endpoint and a ready-to-paste request; --stop stops it, --logs [-f] shows its
+    log (the guest's journal)."""
     vm = store.VmDir(store.check_name(name)).require()
     if stop_ + logs > 1 or (follow and not logs):
         raise UsageError("give at most one of --stop and --logs (-f only with --logs)")
@@ -125,7 +128,9 @@ def _logs(vm: store.VmDir, backend: str, follow: bool) -> None:
         output.out.print(line, markup=False, highlight=False)
 
     if follow:
-        serve_guest.follow_logs(vm, backend, emit)
+        # Ctrl-C is how following ends, as for egpu logs -f
+        with contextlib.suppress(KeyboardInterrupt):
+            serve_guest.follow_logs(vm, backend, emit)
         return
     lines, _ = serve_guest.read_logs(vm, backend, serve_plan.LOG_LINES)
     for line in lines:

@@ -109,8 +109,10 @@ def follow_logs(vm: store.VmDir, backend: str, emit: Callable[[str], None],
 
 
 def stop_server(vm: store.VmDir, backend: str) -> None:
+    """Stop the server; one that is gone already (ended, or never started) is stopped."""
     result = _exec(vm, serve_plan.stop_argv(backend), CONTROL_TIMEOUT_S)
-    if result.exit_code != 0:
+    # systemctl and docker both fail for a unit or container that no longer exists
+    if result.exit_code != 0 and is_active(vm, backend):
         raise VMError(f"stopping the server in the guest failed: {_first_line(result.stderr)}")
 
 
@@ -174,6 +176,8 @@ def start(vm: store.VmDir, plan: serve_plan.ServePlan, port: int, device: str,
     if is_active(vm, plan.backend):
         raise ConflictError(f"VM {vm.name!r} already runs a {plan.backend} server",
                             hint=f"stop it first: egpu serve {vm.name} --stop")
+    # an ended container keeps its name (docker run would refuse it): clear what is left
+    stop_server(vm, plan.backend)
     deadline = time.monotonic() + timeout
     progress.note(f"starting {plan.backend} in VM {vm.name!r} ({device})")
     result = _exec(vm, plan.argv, timeout)
