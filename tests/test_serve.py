@@ -3,9 +3,13 @@ both backends (golden), the guest's answers parsed, and bad input refused in one
 
 from __future__ import annotations
 
+import contextlib
+import http.server
 import json
 import shlex
 import socket
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -13,6 +17,7 @@ import pytest
 from conftest import InProcessCli
 from egpu.engine.shares import Share
 from egpu.errors import ConflictError, UsageError
+from egpu.progress import SilentProgress
 from egpu.vm import serve_guest, serve_plan, serving, store
 
 MODELS = Share("egpu0", Path("/home/u/models"), "/srv/models", readonly=False)
@@ -292,3 +297,59 @@ def test_serving_needs_a_running_vm_and_one_mode(inproc: InProcessCli,
     assert inproc("serve", "vm", "-f").returncode == 2
     assert inproc("serve", "vm").returncode == 2
     assert inproc("serve", "nosuch", "--stop").returncode == 1
+
+
+# ---- /v1/models through a real loopback server ----
+
+class _Models(http.server.BaseHTTPRequestHandler):
+    status = 200
+    body = b""
+
+    def do_GET(self) -> None:
+        self.send_response(type(self).status)
+        self.send_header("Content-Length", str(len(type(self).body)))
+        self.end_headers()
+        with contextlib.suppress(OSError):
+            self.wfile.write(type(self).body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def _answering(status: int, body: bytes) -> Iterator[int]:
+    handler = type("H", (_Models,), {"status": status, "body": body})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield int(server.server_address[1])
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.network
+def test_models_answer_from_a_real_server() -> None:
+    listing = json.dumps({"object": "list", "data": [{"id": "tiny"}]}).encode()
+    with _answering(200, listing) as port:
+        assert serve_guest.models_answer(port) == ["tiny"]
+    with _answering(503, b'{"error": "Loading model"}') as port:
+        assert serve_guest.models_answer(port) is None  # still loading: keep waiting
+    with _answering(200, b'{"data": [' + b'{"id": "x"},' * 10000 + b'{"id": "y"}]}') as port:
+        assert serve_guest.models_answer(port) is None  # past the cap: not read whole
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        nothing = int(s.getsockname()[1])
+    assert serve_guest.models_answer(nothing) is None
+
+
+@pytest.mark.network
+def test_a_port_answering_for_another_model_is_a_conflict(egpu_home: Path) -> None:
+    vm = store.VmDir("vm")
+    vm.create()
+    listing = json.dumps({"object": "list", "data": [{"id": "someone-else"}]}).encode()
+    plan = serve_plan.plan("llama.cpp", TINY, 8000, None, [], [MODELS])
+    with _answering(200, listing) as port, pytest.raises(ConflictError, match="someone-else"):
+        serve_guest.wait_ready(vm, plan, port, 30, SilentProgress())
