@@ -224,7 +224,7 @@ def test_host_port_is_the_guest_port_and_must_be_free() -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         busy = s.getsockname()[1]
-        with pytest.raises(ConflictError, match=f"host port {busy} .* taken"):
+        with pytest.raises(ConflictError, match=f"host port {busy} is in use .* on 127.0.0.1"):
             serve_guest.host_port(_config(), busy)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -181,3 +181,24 @@ def test_stop_ends_the_server_and_the_record(served: Served) -> None:
     bench = served.cli("bench", "llm", NAME, "--runs", "1")
     assert bench.returncode == 1 and "serves no model" in bench.stderr, bench.stderr
     assert served.cli("serve", NAME, "--stop").returncode == 1
+
+
+def test_extra_arguments_reach_the_server_verbatim(served: Served) -> None:
+    # no shell and no systemd expansion between the user and llama-server: '$HOME' and '%n'
+    # stay as typed
+    port = free_port()
+    alias = "$HOME%n"
+    record = json.loads(served.cli(
+        "serve", NAME, f"vm:{GUEST_MODELS}/{MODEL_NAME}.gguf", "--port", str(port), "--json",
+        "--ctx", "512", "--timeout", str(SERVE_TIMEOUT_S), "--", "--alias", alias,
+        timeout=SERVE_TIMEOUT_S + 120, check=True).stdout)
+    assert record["model"] == alias
+    try:
+        assert _models(port) == [alias]
+        unit = served.cli("exec", NAME, "--", "systemctl", "show", "-p", "ExecStart",
+                          "egpu-serve.service", check=True).stdout
+        # the user's --alias replaces egpu's, it is not added twice
+        assert unit.count("--alias") == 1, unit
+        assert f"-m {GUEST_MODELS}/{MODEL_NAME}.gguf -c 512 --alias {alias}" in unit, unit
+    finally:
+        served.cli("serve", NAME, "--stop", check=True, timeout=180)

@@ -73,11 +73,10 @@ def host_port(config: store.VmConfig, guest_port: int) -> int:
                          hint=f"run it with --port {guest_port}:{guest_port}, or without "
                               "--no-port-forwarding")
     taken = {config.ssh_port, *(h for h, _ in config.ports)}
-    busy = ("it is this VM's ssh or --port forward" if guest_port in taken
+    busy = (f"host port {guest_port} is this VM's ssh or --port forward" if guest_port in taken
             else host_port_busy(guest_port))
     if busy:
-        raise ConflictError(f"host port {guest_port} on 127.0.0.1 is taken ({busy})",
-                            hint="pick another --port")
+        raise ConflictError(f"{busy} on 127.0.0.1", hint="pick another --port")
     return guest_port
 
 
@@ -165,7 +164,8 @@ def wait_ready(vm: store.VmDir, plan: serve_plan.ServePlan, port: int, timeout: 
                           f"{timeout:g} s", hint="pass a longer --timeout")
         if now >= next_alive:
             if not is_active(vm, plan.backend):
-                raise VMError(f"{plan.backend} ended in the guest before it answered")
+                raise VMError(f"{plan.backend} ended in the guest before it answered",
+                              hint=f"its whole log: egpu serve {vm.name} --logs")
             next_alive = time.monotonic() + ALIVE_EVERY_S
         time.sleep(POLL_S)
 
