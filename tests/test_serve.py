@@ -293,7 +293,10 @@ def test_serving_needs_a_running_vm_and_one_mode(inproc: InProcessCli,
     model.write_bytes(b"GGUF")
     proc = inproc("serve", "vm", str(model))
     assert proc.returncode == 1 and "serving needs it running" in proc.stderr
+    logs = inproc("serve", "vm", "--logs")
+    assert logs.returncode == 1 and "serving needs it running" in logs.stderr
     assert inproc("serve", "vm", "--stop", "--logs").returncode == 2
+    assert inproc("serve", "vm", "--logs", "m.gguf").returncode == 2
     assert inproc("serve", "vm", "-f").returncode == 2
     assert inproc("serve", "vm").returncode == 2
     assert inproc("serve", "nosuch", "--stop").returncode == 1
