@@ -49,6 +49,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "run": ("egpu.cli.vm_commands", "Boot a VM (the built-in guest unless an image is given)."),
     "screenshot": ("egpu.cli.vm_commands",
                    "Write what a VM's display (its own or the virtual eGPU's) shows to a PNG."),
+    "serve": ("egpu.cli.serve_commands",
+              "Serve a model from a VM as an OpenAI-compatible API on 127.0.0.1."),
     "setup": ("egpu.cli.engine_commands",
               "Provision the engine and the built-in guests, so later runs start at once."),
     "ssh": ("egpu.cli.vm_commands",
