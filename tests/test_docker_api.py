@@ -6,9 +6,14 @@ automatic forwards, the guest's cloud-config, the socket forward's QEMU rule, an
 from __future__ import annotations
 
 import contextlib
+import http.server
 import json
 import os
+import queue
+import socketserver
 import stat
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +26,7 @@ from egpu.engine.argv import VmSpec, build_argv, hostfwd_unix_rule
 from egpu.errors import UsageError
 from egpu.images import seed
 from egpu.vm import docker_api, ports, store
-from egpu.vm.docker_mirror import _lines
+from egpu.vm.docker_mirror import DockerWatcher, _lines, ping
 from egpu.vm.ports import Mirror
 
 ID1 = "8dfafdbc3a40" + "0" * 52
@@ -315,3 +320,115 @@ def test_context_is_created_then_updated(inproc: InProcessCli, tmp_path: Path) -
         "context inspect egpu",
         f"context update egpu --description egpu Docker VM docker --docker host={host}",
     ]
+
+
+class _FakeDaemon(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
+    """dockerd's three endpoints the watcher uses, over a unix socket, in documented shapes:
+    a container list the test sets, and an events stream fed line by line (chunked)."""
+
+    daemon_threads = True
+
+    def __init__(self, path: Path) -> None:
+        self.containers: list[dict[str, object]] = []
+        self.events: queue.Queue[bytes | None] = queue.Queue()
+        self.lists = 0
+        super().__init__(str(path), _Handler)
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _FakeDaemon
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+    def do_GET(self) -> None:
+        if self.path == "/_ping":
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"OK")
+            return
+        if self.path.startswith("/containers/json"):
+            self.server.lists += 1
+            body = json.dumps(self.server.containers).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            return
+        assert self.path.startswith("/events?filters=")
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
+        while (line := self.server.events.get()) is not None:
+            chunk = line + b"\n"
+            self.wfile.write(f"{len(chunk):x}\r\n".encode() + chunk + b"\r\n")
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")  # the daemon ends the stream: the watcher reconnects
+        self.close_connection = True
+
+
+def _published(container_id: str, name: str, port: int) -> dict[str, object]:
+    return {"Id": container_id, "Names": [f"/{name}"], "State": "running",
+            "Ports": [{"IP": "0.0.0.0", "PrivatePort": 80, "PublicPort": port, "Type": "tcp"}]}
+
+
+def test_watcher_follows_events_and_lists_again_on_each_connect(tmp_path: Path) -> None:
+    daemon = _FakeDaemon(tmp_path / "docker.sock")
+    threading.Thread(target=daemon.serve_forever, daemon=True).start()
+    changes = threading.Event()
+    logged: list[str] = []
+    watcher = DockerWatcher(tmp_path / "docker.sock", log=logged.append, on_change=changes.set)
+    stop = threading.Event()
+    daemon.containers = [_published(ID1, "web", 8124)]
+    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        def mirrored(expected: tuple[Mirror, ...]) -> None:
+            deadline = time.monotonic() + 30
+            while watcher.mirrors() != expected:
+                assert time.monotonic() < deadline, (watcher.mirrors(), logged)
+                changes.wait(0.2)
+                changes.clear()
+
+        mirrored((Mirror(8124, "any", "web"),))  # the list on connect
+        assert ping(tmp_path / "docker.sock") is None
+        daemon.containers.append(_published(ID2, "api", 9000))
+        daemon.events.put(RECORDED_EVENTS[1].encode())  # not a container event: ignored
+        daemon.events.put(json.dumps({"Type": "container", "Action": "start",
+                                      "Actor": {"ID": ID2}}).encode())
+        mirrored((Mirror(8124, "any", "web"), Mirror(9000, "any", "api")))
+        daemon.events.put(b"\xff garbage")
+        daemon.events.put(RECORDED_EVENTS[2].encode())  # web died: removed without a list
+        mirrored((Mirror(9000, "any", "api"),))
+        lists = daemon.lists
+        daemon.containers = []
+        daemon.events.put(None)  # the stream ends; reconnecting lists again: api is gone too
+        mirrored(())
+        assert daemon.lists > lists
+    finally:
+        stop.set()
+        daemon.events.put(None)
+        daemon.shutdown()
+        daemon.server_close()
+
+
+def test_watcher_survives_a_daemon_that_is_not_there(tmp_path: Path) -> None:
+    logged: list[str] = []
+    watcher = DockerWatcher(tmp_path / "missing.sock", log=logged.append, on_change=lambda: None)
+    stop = threading.Event()
+    thread = threading.Thread(target=watcher.run, args=(stop,), daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not logged:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    stop.set()
+    thread.join(30)
+    assert not thread.is_alive()
+    assert watcher.mirrors() == () and len(logged) == 1 and "retrying" in logged[0]
+    assert ping(tmp_path / "missing.sock") is not None
