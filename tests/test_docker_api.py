@@ -217,9 +217,9 @@ def test_guest_cloud_config_limits_the_api_to_slirps_host_and_merges_into_the_se
     loaded = yaml.safe_load(text)
     assert loaded["write_files"] == doc["write_files"]
     # egpu's own runcmd (the guest agent) stays first, the Docker units are enabled after it
-    assert loaded["runcmd"][-1] == ["systemctl", "enable", "--now", "docker.service",
-                                    docker_api.API_SOCKET_UNIT]
-    assert len(loaded["runcmd"]) == 3
+    assert loaded["runcmd"][-2:] == [["systemctl", "enable", "--now", docker_api.API_SOCKET_UNIT],
+                                     ["systemctl", "enable", "--now", "docker.service"]]
+    assert len(loaded["runcmd"]) == 4
 
 
 def test_socket_forward_rule_and_its_refusals(tmp_path: Path) -> None:

@@ -219,9 +219,12 @@ def guest_cloud_config() -> dict[str, Any]:
             {"path": f"{SYSTEMD_DIR}/{API_SERVICE_UNIT}", "permissions": "0644",
              "content": service_unit},
         ],
+        # one unit per command: a failing docker.service must not keep the socket from
+        # listening (the journal then says why the daemon does not answer)
         "runcmd": [
             ["systemctl", "daemon-reload"],
-            ["systemctl", "enable", "--now", DOCKER_SERVICE, API_SOCKET_UNIT],
+            ["systemctl", "enable", "--now", API_SOCKET_UNIT],
+            ["systemctl", "enable", "--now", DOCKER_SERVICE],
         ],
     }
 

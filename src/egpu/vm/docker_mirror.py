@@ -157,7 +157,7 @@ class DockerWatcher:
                 continue  # a quiet daemon: connect again, with a full list
             except Exception as e:  # the supervisor must outlive any reply of the guest
                 why = _short(e)
-                if why != self.error:
+                if self.error is None:  # once per outage: its errors alternate while it lasts
                     self.log(f"docker: no events from the daemon, retrying every "
                              f"{RETRY_S:g}s: {why}")
                 self.error = why
