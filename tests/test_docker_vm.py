@@ -136,7 +136,8 @@ def test_ping_answers_through_what_docker_env_prints(docker_vm: DockerVm) -> Non
                       base_url="http://docker", timeout=API_TIMEOUT_S) as client:
         reply = client.get("/_ping")
     assert reply.status_code == 200 and reply.text == "OK"
-    assert docker_vm.cli.json("docker", "env", "--name", NAME)["DOCKER_HOST"] == f"unix://{path}"
+    doc = json.loads(docker_vm.cli("docker", "env", "--name", NAME, "--json", check=True).stdout)
+    assert doc["DOCKER_HOST"] == f"unix://{path}"
     # up again reuses the running VM and answers at once
     again = docker_vm.cli("docker", "up", "--name", NAME, "--json", timeout=300)
     assert again.returncode == 0 and json.loads(again.stdout)["socket"] == str(path)
