@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
            "Copy a file into or out of a VM through its guest agent (SRC NAME:DST, NAME:SRC DST)."),
     "devices": ("egpu.cli.host_commands",
                 "List the host's PCI functions and whether each can be passed through."),
+    "docker": ("egpu.cli.docker_commands",
+               "Run Docker in a VM, its API on this host only (up, down, env, context)."),
     "doctor": ("egpu.cli.host_commands",
                "Check what real passthrough needs on this host; exit 1 when something blocks it."),
     "engine": ("egpu.cli.engine_commands",

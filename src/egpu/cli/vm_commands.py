@@ -44,7 +44,7 @@ from egpu.guest import protocol as guest_protocol
 from egpu.guest.assets import GuestAssets, ensure_guest, planned_guest
 from egpu.images import seed
 from egpu.images.pull import DEFAULT_IMAGE
-from egpu.vm import agent, console, lifecycle, screen, store
+from egpu.vm import agent, console, docker_api, lifecycle, screen, store
 from egpu.vm.status import BROKEN, VmStatus, inspect, inspect_all
 
 DEFAULT_NAME = "default"
@@ -152,6 +152,7 @@ def run(
     display: str | None, headless: bool,
     extra: tuple[str, ...], cloud_init: Path | None = None, no_seed: bool = False,
     force: bool = False, allow_sleep: bool = False, dma_bounce_size: str | None = None,
+    docker: bool = False,
 ) -> None:
     """Boot a VM (the built-in guest unless an image is given).
 
@@ -171,6 +172,8 @@ def run(
     vm_name = store.check_name(name or (SELFTEST_NAME if selftest else DEFAULT_NAME))
     NVME_SIZE.parse(nvme_size, "--nvme-size")
     user_data = _seed_input(vm_name, image or base, cloud_init, no_seed)
+    if docker:  # egpu docker up: the guest serves the Docker API to the VM's docker.sock
+        user_data = seed.merge_user_data(docker_api.guest_cloud_config(), user_data)
     # cheap checks first: bad input must fail before anything is downloaded or built
     for disk in disks:
         lifecycle.assumed_disk(disk)
@@ -200,7 +203,7 @@ def run(
         ssh_port=ssh_port, accel=accel, selftest=selftest, extra=extra, gpu=gpu,
         nvme_size=nvme_size, bind=bind, image=image, base=base, display=screen_plan,
         ports=forwards, port_forwarding=not no_port_forwarding, mounts=mounts,
-        seed=not no_seed, cloud_init=user_data,
+        seed=not no_seed, cloud_init=user_data, docker=docker,
     )
     if dry_run:
         plan = lifecycle.plan_run(request, info, guest, check_host=False)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from egpu.engine.display import DisplayPlan
-from egpu.engine.qemu_options import OptionValue, option_string
+from egpu.engine.qemu_options import OptionValue, escape, option_string
 from egpu.engine.shares import Share, share_args
 from egpu.errors import UsageError
 from egpu.units import MIB, parse_size
@@ -107,6 +107,8 @@ class VmSpec:
     extra: tuple[str, ...] = ()
     display: DisplayPlan | None = None  # None: no display device (headless)
     seed: Path | None = None  # cloud-init NoCloud seed (an ISO labelled cidata), read-only
+    # unix sockets on the host forwarded to guest TCP ports (the Docker VM's API): (path, port)
+    socket_forwards: tuple[tuple[Path, int], ...] = ()
 
 
 def machine_type(arch: str) -> str:
@@ -152,6 +154,25 @@ def hostfwd_rule(host_port: int, guest_port: int) -> str:
 def hostfwd_host(host_port: int) -> str:
     """The host end of a rule, ``tcp:127.0.0.1:HOST``, as hostfwd_remove names it."""
     return f"tcp:{FORWARD_HOST_ADDRESS}:{_port(host_port)}"
+
+
+# sun_path holds 108 bytes with its NUL (Linux); slirp's parser reads the rule into 256.
+MAX_UNIX_FORWARD_PATH = 107
+
+
+def hostfwd_unix_rule(path: Path, guest_port: int) -> str:
+    """A slirp forward from a unix socket QEMU creates on the host, ``unix:PATH-:GUEST``.
+
+    QEMU >= 10.1 with libslirp >= 4.7 (net/slirp.c, slirp_hostfwd); the socket takes QEMU's
+    umask (the supervisor's 0177: mode 0600). The path ends at the rule's '-:' separator, so
+    it may not contain ':'.
+    """
+    text = str(path)
+    if not path.is_absolute() or ":" in text or len(text.encode()) > MAX_UNIX_FORWARD_PATH:
+        raise UsageError(f"{text!r} cannot be a forwarded socket (an absolute path without ':', "
+                         f"at most {MAX_UNIX_FORWARD_PATH} bytes)",
+                         hint="set EGPU_HOME to a shorter, plainer path")
+    return f"unix:{text}-:{_port(guest_port)}"
 
 
 def build_argv(qemu: Sequence[str], spec: VmSpec) -> list[str]:
@@ -230,6 +251,9 @@ def build_argv(qemu: Sequence[str], spec: VmSpec) -> list[str]:
     if spec.ssh_port is not None:
         # loopback only: a guest's sshd is never exposed beyond this host
         netdev += f",hostfwd={hostfwd_rule(spec.ssh_port, GUEST_SSH_PORT)}"
+    for path, guest_port in spec.socket_forwards:
+        # on the host only this user can open it: a 0600 socket in the 0700 VM directory
+        netdev += f",hostfwd={escape(hostfwd_unix_rule(path, guest_port), 'hostfwd')}"
     argv += ["-netdev", netdev, "-device", f"virtio-net-pci,netdev={NETDEV_ID},romfile="]
     argv += ["-device", "virtio-rng-pci"]
 

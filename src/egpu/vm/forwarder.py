@@ -24,7 +24,7 @@ from egpu.engine.argv import (
     hostfwd_rule,
 )
 from egpu.errors import AgentError, EgpuError
-from egpu.vm import agent, ports, qmp, store
+from egpu.vm import agent, docker_api, ports, qmp, store
 
 POLL_S = 1.0  # how often the guest's listeners are read; a new service appears within this
 HMP_TIMEOUT_S = 2.0
@@ -35,6 +35,8 @@ MAX_REPLY_CHARS = 200  # of QEMU's reply text kept in a reason
 SLIRP_BIND_FAILED = "could not set up host forwarding rule"
 REMOVED_REPLIES = ("removed", "not found")  # hostfwd_remove: either way, it is gone
 
+# A Docker VM's published container ports as the docker watcher last saw them (vm/docker_mirror.py)
+DockerMirrors = Callable[[], tuple[ports.Mirror, ...]]
 # The guest's /proc/net/tcp and /proc/net/tcp6 texts (at most ports.MAX_TABLE_BYTES each);
 # raises EgpuError or OSError when the guest cannot be asked.
 GuestTables = Callable[[], tuple[str, str]]
@@ -100,8 +102,13 @@ class Forwarder:
     """One VM's forwards: what is installed in QEMU and why the rest are not."""
 
     def __init__(self, vm: store.VmDir, config: store.VmConfig,
-                 guest_tables: GuestTables | None, log: Log) -> None:
+                 guest_tables: GuestTables | None, log: Log,
+                 docker: DockerMirrors | None = None) -> None:
         self.vm = vm
+        self.docker = docker
+        # the Docker VM's guest-side API port is never forwarded to a host TCP port
+        self.private = frozenset({docker_api.GUEST_API_PORT}) if config.docker else frozenset()
+        self.wake = threading.Event()  # set when the docker watcher sees a change
         self.static = list(config.ports)
         self.ssh_port = config.ssh_port
         self.automatic = config.port_forwarding
@@ -162,8 +169,10 @@ class Forwarder:
     def step(self) -> ports.PortTable:
         """One round: read the guest, change QEMU's forwards, record the table."""
         self._read_guest()
+        mirrors = self.docker() if self.docker is not None else ()
         wanted, skipped = ports.plan(self.listeners, static=self.static, ssh_port=self.ssh_port,
-                                     automatic=self.automatic)
+                                     automatic=self.automatic, docker=mirrors,
+                                     private=self.private)
         actions = ports.reconcile(wanted, self.installed,
                                   fixed=[self.ssh_port] if self.ssh_port is not None else [])
         for host_port in actions.remove:
@@ -212,4 +221,7 @@ class Forwarder:
             now = time.monotonic()
             # after a round longer than POLL_S (a guest agent timing out), a short breath
             next_round = max(next_round, now + POLL_S * MIN_GAP_FRACTION)
-            stop.wait(next_round - now)
+            # a container port changing starts the next round at once (stop sets wake too)
+            if self.wake.wait(next_round - now):
+                self.wake.clear()
+                next_round = time.monotonic()

@@ -46,7 +46,7 @@ from egpu.images.seed import seed_files as seed_file_contents
 from egpu.images.seed_iso import write_seed_iso
 from egpu.process import ProcessRef, run_tool, signal_process, wait_gone
 from egpu.progress import Progress
-from egpu.vm import agent, ports, qmp, sshkeys, store
+from egpu.vm import agent, docker_api, ports, qmp, sshkeys, store
 from egpu.vm.status import BROKEN, VmStatus, inspect, last_line, process_alive
 
 START_TIMEOUT_S = 30.0
@@ -91,6 +91,7 @@ class RunRequest:
     mounts: tuple[str, ...] = ()  # --mount HOST_DIR[:GUEST_DIR][:ro], as typed
     seed: bool = True  # a full image gets a cloud-init NoCloud seed (--no-seed: none)
     cloud_init: Mapping[str, Any] | None = None  # the user's --cloud-init, parsed and checked
+    docker: bool = False  # egpu docker up: the Docker API on the VM's docker.sock
 
 
 @dataclass(frozen=True)
@@ -227,6 +228,8 @@ def plan_run(
             # a full image's own init knows nothing of egpu: cloud-init mounts the shares
             seed = plan_seed(vm, request, tuple(SeedMount(sh.tag, sh.guest, sh.readonly)
                                                 for sh in shares))
+    if request.docker and boot is None:
+        raise UsageError("a Docker VM boots a docker-profile image (--image or --base)")
     if ssh_port is not None and check_host:
         check_port_free(ssh_port)
     if ssh_port is not None and any(host == ssh_port for host, _ in request.ports):
@@ -262,6 +265,8 @@ def plan_run(
         agent_socket=vm.agent_socket, kernel=guest.kernel, initrd=guest.initramfs, append=append,
         disks=disks, shares=shares, ssh_port=ssh_port, extra=request.extra,
         display=request.display,
+        socket_forwards=((vm.file(store.DOCKER_SOCKET), docker_api.GUEST_API_PORT),)
+        if request.docker else (),
     )
     if boot is not None:
         # a full image boots through UEFI from its overlay; the built-in guest is not involved
@@ -293,6 +298,7 @@ def plan_run(
         ports=list(request.ports), port_forwarding=request.port_forwarding,
         ssh_user=seed.user if seed else None,
         seed_instance_id=seed.instance_id if seed else None,
+        docker=request.docker,
     )
     notices: tuple[str, ...] = (accel_notice,) if accel_notice and spec.accel == accel else ()
     if request.display and request.display.notice:

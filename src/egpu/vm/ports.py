@@ -9,7 +9,7 @@ remove, and ``PortTable`` is the record ``egpu ports`` reads.
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -40,9 +40,10 @@ _IPV6_LOOPBACK = "00000000000000000000000001000000"  # ::1, as four little-endia
 _IPV4_MAPPED_PREFIX = "0000000000000000FFFF0000"  # ::ffff:a.b.c.d
 
 Reach = Literal["any", "loopback"]  # reachable from the guest's network, or its loopback only
-Kind = Literal["ssh", "static", "auto"]
+# docker: a published port of a running container in a Docker VM (vm/docker_api.py)
+Kind = Literal["ssh", "static", "docker", "auto"]
 State = Literal["active", "conflict", "failed", "ignored", "guest-loopback"]
-KINDS: tuple[Kind, ...] = ("ssh", "static", "auto")
+KINDS: tuple[Kind, ...] = ("ssh", "static", "docker", "auto")
 STATES: tuple[State, ...] = ("active", "conflict", "failed", "ignored", "guest-loopback")
 
 
@@ -126,6 +127,15 @@ class Want:
 
 
 @dataclass(frozen=True)
+class Mirror:
+    """A port a Docker container publishes in the guest, to appear at the same host port."""
+
+    port: int
+    reach: Reach  # a container published on the guest's loopback only cannot be forwarded
+    owner: str  # the container's name, for the reason of a conflict
+
+
+@dataclass(frozen=True)
 class Forward:
     """One row of ``egpu ports``: a forward (or a guest listener that gets none) and its state."""
 
@@ -158,14 +168,18 @@ class Forward:
 
 def plan(
     listeners: Mapping[int, Reach], *, static: Sequence[tuple[int, int]] = (),
-    ssh_port: int | None = None, automatic: bool = True,
+    ssh_port: int | None = None, automatic: bool = True, docker: Sequence[Mirror] = (),
+    private: Collection[int] = (),
 ) -> tuple[list[Want], list[Forward]]:
     """The forwards wanted, and the guest listeners that get none (with the reason why).
 
-    ssh and ``--port`` forwards always stand; a guest listener is forwarded to the same host
-    port unless automatic forwarding is off, it is port 22 or below 1024 (``--port`` forwards
-    those), it listens on the guest's loopback only (slirp delivers to the guest's network
-    address, which such a socket never answers), or that host port is already taken.
+    ssh and ``--port`` forwards always stand; a Docker VM's published container ports
+    (``docker``) come next, each at its own port, so its docker-proxy listener gets no second
+    forward; a guest listener is forwarded to the same host port unless automatic forwarding
+    is off, it is a ``private`` port (the Docker VM's API, reached only through its socket),
+    port 22 or below 1024 (``--port`` forwards those), it listens on the guest's loopback only
+    (slirp delivers to the guest's network address, which such a socket never answers), or
+    that host port is already taken.
     """
     wanted: list[Want] = []
     if ssh_port is not None:
@@ -174,13 +188,40 @@ def plan(
     taken = {w.host_port: w for w in wanted}
     covered = {w.guest_port for w in wanted}
     skipped: list[Forward] = []
+    by_port: dict[int, Mirror] = {}
+    for mirror in sorted(docker, key=lambda m: (m.port, m.reach != "any", m.owner)):
+        by_port.setdefault(mirror.port, mirror)  # IPv4 and IPv6 of one port: the widest reach
+    mirrors = 0
+    for mirror in by_port.values():
+        if mirror.port in covered:
+            continue
+        covered.add(mirror.port)
+        if mirror.reach == "loopback":
+            skipped.append(Forward(None, mirror.port, "docker", "guest-loopback",
+                                   f"container {mirror.owner} publishes it on the guest's "
+                                   "loopback only, which forwarded connections never reach"))
+        elif mirror.port in taken:
+            skipped.append(Forward(mirror.port, mirror.port, "docker", "conflict",
+                                   f"host port {mirror.port} is the {taken[mirror.port].kind} "
+                                   f"forward to guest port {taken[mirror.port].guest_port}"))
+        elif mirrors >= MAX_AUTO_FORWARDS:
+            skipped.append(Forward(None, mirror.port, "docker", "ignored",
+                                   f"more than {MAX_AUTO_FORWARDS} container ports"))
+        else:
+            mirrors += 1
+            want = Want(mirror.port, mirror.port, "docker")
+            wanted.append(want)
+            taken[mirror.port] = want
     if not automatic:
         return wanted, skipped
     autos = 0
     for port in sorted(listeners):
         if port in covered:
             continue
-        if port == GUEST_SSH_PORT or port < FIRST_UNPRIVILEGED_PORT:
+        if port in private:
+            skipped.append(Forward(None, port, "auto", "ignored",
+                                   "the Docker API: reached only through the VM's docker.sock"))
+        elif port == GUEST_SSH_PORT or port < FIRST_UNPRIVILEGED_PORT:
             skipped.append(Forward(None, port, "auto", "ignored",
                                    f"port {port} is below {FIRST_UNPRIVILEGED_PORT} or ssh; "
                                    f"forward it with run --port HOST:{port}"))

@@ -48,6 +48,7 @@ POWER_ASSERTION_PID = "power-assertion.pid"  # macOS: the caffeinate holding off
 VFIO_BIND = "vfio-bind.json"  # functions egpu moved to vfio-pci, and their previous drivers
 SEED = "seed.iso"  # cloud-init NoCloud seed (label cidata) of a full image; rewritten each run
 KNOWN_HOSTS = "known_hosts"  # the guest's ssh host key, for egpu ssh; cleared with a new disk
+DOCKER_SOCKET = "docker.sock"  # a Docker VM's API (QEMU forwards it to the guest; 0600)
 
 # Files that belong to one run; removed before the next run starts.
 SERVERS_RECORD = "servers.json"  # device-server pids and exit statuses
@@ -55,7 +56,7 @@ PORTS_RECORD = "ports.json"  # vm.ports.PortTable: the supervisor's port forward
 SERVE_RECORD = "serve.json"  # the model `egpu serve` runs and its forwarded port (vm/serving.py)
 RUNTIME_FILES = (
     SUPERVISOR_PID, QEMU_PID, QMP_SOCKET, CONSOLE_SOCKET, AGENT_SOCKET, EXIT_RECORD, STOP_REQUEST,
-    SERVERS_RECORD, LAST_SCREEN, SCREENDUMP, PORTS_RECORD, SERVE_RECORD,
+    SERVERS_RECORD, LAST_SCREEN, SCREENDUMP, PORTS_RECORD, SERVE_RECORD, DOCKER_SOCKET,
 )
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")  # whole string: fullmatch
@@ -214,6 +215,7 @@ class VmConfig:
     ssh_user: str | None = None  # the login user the seed created (egpu ssh's default)
     ssh_key: str | None = None  # the private key whose public half the seed authorized
     seed_instance_id: str | None = None  # NoCloud instance-id, kept for the VM's lifetime
+    docker: bool = False  # egpu docker up: the API on docker.sock, container ports mirrored
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -258,6 +260,7 @@ class VmConfig:
             ssh_user=_get(data, "ssh_user", str, optional=True),
             ssh_key=_get(data, "ssh_key", str, optional=True),
             seed_instance_id=_get(data, "seed_instance_id", str, optional=True),
+            docker=_get(data, "docker", bool, optional=True) is True,
         )
 
 

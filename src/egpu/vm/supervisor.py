@@ -73,6 +73,7 @@ class Supervisor:
         self.warnings: list[str] = []
         self.guard = HostGuard.from_json(self.config.host_guard)
         self.assertion: subprocess.Popen[bytes] | None = None
+        self.forwarder: Forwarder
 
     def _on_term(self, signum: int, frame: FrameType | None) -> None:
         self.terminating = True
@@ -180,15 +181,29 @@ class Supervisor:
         return agent_tables(self.vm.agent_socket)
 
     def start_forwarder(self) -> tuple[threading.Thread, threading.Event]:
-        """Keep QEMU's port forwards in step with the guest, on a thread of its own."""
-        forwarder = Forwarder(self.vm, self.config, self.guest_tables(), log=_log)
+        """Keep QEMU's port forwards in step with the guest, on a thread of its own; a Docker
+        VM's watcher (a second thread) feeds it the published container ports."""
         stop = threading.Event()
-        thread = threading.Thread(target=forwarder.run, args=(stop,), name="ports", daemon=True)
+        watcher = None
+        if self.config.docker:
+            from egpu.vm.docker_mirror import DockerWatcher  # httpx: Docker VMs only
+
+            watcher = DockerWatcher(self.vm.file(store.DOCKER_SOCKET), log=_log,
+                                    on_change=lambda: self.forwarder.wake.set())
+        self.forwarder = Forwarder(self.vm, self.config, self.guest_tables(), log=_log,
+                                   docker=watcher.mirrors if watcher else None)
+        thread = threading.Thread(target=self.forwarder.run, args=(stop,), name="ports",
+                                  daemon=True)
         thread.start()
+        if watcher is not None:
+            # daemon: a read blocked on the guest never holds the supervisor's exit
+            threading.Thread(target=watcher.run, args=(stop,), name="docker",
+                             daemon=True).start()
         return thread, stop
 
     def stop_forwarder(self, thread: threading.Thread, stop: threading.Event) -> None:
         stop.set()
+        self.forwarder.wake.set()
         thread.join(FORWARDER_STOP_S)
 
     def _check_run_state(self) -> None:
