@@ -17,17 +17,14 @@ from typing import Any
 
 import pytest
 
+from built_images import AGENT_TIMEOUT_S, ARCH, BUILD_TIMEOUT_S, built_image, wait_for_agent
 from conftest import SHARED_CACHE, Cli, _stop_leftovers
 from egpu.paths import CACHE_ENV, HOME_ENV
 from test_ports_vm import FORWARD_WAIT_S, free_port, http_get, wait_until
 
-ARCH = "x86_64"  # the host's: the faster of the two under TCG here
-BUILD_TIMEOUT_S = 3 * 3600  # cold: the whole package set and dpkg in the builder VM under TCG
-AGENT_TIMEOUT_S = 900.0  # firmware, systemd, cloud-init's first boot, then qemu-ga, under TCG
 pytestmark = [pytest.mark.qemu, pytest.mark.download,
               pytest.mark.timeout(BUILD_TIMEOUT_S + AGENT_TIMEOUT_S + 600)]
 NAME = "distro"
-KERNEL_PANIC = "Kernel panic - not syncing"
 GUEST_SHARE = "/srv/shared"
 GREETING = "egpu-distro-greeting"
 
@@ -41,13 +38,7 @@ class Distro:
 
 @pytest.fixture(scope="module")
 def base_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("build-home")
-    runner = Cli({**os.environ, HOME_ENV: str(home), CACHE_ENV: str(SHARED_CACHE)}, home)
-    proc = runner("image", "build", "base", "--arch", ARCH, "--json", timeout=BUILD_TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr
-    image = Path(json.loads(proc.stdout)["image"])
-    assert image.is_file()
-    return image
+    return built_image(tmp_path_factory, "base")
 
 
 @pytest.fixture(scope="module")
@@ -67,15 +58,8 @@ def distro(base_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterat
                "--accel", "tcg", "--cpus", "1", "--memory", "2G", "--ssh-port", str(ssh_port),
                "--mount", f"{share}:{GUEST_SHARE}", "--detach", "--quiet", timeout=600)
     assert proc.returncode == 0, proc.stderr
-    serial = home / "data/vms" / NAME / "serial.log"
-
-    def agent_answers(status: dict[str, Any]) -> bool:
-        text = serial.read_text(errors="replace") if serial.exists() else ""
-        assert KERNEL_PANIC not in text, text[-3000:]  # no pvpanic this early: fail now
-        return (status.get("agent") or {}).get("answering") is True
-
     try:
-        cli.wait_for(NAME, agent_answers, timeout=AGENT_TIMEOUT_S)
+        wait_for_agent(cli, NAME)
         yield Distro(cli, ssh_port, share)
     finally:
         cli("stop", NAME, "--force")

@@ -26,13 +26,12 @@ from typing import Any
 import httpx
 import pytest
 
+from built_images import ARCH, BUILD_TIMEOUT_S, WORKLOAD, built_image
 from conftest import SHARED_CACHE, Cli, _stop_leftovers
 from egpu.images.rootfs import deb_data
 from egpu.paths import CACHE_ENV, HOME_ENV
 from test_ports_vm import FORWARD_WAIT_S, free_port, http_get, wait_until
 
-ARCH = "x86_64"  # the host's: the faster of the two under TCG here
-BUILD_TIMEOUT_S = 3 * 3600  # cold: the whole package set and dpkg in the builder VM under TCG
 UP_TIMEOUT_S = 1200  # firmware, systemd, cloud-init's first boot, dockerd's first start
 API_TIMEOUT_S = 120.0  # one Engine API call under TCG (an image import unpacks 2 MB)
 pytestmark = [pytest.mark.qemu, pytest.mark.download,
@@ -54,14 +53,8 @@ class DockerVm:
 
 @pytest.fixture(scope="module")
 def test_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    home = tmp_path_factory.mktemp("build-home")
-    runner = Cli({**os.environ, HOME_ENV: str(home), CACHE_ENV: str(SHARED_CACHE)}, home)
-    proc = runner("image", "build", "ai", "--packages", "docker.io", "--arch", ARCH, "--json",
-                  timeout=BUILD_TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr
-    image = Path(json.loads(proc.stdout)["image"])
-    assert image.is_file()
-    return image
+    """The image the serve tests boot too: one cached build serves both."""
+    return built_image(tmp_path_factory, *WORKLOAD)
 
 
 @pytest.fixture(scope="module")

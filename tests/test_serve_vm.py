@@ -16,25 +16,28 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
 
 import tiny_gguf
+from built_images import (
+    AGENT_TIMEOUT_S,
+    ARCH,
+    BUILD_TIMEOUT_S,
+    WORKLOAD,
+    built_image,
+    wait_for_agent,
+)
 from conftest import SHARED_CACHE, Cli, _stop_leftovers
 from egpu.paths import CACHE_ENV, HOME_ENV
 from test_ports_vm import free_port, wait_until
 
-ARCH = "x86_64"  # the host's: the faster of the two under TCG here
-BUILD_TIMEOUT_S = 3 * 3600  # cold: the whole package set and dpkg in the builder VM
-AGENT_TIMEOUT_S = 900.0  # firmware, systemd, cloud-init's first boot, then qemu-ga
 SERVE_TIMEOUT_S = 600  # llama-server's start and the tiny model's load under TCG
 pytestmark = [pytest.mark.qemu, pytest.mark.download,
               pytest.mark.timeout(BUILD_TIMEOUT_S + AGENT_TIMEOUT_S + 4 * SERVE_TIMEOUT_S)]
 NAME = "vm"
 GUEST_MODELS = "/srv/models"
-KERNEL_PANIC = "Kernel panic - not syncing"
 MODEL_NAME = "tiny"  # the file's name less .gguf: what the server answers to
 STOP_WAIT_S = 30.0
 
@@ -48,15 +51,8 @@ class Served:
 
 @pytest.fixture(scope="module")
 def ai_image(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The image the docker helper boots too: one cached build serves both."""
-    home = tmp_path_factory.mktemp("build-home")
-    runner = Cli({**os.environ, HOME_ENV: str(home), CACHE_ENV: str(SHARED_CACHE)}, home)
-    proc = runner("image", "build", "ai", "--packages", "docker.io", "--arch", ARCH, "--json",
-                  timeout=BUILD_TIMEOUT_S)
-    assert proc.returncode == 0, proc.stderr
-    image = Path(json.loads(proc.stdout)["image"])
-    assert image.is_file()
-    return image
+    """The image the docker tests boot too: one cached build serves both."""
+    return built_image(tmp_path_factory, *WORKLOAD)
 
 
 @pytest.fixture(scope="module")
@@ -70,15 +66,8 @@ def served(ai_image: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator
                "--accel", "tcg", "--cpus", "1", "--memory", "2G",
                "--mount", f"{models}:{GUEST_MODELS}", "--detach", "--quiet", timeout=600)
     assert proc.returncode == 0, proc.stderr
-    serial = home / "data/vms" / NAME / "serial.log"
-
-    def agent_answers(status: dict[str, Any]) -> bool:
-        text = serial.read_text(errors="replace") if serial.exists() else ""
-        assert KERNEL_PANIC not in text, text[-3000:]  # no pvpanic this early: fail now
-        return (status.get("agent") or {}).get("answering") is True
-
     try:
-        cli.wait_for(NAME, agent_answers, timeout=AGENT_TIMEOUT_S)
+        wait_for_agent(cli, NAME)
         # the share is mounted by cloud-init's first boot
         wait = cli("exec", NAME, "--timeout", "600", "--", "cloud-init", "status", "--wait",
                    timeout=700)
