@@ -55,6 +55,11 @@ PYCACHE_PREFIX_ENV = "PYTHONPYCACHEPREFIX"
 def pytest_configure(config: pytest.Config) -> None:
     if os.environ.pop(NO_BYTECODE_ENV, None):
         os.environ.setdefault(PYCACHE_PREFIX_ENV, str(PYCACHE_DIR))
+    # A suite started in the background by a non-interactive shell inherits SIGINT ignored, and
+    # so would every egpu it starts (Python then installs no KeyboardInterrupt): the tests that
+    # press Ctrl-C would see it ignored. A handler here is reset to the default in each child.
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 # Fixtures that run a server on loopback: a test using one is a network test, marked here so
 # that no such test can miss the marker.
