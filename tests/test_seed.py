@@ -218,6 +218,7 @@ def test_merge_properties(theirs: dict[str, Any]) -> None:
     (b"#cloud-config\n? [1, 2]\n: x\n", "not valid YAML"),  # an unhashable key
     (b"#cloud-config\n1: x\n", "is not a string"),
     (b"#cloud-config\nx: \xff\xfe\n", "not UTF-8"),
+    (b"#cloud-config\n?\n", "key None is not a string"),
     (b"#cloud-config\n" + b"a: " + b"x" * seed.MAX_USER_DATA_BYTES + b"\n", "larger than"),
 ])
 def test_hostile_user_files_are_refused(data: bytes, why: str) -> None:

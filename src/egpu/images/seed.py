@@ -213,9 +213,9 @@ def parse_user_cloud_config(data: bytes, source: str) -> dict[str, Any]:
         return {}
     if not isinstance(doc, dict):
         raise UsageError(f"{what}: a cloud-config is a mapping, not a {type(doc).__name__}")
-    bad = next((k for k in doc if not isinstance(k, str)), None)
-    if bad is not None:
-        raise UsageError(f"{what}: key {bad!r} is not a string")
+    bad = [k for k in doc if not isinstance(k, str)]
+    if bad:  # a list, not next(..., None): the bad key may itself be None (`?` alone)
+        raise UsageError(f"{what}: key {bad[0]!r} is not a string")
     return doc
 
 
