@@ -45,11 +45,28 @@ def test_base_profile_packages_golden() -> None:
 
 
 def test_docker_and_ai_profiles() -> None:
-    assert request("docker").packages()[-1] == "docker.io"
+    docker = request("docker")
+    # the CLI too: docker.io only recommends it, and builds install no recommends
+    assert docker.packages()[-2:] == ["docker.io", "docker-cli"]
+    assert "docker" in docker.features() and "docker" not in request("base").features()
     ai = request("ai")
     assert ai.suites() == ("trixie", "forky")
     assert ai.testing_packages() == ["llama.cpp-tools/forky"]
-    assert "llama-server" in ai.features()
+    # vLLM is a container: the ai image runs Docker as well
+    assert {"llama-server", "docker"} <= set(ai.features())
+    assert {"docker.io", "docker-cli"} <= set(ai.packages())
+
+
+def test_a_profile_edit_rebuilds_only_that_profile() -> None:
+    from egpu.vm import image_build
+
+    # profiles enter the key through the request, not as code: editing one keeps the others
+    assert "egpu.images.profiles" not in image_build.BUILDER_MODULES
+    files, code = {"a.deb": "00"}, b"builder"
+    key = profiles.cache_key(request("docker"), files, code)
+    assert key == profiles.cache_key(request("docker"), dict(files), code)
+    assert key != profiles.cache_key(request("base"), files, code)
+    assert key != profiles.cache_key(request("docker", packages=["vim"]), files, code)
 
 
 def test_extra_packages_are_added_once() -> None:

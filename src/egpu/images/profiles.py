@@ -41,6 +41,9 @@ BASE_PACKAGES = (
     "linux-image-{debarch}", "linux-headers-{debarch}",
 )
 # Package names as Debian spells them (policy 5.6.1), with an optional :arch.
+# docker.io only recommends its CLI, and builds install no recommends
+DOCKER_PACKAGES = ("docker.io", "docker-cli")
+DOCKER_FEATURE = "docker"
 _PACKAGE = re.compile(r"[a-z0-9][a-z0-9+.-]{0,99}")
 
 NVIDIA = "nvidia"
@@ -72,13 +75,15 @@ class Profile:
 PROFILES: dict[str, Profile] = {p.name: p for p in (
     Profile("base", "Debian trixie: systemd, ssh, cloud-init, guest agent, python3, kernel",
             BASE_PACKAGES, features=("ssh", "cloud-init", "qemu-guest-agent")),
-    Profile("docker", "base + Docker", (*BASE_PACKAGES, "docker.io"),
-            features=("ssh", "cloud-init", "qemu-guest-agent", "docker")),
+    Profile("docker", "base + Docker (daemon and CLI)", (*BASE_PACKAGES, *DOCKER_PACKAGES),
+            features=("ssh", "cloud-init", "qemu-guest-agent", DOCKER_FEATURE)),
     # llama.cpp's llama-server is not in trixie; forky's build is taken (and only what it
-    # needs beyond trixie comes from forky, by apt's pin below)
-    Profile("ai", "base + llama.cpp's llama-server (from forky)", BASE_PACKAGES,
-            testing_packages=("llama.cpp-tools",),
-            features=("ssh", "cloud-init", "qemu-guest-agent", "llama-server")),
+    # needs beyond trixie comes from forky, by apt's pin below). Docker too: vLLM ships as a
+    # container, so `serve --backend vllm` and `docker up --profile ai` use the same image.
+    Profile("ai", "docker + llama.cpp's llama-server (from forky)",
+            (*BASE_PACKAGES, *DOCKER_PACKAGES), testing_packages=("llama.cpp-tools",),
+            features=("ssh", "cloud-init", "qemu-guest-agent", DOCKER_FEATURE,
+                      "llama-server")),
 )}
 EXTRAS = (NVIDIA,)
 

@@ -58,7 +58,9 @@ KEY_CHARS = 16
 FAILED_LOG = "last-failed-build.log"
 BUILDER_PACKAGE = "egpu.images.builder"
 BUILDER_SCRIPTS = ("init.sh", "stage2.sh")
-BUILDER_MODULES = ("egpu.images.profiles", "egpu.images.rootfs", "egpu.vm.image_build")
+# profiles.py is not here: what a profile puts in an image enters the key through the request
+# (BuildRequest.describe) and the extra steps' script, so editing one profile rebuilds only it
+BUILDER_MODULES = ("egpu.images.rootfs", "egpu.vm.image_build")
 # what the builder VM runs its own steps with (unpacked into a scratch root, never installed)
 TOOL_PACKAGES = ("base-files", "fdisk", "e2fsprogs", "dosfstools", "mtools", "systemd-boot-efi")
 LOADER = {  # arch -> (file in systemd-boot-efi, removable-media path on the ESP)
@@ -311,8 +313,11 @@ def build_image(request: profiles.BuildRequest, info: EngineInfo, guest: GuestAs
         raise UsageError(f"--arch {request.arch} is not supported by the engine "
                          f"(it runs {', '.join(info.arches) or 'none'})")
     resolved = resolve(request, refresh=refresh, progress=progress)
-    key = profiles.cache_key(request, resolved.digests(), builder_code() + guest.kernel_version
-                             .encode())
+    steps = (profiles.extra_steps_script(request.nvidia, guest.kernel_version)
+             if request.nvidia is not None else "")
+    key = profiles.cache_key(request, resolved.digests(),
+                             b"\0".join([builder_code(), guest.kernel_version.encode(),
+                                         steps.encode()]))
     final = _cache_root() / key[:KEY_CHARS]
     if (hit := _load_cached(final)) is not None:
         return hit
