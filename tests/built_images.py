@@ -18,8 +18,8 @@ ARCH = "x86_64"  # the host's: the faster of the two under TCG here
 BUILD_TIMEOUT_S = 3 * 3600  # cold: the whole package set and dpkg in the builder VM under TCG
 AGENT_TIMEOUT_S = 900.0  # firmware, systemd, cloud-init's first boot, then qemu-ga, under TCG
 KERNEL_PANIC = "Kernel panic - not syncing"
-# The docker and serve tests boot one image: the ai profile with Docker added.
-WORKLOAD = ("ai", "--packages", "docker.io")
+# The docker and serve tests boot one image: the ai profile (llama-server and Docker).
+WORKLOAD = ("ai",)
 
 
 def built_image(tmp_path_factory: pytest.TempPathFactory, *profile: str) -> Path:

@@ -15,14 +15,19 @@ import click
 
 from egpu.cli import output
 from egpu.cli.host_commands import passthrough_options
+from egpu.cli.interrupts import sigterm_interrupts
 from egpu.cli.vm_commands import run
 from egpu.engine.qemu import host_machine
 from egpu.errors import AgentError, ConflictError, NotFoundError, UsageError, VMError
+from egpu.images.profiles import DOCKER_FEATURE, PROFILES
 from egpu.images.pull import DEFAULT_IMAGE
 from egpu.vm import agent, docker_api, lifecycle, store
 from egpu.vm.status import inspect
 
 DEFAULT_NAME = "docker"
+# the profiles whose images run Docker, the docker profile first (the default)
+DOCKER_PROFILES = tuple(sorted((p.name for p in PROFILES.values() if DOCKER_FEATURE in p.features),
+                               key=lambda n: n != DEFAULT_NAME))
 DEFAULT_CPUS = 2
 DEFAULT_MEMORY = "2G"
 # a first boot under TCG (cloud-init, dockerd's first start) takes minutes on a shared host
@@ -69,17 +74,18 @@ def docker_group() -> None:
     """Run Docker in a VM, its API on this host only (up, down, env, context)."""
 
 
-def _default_image(arch: str, progress: output.BarProgress) -> str:
-    """The egpu-built docker-profile image for ``arch``: from the cache, else built now."""
+def _default_image(profile: str, arch: str, progress: output.BarProgress) -> str:
+    """The egpu-built image of ``profile`` for ``arch``: from the cache, else built now."""
     from egpu.engine.select import ensure_engine_info
     from egpu.guest.assets import ensure_guest
     from egpu.images import profiles
     from egpu.vm import image_build  # the Debian client (httpx): only without --base/--image
 
-    request = profiles.parse_request("docker", arch, profiles.DEFAULT_SIZE, [], (), os.environ)
+    request = profiles.parse_request(profile, arch, profiles.DEFAULT_SIZE, [], (), os.environ)
     info = ensure_engine_info(progress=progress)
-    result = image_build.build_image(request, info, ensure_guest(arch, progress),
-                                     progress=progress)
+    with sigterm_interrupts():  # a kill stops the builder VM too, as Ctrl-C does
+        result = image_build.build_image(request, info, ensure_guest(arch, progress),
+                                         progress=progress)
     return str(result.image)
 
 
@@ -134,6 +140,9 @@ def _wait_daemon(vm: store.VmDir, timeout: float, quiet: bool, serial_from: int)
 @click.option("--name", default=DEFAULT_NAME, show_default=True, help="VM name")
 @click.option("--base", default=None, metavar="PATH",
               help="boot this docker-profile qcow2 [default: egpu's docker image, built once]")
+@click.option("--profile", default=None, type=click.Choice(DOCKER_PROFILES),
+              help="boot egpu's image of this profile, built once "
+              f"[default: {DOCKER_PROFILES[0]}; ai adds llama-server]")
 @click.option("--image", default=None, is_flag=False, flag_value=DEFAULT_IMAGE, metavar="REF",
               help=f"boot this OCI image [bare --image: {DEFAULT_IMAGE}]")
 @click.option("--arch", default=None, help="guest architecture [default: this host's]")
@@ -154,7 +163,8 @@ def _wait_daemon(vm: store.VmDir, timeout: float, quiet: bool, serial_from: int)
 @click.option("--json", "as_json", is_flag=True, help="print DOCKER_HOST and the socket as JSON")
 @passthrough_options
 @click.pass_context
-def up(ctx: click.Context, /, name: str, base: str | None, image: str | None, arch: str | None,
+def up(ctx: click.Context, /, name: str, base: str | None, profile: str | None,
+       image: str | None, arch: str | None,
        cpus: int, memory: str, mounts: tuple[str, ...], ssh_port: int | None,
        qemu: str | None, accel: str | None, timeout: float, quiet: bool, as_json: bool,
        **gpu: Any) -> None:
@@ -162,22 +172,22 @@ def up(ctx: click.Context, /, name: str, base: str | None, image: str | None, ar
     vm = store.VmDir(store.check_name(name))
     if not timeout > 0 or timeout == float("inf"):
         raise UsageError(f"--timeout {timeout} must be a finite, positive number of seconds")
-    if image and base:
-        raise UsageError("give --image or --base, not both")
+    if sum(x is not None for x in (base, image, profile)) > 1:
+        raise UsageError("give one of --base, --image and --profile")
     current = inspect(vm) if vm.exists() else None
     serial_from = 0
     if current is not None and current.active:
         if not vm.read_config().docker:
             raise ConflictError(f"VM {name!r} is {current.state} but is not a Docker VM",
                                 hint=f"stop it (egpu stop {name}) or pick another --name")
-        if (base or image) and not quiet:
+        if (base or image or profile) and not quiet:
             output.notice(f"VM {name!r} is already {current.state}: reusing it as it is")
         serial_from = vm.serial_log.stat().st_size if vm.serial_log.exists() else 0
     else:
         arch = arch or host_machine()
         progress = output.BarProgress(quiet=quiet or as_json)
         if not base and not image:
-            base = _default_image(arch, progress)
+            base = _default_image(profile or DOCKER_PROFILES[0], arch, progress)
         ctx.invoke(run, name=name, arch=arch, cpus=cpus, memory=memory, mounts=mounts,
                    base=base, image=image, ssh_port=ssh_port, qemu=qemu, accel=accel, detach=True,
                    quiet=quiet or as_json, docker=True, **gpu)
