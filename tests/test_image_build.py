@@ -5,13 +5,17 @@ then boot the result with ``egpu run --base`` until systemd offers a login on th
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import signal
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from conftest import SHARED_CACHE, Cli
@@ -98,3 +102,51 @@ def test_built_image_boots_to_a_login_prompt(
     # hostname the build set; systemd's own status lines go to tty0, the last console= given
     assert "Debian GNU/Linux 13 egpu ttyS0" in text
     assert "egpu login:" in text
+
+
+BUILDER_WAIT_S = 900  # resolving the extra package, its download, then the builder's start
+KILLED_EXIT_S = 60  # from SIGTERM to egpu's exit, with the builder VM stopped
+
+
+BUILDER_SOCKETS = "/egpu-ib-"  # the builder VM's socket directory (vm/image_build.py)
+
+
+def _builders(pid: int) -> list[psutil.Process]:
+    """The builder VMs among ``pid``'s descendants: QEMU (run via the engine's loader) with its
+    sockets in the builder's directory, not the engine's capability probes."""
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            argv = child.cmdline()
+            if (any(Path(arg).name.startswith("qemu-system-") for arg in argv)
+                    and any(BUILDER_SOCKETS in arg for arg in argv)):
+                found.append(child)
+    return found
+
+
+def test_a_killed_build_stops_its_builder_vm_and_leaves_nothing(
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    """SIGTERM (kill, a service manager) unwinds like Ctrl-C: the builder VM goes with egpu,
+    no scratch directory stays in the cache, and the error is one line."""
+    home = tmp_path_factory.mktemp("home")
+    runner = Cli({**os.environ, HOME_ENV: str(home), CACHE_ENV: str(SHARED_CACHE)}, home)
+    # one package more than base: inputs no build has finished with, so the builder must run
+    proc = runner.popen("image", "build", "base", "--arch", ARCH, "--packages", "hello",
+                        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + BUILDER_WAIT_S
+        while not (builders := _builders(proc.pid)):
+            assert proc.poll() is None, proc.communicate()[1].decode()
+            assert time.monotonic() < deadline, "the builder VM never started"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        _out, err = proc.communicate(timeout=KILLED_EXIT_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err.decode()
+    assert err.decode().strip().splitlines()[-1] == "error: interrupted"
+    _gone, alive = psutil.wait_procs(builders, timeout=10)
+    assert not alive, f"the builder VM outlived egpu: {[p.pid for p in alive]}"
+    assert not list((SHARED_CACHE / "image-build" / "images").glob(".build-*"))

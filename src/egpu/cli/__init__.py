@@ -110,8 +110,10 @@ def main(argv: list[str] | None = None) -> None:
     except EgpuError as e:
         _error(str(e))
         sys.exit(e.exit_code)
-    except click.exceptions.Abort:
-        _error("aborted")
+    except click.exceptions.Abort as e:
+        # click makes Ctrl-C (and SIGTERM where cli/interrupts.py turns it into one) an Abort
+        # too: only a declined prompt is "aborted"
+        _error("interrupted" if isinstance(e.__cause__, KeyboardInterrupt) else "aborted")
         sys.exit(130)
     except click.UsageError as e:
         # one line, like every other error: click's own form spends three on it

@@ -9,6 +9,7 @@ from pathlib import Path
 import click
 
 from egpu.cli import output
+from egpu.cli.interrupts import sigterm_interrupts
 from egpu.engine.qemu import host_machine
 from egpu.engine.select import ensure_engine_info
 from egpu.errors import ConflictError
@@ -198,8 +199,9 @@ def build_command(profile: str, arch: str | None, size: str, packages: str,
     progress = output.BarProgress(quiet=quiet or as_json)
     info = ensure_engine_info(progress=progress)
     guest = ensure_guest(request.arch, progress)
-    result = image_build.build_image(request, info, guest, refresh=refresh, compress=compress,
-                                     progress=progress, accel=accel)
+    with sigterm_interrupts():  # a kill stops the builder VM too, as Ctrl-C does
+        result = image_build.build_image(request, info, guest, refresh=refresh,
+                                         compress=compress, progress=progress, accel=accel)
     image, manifest = result.image, result.manifest
     if output_path is not None:
         image, manifest = image_build.copy_out(result, output_path.absolute())
