@@ -11,21 +11,19 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import click
 import platformdirs
 import pytest
-from click.testing import CliRunner
 from hypothesis import HealthCheck, settings
 
-from egpu.cli import main as egpu_main
 from egpu.paths import CACHE_ENV, HOME_ENV
 from egpu.process import ProcessRef, signal_process
 from egpu.vm import store
+from inprocess import run_main
 
 # Engine and guest assets are provisioned once by ./run-tests (egpu setup) into the user cache.
 SHARED_CACHE = Path(os.environ.get(CACHE_ENV) or platformdirs.user_cache_dir("egpu"))
@@ -52,7 +50,14 @@ NO_BYTECODE_ENV = "PYTHONDONTWRITEBYTECODE"
 PYCACHE_PREFIX_ENV = "PYTHONPYCACHEPREFIX"
 
 
+# pytest-xdist starts its workers with COLUMNS=80 and LINES=24; egpu's consoles would take
+# them as the width of every command run in the process, unlike a real run's
+TERMINAL_SIZE_ENV = ("COLUMNS", "LINES")
+
+
 def pytest_configure(config: pytest.Config) -> None:
+    for name in TERMINAL_SIZE_ENV:
+        os.environ.pop(name, None)
     if os.environ.pop(NO_BYTECODE_ENV, None):
         os.environ.setdefault(PYCACHE_PREFIX_ENV, str(PYCACHE_DIR))
     # A suite started in the background by a non-interactive shell inherits SIGINT ignored, and
@@ -116,15 +121,6 @@ class Cli:
         raise AssertionError(f"timed out waiting on VM {name}: last status {last}")
 
 
-class _Main(click.Command):
-    """egpu's own ``main`` (its error lines and exit codes) as a command CliRunner can invoke."""
-
-    def main(self, args: Sequence[str] | None = None, prog_name: str | None = None,
-             complete_var: str | None = None, standalone_mode: bool = True,
-             windows_expand_args: bool = True, **extra: Any) -> Any:
-        egpu_main(list(args or ()))
-
-
 @dataclass
 class InProcessCli(Cli):
     """Runs egpu's ``main`` in this process, with the same environment and results as Cli.
@@ -135,18 +131,7 @@ class InProcessCli(Cli):
 
     def __call__(self, *args: str, timeout: float = 120, check: bool = False,
                  input: str | None = None) -> subprocess.CompletedProcess[str]:
-        saved = dict(os.environ)
-        os.environ.clear()
-        os.environ.update(self.env)
-        try:
-            # not caught: an unexpected exception fails the test with its traceback
-            result = CliRunner().invoke(_Main("egpu"), list(args), input=input,
-                                        catch_exceptions=False)
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-        proc = subprocess.CompletedProcess(["egpu", *args], result.exit_code, result.stdout,
-                                           result.stderr)
+        proc = run_main(args, self.env, input)
         if check and proc.returncode != 0:
             raise AssertionError(f"egpu {' '.join(args)} exited {proc.returncode}: {proc.stderr}")
         return proc

@@ -33,6 +33,7 @@ from egpu.images.qcow2 import HEADER, QCOW2_MAGIC
 from egpu.images.reference import OciReference
 from egpu.images.registry import RegistryClient
 from egpu.paths import CACHE_ENV, HOME_ENV
+from inprocess import run_main
 
 REGISTRY_BIN = "docker-registry"
 START_TIMEOUT = 30.0
@@ -128,18 +129,23 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return tmp_path
 
 
+WIDE = {"COLUMNS": "250"}  # rich's width when not on a terminal
+
+
 def egpu(
     *args: str, timeout: float = 120, input: str | None = None
 ) -> subprocess.CompletedProcess[str]:
+    """Run the CLI in this process with the current (test) environment (``timeout`` is
+    pytest's then); egpu_process, egpu_popen and egpu_measured start a real one."""
+    return run_main(args, {**os.environ, **WIDE}, input)
+
+
+def egpu_process(
+    *args: str, timeout: float = 120, input: str | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the CLI in a subprocess with the current (test) environment."""
-    return subprocess.run(
-        [sys.executable, "-m", "egpu", *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        input=input,
-        env={**os.environ, "COLUMNS": "250"},  # rich's width when not on a terminal
-    )
+    return subprocess.run([sys.executable, "-m", "egpu", *args], capture_output=True,
+                          text=True, timeout=timeout, input=input, env={**os.environ, **WIDE})
 
 
 def one_error_line(proc: subprocess.CompletedProcess[str], exit_code: int = 1) -> str:
@@ -179,7 +185,7 @@ def egpu_measured(
         proc = subprocess.run(
             [sys.executable, "-c", _MEASURED_CLI, str(peak_path), *args],
             stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-            env={**os.environ, "COLUMNS": "250"}, timeout=timeout,
+            env={**os.environ, **WIDE}, timeout=timeout,
         )
     completed = subprocess.CompletedProcess(
         proc.args, proc.returncode, out_path.read_text(), err_path.read_text()

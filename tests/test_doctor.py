@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import replace
@@ -27,6 +28,7 @@ from egpu.host.sysext import parse_systemextensions
 from egpu.host.sysfs import read_sysfs
 from egpu.process import ProcessRef
 from egpu.vm import store
+from inprocess import run_main
 from mac_app import make_app
 from test_host_sysfs import T
 
@@ -191,8 +193,8 @@ def test_gather_from_dumps(tmp_path: Path) -> None:
 
 
 def egpu(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "egpu", *args], capture_output=True, text=True,
-                          timeout=120)
+    """The CLI in-process, in the test's environment: what it decides and prints."""
+    return run_main(args, os.environ)
 
 
 def test_cli_doctor_json_and_exit_codes(egpu_home: Path, tmp_path: Path) -> None:

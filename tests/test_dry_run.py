@@ -1,7 +1,7 @@
 """run --dry-run prints the exact command and starts or creates nothing.
 
-Tests of the argv alone run egpu in-process (InProcessCli); those of exit codes and error
-lines run it as a process (Cli).
+Every test runs egpu in-process (InProcessCli): a dry run is what the command decides and
+prints, and egpu's own ``main`` gives the exit codes and error lines a process would.
 """
 
 from __future__ import annotations
@@ -15,6 +15,11 @@ import pytest
 from conftest import Cli, InProcessCli
 from egpu.images.store import ImageStore, RefRecord
 from mac_app import Build, make_app
+
+
+@pytest.fixture
+def cli(inproc: InProcessCli) -> Cli:
+    return inproc
 
 
 @pytest.mark.parametrize("arch", ["aarch64", "x86_64"])
@@ -113,7 +118,7 @@ def test_dry_run_apple_image_features_decide(
     env = {**cli.env, "EGPU_CACHE": str(cache), "PATH": "/usr/bin:/bin"}
     ref = "ghcr.io/scottjg/qemu-vfio-apple-images:docker-latest"
     _cached_image(cache, ref, features)
-    proc = Cli(env=env, home=cli.home)(
+    proc = InProcessCli(env=env, home=cli.home)(
         "run", "--dry-run", "--gpu", "apple", "--image", ref,
         "--ioreg", str(FIXTURES / "ioreg-rtx-bound.plist"))
     assert (proc.returncode == 0) == ok, proc.stderr

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import Cli
+from conftest import Cli, InProcessCli
 from egpu.engine.qemu import (
     APPLE_DEVICE,
     choose_engine,
@@ -20,6 +20,11 @@ from egpu.engine.qemu import (
 from egpu.errors import EngineError
 from mac_app import make_app, make_qemu_dir
 
+
+@pytest.fixture
+def cli(inproc: InProcessCli) -> Cli:
+    """What ``egpu engine`` finds and prints, in-process (the interrupted provision runs one)."""
+    return inproc
 
 def test_engine_json_reports_real_capabilities(cli: Cli) -> None:
     info = cli.json("engine")

@@ -30,6 +30,7 @@ from egpu.vm import store as vm_store
 from registry_server import (
     Registry,
     egpu,
+    egpu_process,
     engine_tool,
     home,
     make_qcow2,
@@ -246,7 +247,7 @@ def test_images_and_prune(
 def test_reset(home: Path, tool: tuple[list[str], dict[str, str]], bases: list[Path]) -> None:
     vm = make_vm("vm1", bases[0], tool)
     vm.file(vm_store.EFI_VARS).write_bytes(b"vars")
-    declined = egpu("reset", "vm1", input="n\n")
+    declined = egpu_process("reset", "vm1", input="n\n")  # a real prompt: no echo
     # a "no" is click's Abort, which the CLI reports like an interrupted command
     assert declined.returncode == 130 and declined.stderr.endswith("[y/N]: error: aborted\n")
     assert vm.file(vm_store.OVERLAY).exists() and vm.file(vm_store.EFI_VARS).exists()
