@@ -41,6 +41,7 @@ settings.register_profile(
 settings.load_profile("ci" if os.environ.get(CI_ENV) else "dev")
 
 QEMU_MARK = "qemu"
+SERIAL_TAIL_BYTES = 4096  # of a VM's console log, in a timed-out wait's message
 
 # Where the suite's child processes (python -m egpu, device servers, drivers) cache bytecode
 # when PYTHONDONTWRITEBYTECODE keeps it out of the tree: without a cache each of them compiles
@@ -118,7 +119,11 @@ class Cli:
                 if pred(last):
                     return last
             time.sleep(0.3)
-        raise AssertionError(f"timed out waiting on VM {name}: last status {last}")
+        # the console's end says what the guest did (the VM dir goes with the test's home)
+        serial = self.home / "data" / "vms" / name / "serial.log"
+        tail = serial.read_bytes()[-SERIAL_TAIL_BYTES:] if serial.is_file() else b""
+        raise AssertionError(f"timed out waiting on VM {name}: last status {last}\n"
+                             f"serial log tail:\n{tail.decode(errors='replace')}")
 
 
 @dataclass
