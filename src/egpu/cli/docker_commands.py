@@ -19,14 +19,15 @@ from egpu.cli.interrupts import sigterm_interrupts
 from egpu.cli.vm_commands import run
 from egpu.engine.qemu import host_machine
 from egpu.errors import AgentError, ConflictError, NotFoundError, UsageError, VMError
-from egpu.images.profiles import DOCKER_FEATURE, PROFILES
+from egpu.images import profiles
 from egpu.images.pull import DEFAULT_IMAGE
 from egpu.vm import agent, docker_api, lifecycle, store
 from egpu.vm.status import inspect
 
 DEFAULT_NAME = "docker"
 # the profiles whose images run Docker, the docker profile first (the default)
-DOCKER_PROFILES = tuple(sorted((p.name for p in PROFILES.values() if DOCKER_FEATURE in p.features),
+DOCKER_PROFILES = tuple(sorted((p.name for p in profiles.PROFILES.values()
+                                if profiles.DOCKER_FEATURE in p.features),
                                key=lambda n: n != DEFAULT_NAME))
 DEFAULT_CPUS = 2
 DEFAULT_MEMORY = "2G"
@@ -78,7 +79,6 @@ def _default_image(profile: str, arch: str, progress: output.BarProgress) -> str
     """The egpu-built image of ``profile`` for ``arch``: from the cache, else built now."""
     from egpu.engine.select import ensure_engine_info
     from egpu.guest.assets import ensure_guest
-    from egpu.images import profiles
     from egpu.vm import image_build  # the Debian client (httpx): only without --base/--image
 
     request = profiles.parse_request(profile, arch, profiles.DEFAULT_SIZE, [], (), os.environ)
