@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from egpu.devices import create_device
 from egpu.devices.base import IrqIndex, RegionIndex
 from egpu.devices.nvme import spec
-from egpu.devices.nvme.backing import NvmeBacking
+from egpu.devices.nvme.backing import NvmeBacking, pwritev_all
 from egpu.devices.nvme.controller import NvmeController
 from egpu.devices.nvme.function import BAR0_SIZE, CLASS_NVME, NvmeFunction, create
 from egpu.devices.nvme.spec import AdminOpcode, IoOpcode, make_command
@@ -868,3 +868,32 @@ def test_existing_backing_file_is_never_shrunk(tmp_path: Path) -> None:
     b = NvmeBacking(path, None)
     assert b.blocks == 16
     b.close()
+
+
+@given(sizes=st.lists(st.integers(0, 300), min_size=1, max_size=12), step=st.integers(1, 257))
+@settings(suppress_health_check=[HealthCheck.function_scoped_fixture])
+def test_scatter_writes_resume_after_short_writes(tmp_path: Path, sizes: list[int],
+                                                  step: int) -> None:
+    """A file system may write less than asked (a size limit, a full disk): the rest follows."""
+    chunks = [os.urandom(n) for n in sizes]
+    calls = []
+    real = os.pwritev
+
+    def short(fd: int, views: list[memoryview], offset: int) -> int:
+        calls.append(offset)
+        flat = b"".join(bytes(v) for v in views)[:step]
+        return real(fd, [memoryview(flat)], offset)
+
+    fd = os.open(tmp_path / "short.img", os.O_RDWR | os.O_CREAT | os.O_TRUNC)
+    try:
+        views = [memoryview(c) for c in chunks]
+        before = list(views)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(os, "pwritev", short)
+            pwritev_all(fd, views, 512)
+        data = b"".join(chunks)
+        assert os.pread(fd, len(data) + 1, 512) == data
+        assert len(calls) == max(1, -(-len(data) // step))  # one call per step, none after
+        assert views == before  # the caller's list (maybe a cached one) is left as it was
+    finally:
+        os.close(fd)

@@ -83,3 +83,53 @@ def test_unpin_lets_the_range_go(memory: GuestMemory) -> None:
     t.join(timeout=10)
     assert done.is_set()
     pinned.unpin_all()
+
+
+def test_scatter_windows_are_exact_and_follow_the_list(memory: GuestMemory) -> None:
+    pinned = PinnedGuestMemory(memory)
+    try:
+        first = [(A, 0x1000), (A + 0x3000, 0x200), (B, 0x100)]
+        views = pinned.windows(first, False)
+        assert views is not None
+        assert [bytes(v) for v in views] == [memory.read(a, n) for a, n in first]
+        # The same list again (a new but equal list object) gets the same views...
+        assert pinned.windows(list(first), False) is views
+        # ...a list that differs in one segment gets its own...
+        moved = [*first[:2], (B + 0x800, 0x100)]
+        again = pinned.windows(moved, False)
+        assert again is not None and bytes(again[2]) == memory.read(B + 0x800, 0x100)
+        # ...and the direction is part of the key: B is read-only, so no writable views.
+        assert pinned.windows(moved, True) is None
+        assert pinned.windows([(A, 0x10)], True) is not None
+        # Segments outside every pinned range, or straddling two ranges, get none.
+        assert pinned.windows([(C, 0x10)], False) is None
+        assert pinned.windows([(B - 8, 0x10)], False) is None
+    finally:
+        pinned.unpin_all()
+
+
+def test_cached_scatter_windows_never_hold_a_range_that_goes_away(memory: GuestMemory) -> None:
+    pinned = PinnedGuestMemory(memory)
+    rng = next(r for r in memory.ranges() if r.iova == B)
+    views = pinned.windows([(B, 0x100)], False)
+    assert views is not None
+    pinned.unpin(rng)
+    # The views of the last list were released with the pin: none keeps B's mapping alive.
+    with pytest.raises(ValueError):
+        bytes(views[0])
+    assert pinned.windows([(B, 0x100)], False) is None
+    done = threading.Event()
+
+    def remove_and_restore() -> None:
+        memory.remove(B, B_SIZE)
+        fd = os.memfd_create("pinned-test")
+        os.ftruncate(fd, B_SIZE)
+        memory.add(B, B_SIZE, DmaProt.READ, fd)
+        os.close(fd)
+        done.set()
+
+    t = threading.Thread(target=remove_and_restore)
+    t.start()
+    t.join(timeout=10)
+    assert done.is_set()
+    pinned.unpin_all()

@@ -25,6 +25,10 @@ class PinnedGuestMemory:
         self.memory = memory
         # (start, end, view, writable, its pin); few entries: QEMU maps RAM in a handful of ranges
         self._pins: list[tuple[int, int, memoryview, bool, contextlib.ExitStack]] = []
+        # The last scatter list's windows: segments, direction, views. Programs reuse buffers,
+        # so the next transfer is often the same list; its views share the pins' buffers and
+        # are dropped before any pin is released.
+        self._scatter: tuple[list[tuple[int, int]], bool, list[memoryview]] | None = None
         for rng in memory.ranges():
             self.pin(rng)
 
@@ -43,6 +47,7 @@ class PinnedGuestMemory:
 
     def unpin(self, rng: DmaRange) -> None:
         """Release the pin of a range that is going away."""
+        self._drop_scatter()
         keep = []
         for pin in self._pins:
             if pin[0] < rng.end and rng.iova < pin[1]:
@@ -53,9 +58,16 @@ class PinnedGuestMemory:
 
     def unpin_all(self) -> None:
         """Release every pin (client gone)."""
+        self._drop_scatter()
         for pin in self._pins:
             pin[4].close()
         self._pins = []
+
+    def _drop_scatter(self) -> None:
+        if self._scatter is not None:
+            for view in self._scatter[2]:
+                view.release()
+            self._scatter = None
 
     def lookup(self, address: int, count: int, write: bool) -> tuple[int, int, memoryview] | None:
         """(start, end, view) of the pinned range holding ``count`` bytes at ``address``."""
@@ -73,3 +85,27 @@ class PinnedGuestMemory:
                 offset = address - start
                 return view[offset:offset + count]
         return None
+
+    def windows(self, segments: list[tuple[int, int]], write: bool) -> list[memoryview] | None:
+        """Views of every ``(address, count)`` segment, or None when one is not pinned whole.
+
+        The views stay valid until the next call or unpin; callers use them at once.
+        """
+        last = self._scatter
+        if last is not None and last[1] == write and last[0] == segments:
+            return last[2]  # one C-level list compare instead of a lookup per segment
+        views = []
+        start = end = 0
+        view = memoryview(b"")
+        for addr, n in segments:
+            if not (start <= addr and addr + n <= end):
+                # Scatter lists mostly stay in one range: look up only when leaving it.
+                found = self.lookup(addr, n, write)
+                if found is None:
+                    return None
+                start, end, view = found
+            offset = addr - start
+            views.append(view[offset:offset + n])
+        self._drop_scatter()
+        self._scatter = (list(segments), write, views)
+        return views

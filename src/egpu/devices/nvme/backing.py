@@ -51,13 +51,17 @@ class NvmeBacking:
 
 def pwritev_all(fd: int, views: list[memoryview], offset: int) -> None:
     """Write every byte of ``views`` at ``offset``, resuming after short writes."""
-    while views:
+    remaining = sum(map(len, views))
+    while True:
         n = os.pwritev(fd, views, offset)
+        if n == remaining:
+            return  # the usual case: one call wrote the whole scatter list
         if n <= 0:
             raise OSError(errno.EIO, "short write")
         offset += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views = views[1:]
-        if views and n:
-            views = [views[0][n:], *views[1:]]
+        remaining -= n
+        i = 0
+        while n >= len(views[i]):  # n < remaining: a view with bytes left exists
+            n -= len(views[i])
+            i += 1
+        views = [views[i][n:], *views[i + 1:]]

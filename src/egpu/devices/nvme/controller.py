@@ -789,7 +789,7 @@ class NvmeController:
         if isinstance(segments, int):
             return segments, 0
         if op == IoOpcode.READ:
-            st = self._read(segments, offset)
+            st = self._read(segments, offset, length)
             self.counters[0] += length
             self.counters[2] += 1
         else:
@@ -805,33 +805,18 @@ class NvmeController:
                     return spec.INTERNAL_ERROR, 0
         return st, 0
 
-    def _windows(self, segments: list[tuple[int, int]], write: bool) -> list[memoryview] | None:
-        """Direct windows for every segment, or None when one is not inside a pinned range."""
-        views = []
-        start = end = 0
-        view = memoryview(b"")
-        for addr, n in segments:
-            if not (start <= addr and addr + n <= end):
-                # Scatter lists mostly stay in one range: look up only when leaving it.
-                found = self.pinned.lookup(addr, n, write)
-                if found is None:
-                    return None
-                start, end, view = found
-            offset = addr - start
-            views.append(view[offset:offset + n])
-        return views
-
-    def _read(self, segments: list[tuple[int, int]], offset: int) -> int:
+    def _read(self, segments: list[tuple[int, int]], offset: int, length: int) -> int:
         fd = self.backing.fd
         try:
-            views = self._windows(segments, True)
+            views = self.pinned.windows(segments, True)
             if views is not None:
                 # One system call for the whole scatter list (<= MDTS pages, below IOV_MAX).
                 got = os.preadv(fd, views, offset)
-                for v in views:  # the file shrank under us: the rest reads as zeros
-                    if got < len(v):
-                        v[max(got, 0):] = bytes(len(v) - max(got, 0))
-                    got -= len(v)
+                if got < length:  # the file shrank under us: the rest reads as zeros
+                    for v in views:
+                        if got < len(v):
+                            v[max(got, 0):] = bytes(len(v) - max(got, 0))
+                        got -= len(v)
                 return spec.SUCCESS
             for addr, n in segments:
                 try:
@@ -854,7 +839,7 @@ class NvmeController:
     def _write(self, segments: list[tuple[int, int]], offset: int) -> int:
         fd = self.backing.fd
         try:
-            views = self._windows(segments, False)
+            views = self.pinned.windows(segments, False)
             if views is not None:
                 pwritev_all(fd, views, offset)
                 return spec.SUCCESS
