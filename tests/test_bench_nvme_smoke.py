@@ -28,4 +28,7 @@ def test_quick_run_prints_ratios(egpu_home: Path) -> None:
     assert {r[0] for r in rows} == {"4k randread QD1 IOPS", "1M seq read MB/s"}, proc.stdout
     for _, builtin, virtual, _ratio in rows:
         assert float(builtin) > 0 and float(virtual) > 0, proc.stdout
-    assert "nvme server CPU:" in proc.stdout
+    cpu = re.search(r"^nvme server CPU per I/O: 4k randread (\d+) us \((\d+) I/Os\), "
+                    r"1M read (\d+) us \((\d+) I/Os\)$", proc.stdout, re.M)
+    assert cpu is not None, proc.stdout
+    assert all(int(n) > 0 for n in cpu.groups()), proc.stdout
