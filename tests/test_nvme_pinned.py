@@ -61,13 +61,8 @@ def test_windows_are_exact_or_absent(memory: GuestMemory, address: int, count: i
         pinned.unpin_all()
 
 
-def test_unpin_lets_the_range_go(memory: GuestMemory) -> None:
-    pinned = PinnedGuestMemory(memory)
-    rng = next(r for r in memory.ranges() if r.iova == B)
-    assert pinned.window(B, 16, False) is not None
-    pinned.unpin(rng)
-    assert pinned.window(B, 16, False) is None
-    # Without the pin a removal completes at once (with it, remove() would wait for it).
+def _b_removes_at_once(memory: GuestMemory) -> bool:
+    """Remove range B and map it again; False when the removal waited (a pin still held)."""
     done = threading.Event()
 
     def remove_and_restore() -> None:
@@ -81,7 +76,17 @@ def test_unpin_lets_the_range_go(memory: GuestMemory) -> None:
     t = threading.Thread(target=remove_and_restore)
     t.start()
     t.join(timeout=10)
-    assert done.is_set()
+    return done.is_set()
+
+
+def test_unpin_lets_the_range_go(memory: GuestMemory) -> None:
+    pinned = PinnedGuestMemory(memory)
+    rng = next(r for r in memory.ranges() if r.iova == B)
+    assert pinned.window(B, 16, False) is not None
+    pinned.unpin(rng)
+    assert pinned.window(B, 16, False) is None
+    # Without the pin a removal completes at once (with it, remove() would wait for it).
+    assert _b_removes_at_once(memory)
     pinned.unpin_all()
 
 
@@ -118,18 +123,5 @@ def test_cached_scatter_windows_never_hold_a_range_that_goes_away(memory: GuestM
     with pytest.raises(ValueError):
         bytes(views[0])
     assert pinned.windows([(B, 0x100)], False) is None
-    done = threading.Event()
-
-    def remove_and_restore() -> None:
-        memory.remove(B, B_SIZE)
-        fd = os.memfd_create("pinned-test")
-        os.ftruncate(fd, B_SIZE)
-        memory.add(B, B_SIZE, DmaProt.READ, fd)
-        os.close(fd)
-        done.set()
-
-    t = threading.Thread(target=remove_and_restore)
-    t.start()
-    t.join(timeout=10)
-    assert done.is_set()
+    assert _b_removes_at_once(memory)
     pinned.unpin_all()
