@@ -147,8 +147,9 @@ def test_a_guest_service_appears_on_the_host_and_goes_when_it_stops(cli: Cli) ->
         holder.listen()
         in_guest(cli, "auto", f"httpd -p {busy} -h /tmp/w; "
                               f"httpd -p 127.0.0.1:{loop_only} -h /tmp/w; httpd -p 80 -h /tmp/w")
-        rows = wait_until(lambda: (r := auto_rows(cli, "auto")).get(busy) and r,
-                          FORWARD_WAIT_S, "the conflict")
+        # the three start one after another: a poll between them sees only the first ones
+        rows = wait_until(lambda: (r := auto_rows(cli, "auto")).keys() >= {busy, loop_only, 80}
+                          and r, FORWARD_WAIT_S, "the conflict and the two unforwardable")
         assert rows[busy]["state"] == "conflict" and "in use" in rows[busy]["reason"]
         assert rows[loop_only]["state"] == "guest-loopback" and rows[loop_only]["host_port"] is None
         assert rows[80]["state"] == "ignored" and rows[80]["host_port"] is None
